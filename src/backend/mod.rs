@@ -1,0 +1,51 @@
+//! What produces tokens: the [`Backend`] trait that pool workers call, the
+//! request it is given, and the built-in simulated model.
+//!
+//! A backend runs on a blocking pool thread (see [`crate::pool`]) and hands
+//! each piece of text to a [`crate::pool::TokenSink`]; the simulated model
+//! also has a thread-free form that the event loop paces itself.
+
+pub mod sim;
+
+use serde::Serialize;
+
+use crate::pool::TokenSink;
+use crate::sse::StreamError;
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// What a generation is asked for, after validation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+    pub temperature: Option<f64>,
+    pub stop: Vec<String>,
+    pub model: Option<String>,
+}
+
+/// How a successful generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    /// `stop`, `length`, or the upstream's own reason.
+    pub finish_reason: String,
+    /// The backend's own count, when it has one.
+    pub prompt_tokens: Option<u32>,
+    pub completion_tokens: Option<u32>,
+}
+
+/// A model that generates on a blocking worker thread.
+pub trait Backend: Send + Sync + 'static {
+    /// Generates `req`, pushing each non-empty piece of text into `sink`.
+    /// Returns when the answer is complete, when it fails, or soon after
+    /// `sink` reports the stream cancelled (then the result is ignored).
+    fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError>;
+
+    /// Name for logs and `/v1/models`.
+    fn name(&self) -> &str;
+}

@@ -1,0 +1,221 @@
+//! The simulated model: deterministic text from a fixed word list, starting
+//! at a position given by the FNV-1a hash of the messages, so the same
+//! messages give the same text on every endpoint and machine.
+//!
+//! [`SimText`] is the pure part (which word comes next); the event loop paces
+//! it with timers (no thread per stream), and [`SimPoolBackend`] runs it on a
+//! pool worker with sleeps, the way an upstream call blocks.
+
+use std::time::Duration;
+
+use super::{Backend, Finish, GenRequest, Message};
+use crate::pool::TokenSink;
+use crate::sse::StreamError;
+
+/// Every token after the first starts with a space.
+const WORDS: [&str; 64] = [
+    " Once",
+    " upon",
+    " a",
+    " time",
+    " the",
+    " river",
+    " carried",
+    " small",
+    " boats",
+    " past",
+    " quiet",
+    " towns",
+    " where",
+    " people",
+    " listened",
+    " for",
+    " news",
+    " from",
+    " distant",
+    " cities",
+    " and",
+    " every",
+    " evening",
+    " lanterns",
+    " glowed",
+    " along",
+    " stone",
+    " bridges",
+    " while",
+    " children",
+    " counted",
+    " stars",
+    " above",
+    " sleepy",
+    " rooftops",
+    " as",
+    " bakers",
+    " prepared",
+    " bread",
+    " before",
+    " dawn",
+    " brought",
+    " markets",
+    " full",
+    " of",
+    " colour",
+    " music",
+    " laughter",
+    " stories",
+    " travelled",
+    " quickly",
+    " between",
+    " friends",
+    " who",
+    " gathered",
+    " near",
+    " warm",
+    " fires",
+    " sharing",
+    " dreams",
+    " about",
+    " tomorrow",
+    " with",
+    " hope",
+];
+
+/// 64-bit FNV-1a.
+pub fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// The position in the word list and length of one simulated answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimText {
+    start: usize,
+    /// Tokens this answer has.
+    pub total: u32,
+    /// `length` when `max_tokens` cut it short.
+    pub cut: bool,
+}
+
+impl SimText {
+    pub fn new(messages: &[Message], max_tokens: u32, sim_tokens: u32) -> SimText {
+        let mut h = 0xcbf2_9ce4_8422_2325;
+        for m in messages {
+            h = fnv1a(m.content.as_bytes(), h);
+            // A separator, so ["ab"] and ["a","b"] differ.
+            h = fnv1a(&[0], h);
+        }
+        SimText {
+            start: (h % WORDS.len() as u64) as usize,
+            total: max_tokens.min(sim_tokens),
+            cut: max_tokens < sim_tokens,
+        }
+    }
+
+    /// The `i`-th token's text.
+    pub fn token(&self, i: u32) -> &'static str {
+        let w = WORDS[(self.start + i as usize) % WORDS.len()];
+        if i == 0 {
+            &w[1..]
+        } else {
+            w
+        }
+    }
+
+    pub fn finish_reason(&self) -> &'static str {
+        if self.cut {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+}
+
+/// The contract's `prompt_tokens` for the simulated model: whitespace-separated words.
+pub fn prompt_tokens(messages: &[Message]) -> u32 {
+    messages
+        .iter()
+        .map(|m| m.content.split_whitespace().count() as u32)
+        .sum()
+}
+
+/// The simulated model on a worker thread (`--backend sim-pool`).
+#[derive(Debug, Clone)]
+pub struct SimPoolBackend {
+    pub ttft: Duration,
+    pub itl: Duration,
+    pub sim_tokens: u32,
+}
+
+impl Backend for SimPoolBackend {
+    fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+        let text = SimText::new(&req.messages, req.max_tokens, self.sim_tokens);
+        for i in 0..text.total {
+            let pause = if i == 0 { self.ttft } else { self.itl };
+            if sink.sleep(pause).is_err() || sink.push_token(text.token(i)).is_err() {
+                // Cancelled: the loop ignores whatever we return now.
+                break;
+            }
+        }
+        Ok(Finish {
+            finish_reason: text.finish_reason().to_string(),
+            prompt_tokens: Some(prompt_tokens(&req.messages)),
+            completion_tokens: None,
+        })
+    }
+
+    fn name(&self) -> &str {
+        "sim"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs(texts: &[&str]) -> Vec<Message> {
+        texts
+            .iter()
+            .map(|t| Message {
+                role: "user".into(),
+                content: t.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deterministic_and_prompt_dependent() {
+        let a = SimText::new(&msgs(&["hi"]), 64, 64);
+        let b = SimText::new(&msgs(&["hi"]), 64, 64);
+        assert_eq!(a, b);
+        let words: String = (0..a.total).map(|i| a.token(i)).collect();
+        assert!(!words.starts_with(' '));
+        assert_eq!(words.split(' ').count(), 64);
+        let c = SimText::new(&msgs(&["h", "i"]), 64, 64);
+        assert_ne!(a.start, c.start);
+    }
+
+    #[test]
+    fn length_is_min_of_max_tokens_and_sim_tokens() {
+        let t = SimText::new(&msgs(&["x"]), 5, 64);
+        assert_eq!((t.total, t.finish_reason()), (5, "length"));
+        let t = SimText::new(&msgs(&["x"]), 100, 64);
+        assert_eq!((t.total, t.finish_reason()), (64, "stop"));
+    }
+
+    #[test]
+    fn fnv1a_known_values() {
+        assert_eq!(fnv1a(b"", 0xcbf2_9ce4_8422_2325), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a", 0xcbf2_9ce4_8422_2325), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn prompt_tokens_counts_words() {
+        assert_eq!(
+            prompt_tokens(&msgs(&["Tell me a story", "  and  more "])),
+            6
+        );
+    }
+}

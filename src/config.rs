@@ -1,0 +1,241 @@
+//! Every flag, default and limit in one place.
+//!
+//! Each flag also reads `SLUICE_<FLAG>` from the environment (clap's `env`),
+//! so `--heartbeat-ms` and `SLUICE_HEARTBEAT_MS` are the same setting. The
+//! rest of the server reads only [`Config`], never the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Which model produces the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The built-in simulated model, paced inside the event loop (no thread per stream).
+    Sim,
+    /// The simulated model run on the blocking worker pool, like an upstream call
+    /// (exercises the worker hand-off; an extension of the contract).
+    SimPool,
+    /// An OpenAI-compatible upstream server (not implemented yet).
+    Openai,
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn to_filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// sluice: streams LLM tokens to clients over Server-Sent Events.
+///
+/// Every flag can also be set through the environment variable named after
+/// it: `--heartbeat-ms` ⇔ `SLUICE_HEARTBEAT_MS`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Which model produces the tokens.
+    #[arg(long, env = "SLUICE_BACKEND", value_enum, default_value = "sim")]
+    pub backend: BackendKind,
+
+    /// Delay before the first simulated token, in ms.
+    #[arg(long, env = "SLUICE_SIM_TTFT_MS", default_value_t = 50)]
+    pub sim_ttft_ms: u64,
+
+    /// Delay between simulated tokens, in ms.
+    #[arg(long, env = "SLUICE_SIM_ITL_MS", default_value_t = 20)]
+    pub sim_itl_ms: u64,
+
+    /// Length of a simulated answer, in tokens.
+    #[arg(long, env = "SLUICE_SIM_TOKENS", default_value_t = 64)]
+    pub sim_tokens: u32,
+
+    /// Blocking worker threads = concurrent upstream generations.
+    #[arg(long, env = "SLUICE_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub workers: u32,
+
+    /// Requests that may wait for a worker; beyond it: 503 overloaded.
+    #[arg(long, env = "SLUICE_QUEUE_DEPTH", default_value_t = 256)]
+    pub queue_depth: usize,
+
+    /// A heartbeat is sent after this long without any other event, in ms.
+    #[arg(long, env = "SLUICE_HEARTBEAT_MS", default_value_t = 15000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_ms: u64,
+
+    /// The largest `max_tokens` a request may ask for.
+    #[arg(long, env = "SLUICE_MAX_TOKENS_LIMIT", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens_limit: u32,
+
+    /// Most connections held at once [default: the fd limit - 256]. Beyond it
+    /// the server stops accepting until connections close.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Most streams running at once [default: = max-connections]; beyond it: 503 overloaded.
+    #[arg(long, env = "SLUICE_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+
+    /// Largest request head in bytes (431 beyond).
+    #[arg(long, env = "SLUICE_MAX_HEAD_BYTES", default_value_t = 16384)]
+    pub max_head_bytes: usize,
+
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+
+    /// Time a client has to send a request's head and body, in ms (408 after it).
+    #[arg(long, env = "SLUICE_HEADER_TIMEOUT_MS", default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+
+    /// An idle keep-alive connection is closed after this long, in ms.
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT_MS", default_value_t = 60000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+
+    /// A stream whose client accepts no byte this long is dropped (slow_consumer), in ms.
+    #[arg(long, env = "SLUICE_WRITE_TIMEOUT_MS", default_value_t = 30000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout_ms: u64,
+
+    /// A stream running longer ends with deadline_exceeded, in ms.
+    #[arg(long, env = "SLUICE_MAX_STREAM_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_stream_ms: u64,
+
+    /// Answer without streaming: one JSON document per request (the feature flag).
+    #[arg(long, env = "SLUICE_NO_STREAMING")]
+    pub no_streaming: bool,
+
+    /// Output bytes buffered per connection before the stream stops taking
+    /// tokens (backpressure). An extension of the contract.
+    #[arg(long, env = "SLUICE_OUTPUT_HIGH_WATER", default_value_t = 16384, value_parser = clap::value_parser!(u64).range(256..))]
+    pub output_high_water: u64,
+
+    /// Log verbosity (logs go to stderr and never block streaming).
+    #[arg(long, env = "SLUICE_LOG_LEVEL", value_enum, default_value = "info")]
+    pub log_level: LogLevel,
+}
+
+impl Config {
+    /// The defaults, as `sluice` with no flags and no environment would use.
+    pub fn defaults() -> Config {
+        Config::parse_from(["sluice"])
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn max_stream(&self) -> Duration {
+        Duration::from_millis(self.max_stream_ms)
+    }
+    pub fn sim_ttft(&self) -> Duration {
+        Duration::from_millis(self.sim_ttft_ms)
+    }
+    pub fn sim_itl(&self) -> Duration {
+        Duration::from_millis(self.sim_itl_ms)
+    }
+    pub fn high_water(&self) -> usize {
+        self.output_high_water as usize
+    }
+
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits {
+            max_head_bytes: self.max_head_bytes,
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+
+    /// `--max-connections`, or what the fd limit allows.
+    pub fn effective_max_connections(&self) -> usize {
+        self.max_connections
+            .unwrap_or_else(|| fd_limit().saturating_sub(256).max(16))
+    }
+
+    /// `--max-streams`, or `--max-connections`.
+    pub fn effective_max_streams(&self) -> usize {
+        self.max_streams
+            .unwrap_or_else(|| self.effective_max_connections())
+    }
+}
+
+/// The soft limit on open file descriptors of this process.
+pub fn fd_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we pass.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return 1 << 20;
+    }
+    lim.rlim_cur as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::defaults();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.backend, BackendKind::Sim);
+        assert_eq!(c.sim_ttft_ms, 50);
+        assert_eq!(c.sim_itl_ms, 20);
+        assert_eq!(c.sim_tokens, 64);
+        assert_eq!(c.workers, 16);
+        assert_eq!(c.queue_depth, 256);
+        assert_eq!(c.heartbeat_ms, 15000);
+        assert_eq!(c.max_tokens_limit, 4096);
+        assert_eq!(c.max_head_bytes, 16384);
+        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.header_timeout_ms, 10000);
+        assert_eq!(c.idle_timeout_ms, 60000);
+        assert_eq!(c.write_timeout_ms, 30000);
+        assert_eq!(c.max_stream_ms, 600_000);
+        assert_eq!(c.effective_max_streams(), c.effective_max_connections());
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::parse_from([
+            "sluice",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-ttft-ms",
+            "0",
+            "--max-streams",
+            "5",
+        ]);
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.sim_ttft_ms, 0);
+        assert_eq!(c.effective_max_streams(), 5);
+    }
+}

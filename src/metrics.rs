@@ -1,0 +1,273 @@
+//! Counters, gauges and histograms, and their Prometheus text exposition
+//! (format 0.0.4).
+//!
+//! Updates are plain relaxed atomics: the event loop and the workers bump
+//! them without locks; only a scrape reads them all.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::sse::ErrorCode;
+
+/// Bucket bounds in seconds: from 50 µs of transport overhead to minutes of
+/// model latency.
+pub const BUCKETS: [f64; 22] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// A fixed-bucket histogram of durations.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cum += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        cum += self.counts[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cum}");
+    }
+}
+
+/// Everything the server counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_open: AtomicI64,
+    pub connections_accepted: AtomicU64,
+    pub connections_timed_out: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub requests: AtomicU64,
+    pub requests_refused: AtomicU64,
+    pub streams_open: AtomicI64,
+    pub streams_started: AtomicU64,
+    pub streams_completed: AtomicU64,
+    pub streams_errored: [AtomicU64; ErrorCode::ALL.len()],
+    pub streams_disconnected: AtomicU64,
+    /// Generations cancelled (disconnect, timeout, or error) before their backend finished.
+    pub generations_cancelled: AtomicU64,
+    /// Queued jobs dropped without ever calling the backend.
+    pub jobs_dropped_queued: AtomicU64,
+    pub tokens_sent: AtomicU64,
+    pub heartbeats_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub log_lines_dropped: AtomicU64,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    pub stream_duration: Histogram,
+    pub queue_wait: Histogram,
+}
+
+impl Metrics {
+    pub fn errored(&self, code: ErrorCode) -> u64 {
+        self.streams_errored[code.index()].load(Relaxed)
+    }
+
+    /// The whole exposition, Prometheus text format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let v = v.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        gauge(
+            &mut out,
+            "sluice_streams_open",
+            "Streams running now.",
+            self.streams_open.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "sluice_connections_open",
+            "Client connections open now.",
+            self.connections_open.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "sluice_connections_accepted_total",
+            "Client connections accepted.",
+            &self.connections_accepted,
+        );
+        counter(
+            &mut out,
+            "sluice_connections_timed_out_total",
+            "Connections closed by the header, idle or write timeout.",
+            &self.connections_timed_out,
+        );
+        counter(
+            &mut out,
+            "sluice_accept_errors_total",
+            "accept() failures (EMFILE and others).",
+            &self.accept_errors,
+        );
+        counter(
+            &mut out,
+            "sluice_requests_total",
+            "HTTP requests parsed.",
+            &self.requests,
+        );
+        counter(
+            &mut out,
+            "sluice_requests_refused_total",
+            "Requests answered with a 4xx or 5xx before any stream started.",
+            &self.requests_refused,
+        );
+        counter(
+            &mut out,
+            "sluice_streams_started_total",
+            "Streams admitted.",
+            &self.streams_started,
+        );
+        counter(
+            &mut out,
+            "sluice_streams_completed_total",
+            "Streams that ended with done.",
+            &self.streams_completed,
+        );
+        let name = "sluice_streams_errored_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Streams that ended with an error event, by code.\n# TYPE {name} counter"
+        );
+        for code in ErrorCode::ALL {
+            let v = self.errored(code);
+            let _ = writeln!(out, "{name}{{code=\"{}\"}} {v}", code.as_str());
+        }
+        counter(
+            &mut out,
+            "sluice_streams_disconnected_total",
+            "Streams whose client left before the end.",
+            &self.streams_disconnected,
+        );
+        counter(
+            &mut out,
+            "sluice_generations_cancelled_total",
+            "Generations cancelled before the backend finished.",
+            &self.generations_cancelled,
+        );
+        counter(
+            &mut out,
+            "sluice_jobs_dropped_queued_total",
+            "Queued generations dropped without calling the backend.",
+            &self.jobs_dropped_queued,
+        );
+        counter(
+            &mut out,
+            "sluice_tokens_sent_total",
+            "Token events sent.",
+            &self.tokens_sent,
+        );
+        counter(
+            &mut out,
+            "sluice_heartbeats_sent_total",
+            "Heartbeat events sent.",
+            &self.heartbeats_sent,
+        );
+        counter(
+            &mut out,
+            "sluice_bytes_sent_total",
+            "Bytes written to client sockets.",
+            &self.bytes_sent,
+        );
+        counter(
+            &mut out,
+            "sluice_log_lines_dropped_total",
+            "Log lines dropped because stderr was not keeping up.",
+            &self.log_lines_dropped,
+        );
+        self.ttft.render(
+            &mut out,
+            "sluice_time_to_first_token_seconds",
+            "Request fully parsed to the first token's bytes accepted by the socket.",
+        );
+        self.inter_token.render(
+            &mut out,
+            "sluice_inter_token_seconds",
+            "Time between two token events of a stream.",
+        );
+        self.stream_duration.render(
+            &mut out,
+            "sluice_stream_duration_seconds",
+            "Request fully parsed to the stream's end.",
+        );
+        self.queue_wait.render(
+            &mut out,
+            "sluice_queue_wait_seconds",
+            "Time a generation waited for a worker.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(30));
+        h.observe(Duration::from_micros(700));
+        h.observe(Duration::from_secs(1000));
+        let mut s = String::new();
+        h.render(&mut s, "x", "help");
+        assert!(s.contains("x_bucket{le=\"0.00005\"} 1\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"0.001\"} 2\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"600\"} 2\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 3\n"), "{s}");
+        assert!(s.contains("x_count 3\n"), "{s}");
+    }
+
+    #[test]
+    fn exposition_has_the_contract_families() {
+        let m = Metrics::default();
+        m.streams_errored[ErrorCode::SlowConsumer.index()].fetch_add(2, Relaxed);
+        let s = m.render();
+        for name in [
+            "# TYPE sluice_streams_open gauge",
+            "# TYPE sluice_connections_open gauge",
+            "# TYPE sluice_streams_started_total counter",
+            "# TYPE sluice_streams_completed_total counter",
+            "sluice_streams_errored_total{code=\"slow_consumer\"} 2",
+            "# TYPE sluice_streams_disconnected_total counter",
+            "# TYPE sluice_tokens_sent_total counter",
+            "# TYPE sluice_heartbeats_sent_total counter",
+            "# TYPE sluice_time_to_first_token_seconds histogram",
+            "# TYPE sluice_inter_token_seconds histogram",
+            "# TYPE sluice_stream_duration_seconds histogram",
+            "# TYPE sluice_queue_wait_seconds histogram",
+        ] {
+            assert!(s.contains(name), "missing {name}");
+        }
+    }
+}

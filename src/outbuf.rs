@@ -1,0 +1,261 @@
+//! The per-connection output buffer, and the per-loop pool its allocations
+//! come from.
+//!
+//! Most of the time a stream has nothing waiting to be written, so an idle
+//! connection holds no buffer at all: the allocation is taken from the
+//! [`BufPool`] when a frame is appended and handed back as soon as the socket
+//! has taken every byte. Frames that exist at the same moment are appended
+//! into one HTTP chunk, so they leave in one `write`.
+
+/// Allocations kept for reuse by one event loop.
+#[derive(Debug)]
+pub struct BufPool {
+    free: Vec<Vec<u8>>,
+    keep: usize,
+    initial: usize,
+    max_capacity: usize,
+}
+
+impl BufPool {
+    /// Keeps up to `keep` buffers of `initial` bytes; grown buffers larger
+    /// than `max_capacity` are freed instead of kept.
+    pub fn new(keep: usize, initial: usize, max_capacity: usize) -> BufPool {
+        BufPool {
+            free: Vec::new(),
+            keep,
+            initial,
+            max_capacity,
+        }
+    }
+
+    pub fn take(&mut self) -> Vec<u8> {
+        self.free
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.initial))
+    }
+
+    pub fn give(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > self.max_capacity || self.free.len() >= self.keep
+        {
+            return;
+        }
+        buf.clear();
+        self.free.push(buf);
+    }
+
+    pub fn pooled(&self) -> usize {
+        self.free.len()
+    }
+}
+
+impl Default for BufPool {
+    fn default() -> BufPool {
+        BufPool::new(4096, 4096, 256 * 1024)
+    }
+}
+
+/// Bytes waiting for the socket.
+#[derive(Debug, Default)]
+pub struct OutBuf {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already written.
+    pos: usize,
+    appended: u64,
+    written: u64,
+}
+
+/// Room for the longest chunk-size line we write: 16 hex digits and CRLF.
+const CHUNK_HEAD_ROOM: usize = 18;
+
+impl OutBuf {
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Total bytes ever appended; a mark to compare with [`OutBuf::written_total`].
+    pub fn appended_total(&self) -> u64 {
+        self.appended
+    }
+
+    pub fn written_total(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether this connection holds an allocation.
+    pub fn holds_allocation(&self) -> bool {
+        self.buf.capacity() != 0
+    }
+
+    fn ensure(&mut self, pool: &mut BufPool) {
+        if self.buf.capacity() == 0 {
+            self.buf = pool.take();
+        } else if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+            // Compact before growing: most of the buffer was already written.
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+    }
+
+    /// Appends raw bytes written by `f`.
+    pub fn append(&mut self, pool: &mut BufPool, f: impl FnOnce(&mut Vec<u8>)) {
+        self.ensure(pool);
+        let before = self.buf.len();
+        f(&mut self.buf);
+        self.appended += (self.buf.len() - before) as u64;
+        self.release_if_empty(pool);
+    }
+
+    /// Appends what `f` writes as one HTTP/1.1 chunk (`chunked`) or as is
+    /// (a close-delimited HTTP/1.0 body). Writing nothing appends nothing:
+    /// a zero-size chunk would end the body.
+    pub fn append_chunk(
+        &mut self,
+        pool: &mut BufPool,
+        chunked: bool,
+        f: impl FnOnce(&mut Vec<u8>),
+    ) {
+        if !chunked {
+            return self.append(pool, f);
+        }
+        self.ensure(pool);
+        let start = self.buf.len();
+        self.buf.resize(start + CHUNK_HEAD_ROOM, 0);
+        f(&mut self.buf);
+        let body = self.buf.len() - start - CHUNK_HEAD_ROOM;
+        if body == 0 {
+            self.buf.truncate(start);
+            self.release_if_empty(pool);
+            return;
+        }
+        // Write the size line right before the body, then slide the body
+        // down over the unused room: one memmove of a few hundred bytes
+        // instead of a second buffer.
+        let mut head = [0u8; CHUNK_HEAD_ROOM];
+        let n = hex_line(body, &mut head);
+        self.buf[start..start + n].copy_from_slice(&head[..n]);
+        self.buf.copy_within(start + CHUNK_HEAD_ROOM.., start + n);
+        self.buf.truncate(start + n + body);
+        self.buf.extend_from_slice(b"\r\n");
+        self.appended += (self.buf.len() - start) as u64;
+    }
+
+    /// The last chunk of a chunked body.
+    pub fn append_last_chunk(&mut self, pool: &mut BufPool) {
+        self.append(pool, |b| b.extend_from_slice(b"0\r\n\r\n"));
+    }
+
+    /// The socket took `n` bytes.
+    pub fn consume(&mut self, n: usize, pool: &mut BufPool) {
+        let n = n.min(self.len());
+        self.pos += n;
+        self.written += n as u64;
+        self.release_if_empty(pool);
+    }
+
+    /// Drops whatever is waiting and hands the allocation back.
+    pub fn clear(&mut self, pool: &mut BufPool) {
+        self.written += self.len() as u64;
+        self.pos = self.buf.len();
+        self.release_if_empty(pool);
+    }
+
+    fn release_if_empty(&mut self, pool: &mut BufPool) {
+        if self.pos == self.buf.len() && self.buf.capacity() != 0 {
+            pool.give(std::mem::take(&mut self.buf));
+            self.pos = 0;
+        }
+    }
+}
+
+/// `{n:x}\r\n` into `out`; returns its length.
+fn hex_line(mut n: usize, out: &mut [u8; CHUNK_HEAD_ROOM]) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut len = 0;
+    loop {
+        digits[len] = HEX[n & 0xf];
+        len += 1;
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        out[i] = digits[len - 1 - i];
+    }
+    out[len] = b'\r';
+    out[len + 1] = b'\n';
+    len + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_wrap_what_was_written() {
+        let mut pool = BufPool::default();
+        let mut out = OutBuf::default();
+        out.append_chunk(&mut pool, true, |b| b.extend_from_slice(b"hello"));
+        out.append_chunk(&mut pool, true, |b| b.extend_from_slice(&[b'x'; 300]));
+        out.append_chunk(&mut pool, true, |_| {});
+        out.append_last_chunk(&mut pool);
+        let mut want = b"5\r\nhello\r\n12c\r\n".to_vec();
+        want.extend_from_slice(&[b'x'; 300]);
+        want.extend_from_slice(b"\r\n0\r\n\r\n");
+        assert_eq!(out.pending(), &want[..]);
+        assert_eq!(out.appended_total(), want.len() as u64);
+    }
+
+    #[test]
+    fn close_delimited_is_raw() {
+        let mut pool = BufPool::default();
+        let mut out = OutBuf::default();
+        out.append_chunk(&mut pool, false, |b| b.extend_from_slice(b"data"));
+        assert_eq!(out.pending(), b"data");
+    }
+
+    #[test]
+    fn allocation_returns_to_the_pool_when_drained() {
+        let mut pool = BufPool::default();
+        let mut out = OutBuf::default();
+        assert!(!out.holds_allocation());
+        out.append(&mut pool, |b| b.extend_from_slice(b"abcdef"));
+        assert!(out.holds_allocation());
+        out.consume(2, &mut pool);
+        assert_eq!(out.pending(), b"cdef");
+        out.append(&mut pool, |b| b.extend_from_slice(b"gh"));
+        assert_eq!(out.pending(), b"cdefgh");
+        out.consume(6, &mut pool);
+        assert!(out.is_empty());
+        assert!(!out.holds_allocation());
+        assert_eq!(pool.pooled(), 1);
+        assert_eq!(out.written_total(), 8);
+        // The next append reuses the pooled allocation.
+        out.append(&mut pool, |b| b.push(b'z'));
+        assert_eq!(pool.pooled(), 0);
+    }
+
+    #[test]
+    fn hex_lines() {
+        for (n, want) in [
+            (1usize, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (65535, "ffff\r\n"),
+        ] {
+            let mut b = [0u8; CHUNK_HEAD_ROOM];
+            let len = hex_line(n, &mut b);
+            assert_eq!(&b[..len], want.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The mio event loop: accept, dispatch readiness by token, timers, the
+//! workers' waker. It owns every socket; each connection's protocol lives in
+//! its [`Session`], which this module only feeds bytes, time and wake-ups.
+//!
+//! Rules it keeps (edge-triggered epoll): accept, read and write are drained
+//! until `WouldBlock`; a write is tried as soon as there is something to
+//! write, and WRITABLE is only awaited after a `WouldBlock`; spurious events
+//! are harmless; the poll timeout comes from the timer wheel, so an idle
+//! server sleeps.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::backend::sim::SimPoolBackend;
+use crate::backend::{Backend, GenRequest};
+use crate::config::{BackendKind, Config};
+use crate::http::Request;
+use crate::metrics::Metrics;
+use crate::outbuf::BufPool;
+use crate::pool::{Pool, ReadyList, TokenSink};
+use crate::session::{Cx, Ops, Outcome, Producer, Refusal, Services, Session, StreamSummary};
+use crate::timer::{TimerId, TimerWheel};
+
+const LISTENER: Token = Token(usize::MAX);
+const WAKER: Token = Token(usize::MAX - 1);
+/// One read buffer for the whole loop; requests are parsed from it.
+const SCRATCH: usize = 64 * 1024;
+/// Pieces a worker may queue ahead of a stream before it blocks.
+const SINK_CAPACITY: usize = 256;
+/// How long accepting pauses after `EMFILE`/`ENFILE`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Listen backlog; the kernel caps it at `somaxconn`.
+const BACKLOG: i32 = 8192;
+
+struct Conn {
+    sock: TcpStream,
+    peer: SocketAddr,
+    session: Session,
+    /// The armed wheel entry and the tick it fires at.
+    timer: Option<(TimerId, u64)>,
+    /// The last write would block: wait for WRITABLE.
+    blocked: bool,
+    /// Reading stopped because the session would not take more input.
+    read_paused: bool,
+    serial: u32,
+}
+
+/// What the sessions need from the server (see [`Services`]).
+struct Shared {
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    pool: Option<Pool>,
+    ready: Arc<ReadyList>,
+    next_id: u64,
+    streams_open: usize,
+    max_streams: usize,
+    /// The slot and peer of the connection being served, for sinks and logs.
+    slot: usize,
+    peer: Option<SocketAddr>,
+}
+
+impl Services for Shared {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn admit(&mut self, id: u64, gen: &GenRequest) -> Result<Producer, Refusal> {
+        if self.streams_open >= self.max_streams {
+            return Err(Refusal {
+                status: 503,
+                code: "overloaded",
+                message: format!(
+                    "{} streams are running (--max-streams); retry later",
+                    self.streams_open
+                ),
+            });
+        }
+        let producer = match &self.pool {
+            None => Producer::Sim,
+            Some(pool) => {
+                let sink = Arc::new(TokenSink::new(
+                    self.slot,
+                    id,
+                    SINK_CAPACITY,
+                    self.ready.clone(),
+                ));
+                if pool.submit(gen.clone(), sink.clone()).is_err() {
+                    return Err(Refusal {
+                        status: 503,
+                        code: "overloaded",
+                        message: format!(
+                            "{} requests already wait for a worker (--queue-depth); retry later",
+                            self.cfg.queue_depth
+                        ),
+                    });
+                }
+                Producer::Pool(sink)
+            }
+        };
+        self.streams_open += 1;
+        self.metrics.streams_open.fetch_add(1, Relaxed);
+        self.metrics.streams_started.fetch_add(1, Relaxed);
+        Ok(producer)
+    }
+
+    fn ops(&mut self, which: Ops, _req: &Request) -> (u16, &'static str, Vec<u8>) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        match which {
+            Ops::Healthz => (200, TEXT, b"ok\n".to_vec()),
+            Ops::Readyz => (200, TEXT, b"ready\n".to_vec()),
+            Ops::Metrics => {
+                self.metrics
+                    .log_lines_dropped
+                    .store(crate::logging::dropped(), Relaxed);
+                (
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.render().into_bytes(),
+                )
+            }
+        }
+    }
+
+    fn stream_ended(&mut self, s: &StreamSummary) {
+        self.streams_open = self.streams_open.saturating_sub(1);
+        let m = &self.metrics;
+        m.streams_open.fetch_sub(1, Relaxed);
+        let outcome = match s.outcome {
+            Outcome::Completed => {
+                m.streams_completed.fetch_add(1, Relaxed);
+                "done"
+            }
+            Outcome::Errored(code) => {
+                m.streams_errored[code.index()].fetch_add(1, Relaxed);
+                code.as_str()
+            }
+            Outcome::Disconnected => {
+                m.streams_disconnected.fetch_add(1, Relaxed);
+                "disconnected"
+            }
+        };
+        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        let ttft = s.ttft.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
+        log::info!(
+            "stream {:x} request_id={} peer={peer} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
+            s.id,
+            s.request_id,
+            s.tokens,
+            s.duration.as_secs_f64() * 1000.0
+        );
+    }
+}
+
+/// A bound server, ready to [`Server::run`].
+pub struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    conns: Slab<Conn>,
+    wheel: TimerWheel,
+    epoch: Instant,
+    cfg: Arc<Config>,
+    bufs: BufPool,
+    metrics: Arc<Metrics>,
+    shared: Shared,
+    scratch: Vec<u8>,
+    ready_list: Vec<(usize, u64)>,
+    expired: Vec<u64>,
+    max_conns: usize,
+    accept_paused: bool,
+    accept_retry_at: Option<Instant>,
+    next_serial: u32,
+}
+
+impl Server {
+    /// Binds `cfg.listen`. `backend` overrides `--backend` with a blocking
+    /// backend run on the worker pool (tests use it).
+    pub fn bind(cfg: Config, backend: Option<Arc<dyn Backend>>) -> io::Result<Server> {
+        let cfg = Arc::new(cfg);
+        let poll = Poll::new()?;
+        let listener = listen(cfg.listen)?;
+        let local_addr = listener.local_addr()?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let ready = Arc::new(ReadyList::new(move || {
+            let _ = waker.wake();
+        }));
+        let metrics = Arc::new(Metrics::default());
+        let backend: Option<Arc<dyn Backend>> = match (backend, cfg.backend) {
+            (Some(b), _) => Some(b),
+            (None, BackendKind::Sim) => None,
+            (None, BackendKind::SimPool) => Some(Arc::new(SimPoolBackend {
+                ttft: cfg.sim_ttft(),
+                itl: cfg.sim_itl(),
+                sim_tokens: cfg.sim_tokens,
+            })),
+            (None, BackendKind::Openai) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "--backend openai is not implemented yet; use --backend sim",
+                ))
+            }
+        };
+        let pool =
+            backend.map(|b| Pool::new(cfg.workers as usize, cfg.queue_depth, b, metrics.clone()));
+        let max_conns = cfg.effective_max_connections();
+        let epoch = Instant::now();
+        Ok(Server {
+            poll,
+            listener,
+            local_addr,
+            conns: Slab::new(),
+            wheel: TimerWheel::new(0),
+            epoch,
+            bufs: BufPool::default(),
+            metrics: metrics.clone(),
+            shared: Shared {
+                cfg: cfg.clone(),
+                metrics,
+                pool,
+                ready,
+                next_id: (std::process::id() as u64 & 0xfff) << 32,
+                streams_open: 0,
+                max_streams: cfg.effective_max_streams(),
+                slot: 0,
+                peer: None,
+            },
+            cfg,
+            scratch: vec![0; SCRATCH],
+            ready_list: Vec::new(),
+            expired: Vec::new(),
+            max_conns,
+            accept_paused: false,
+            accept_retry_at: None,
+            next_serial: 0,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's counters, readable from other threads.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs the loop forever (until an unrecoverable poll error).
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => self.drain_ready(),
+                    Token(key) => self.conn_event(key, ev),
+                }
+            }
+            self.fire_timers();
+            if let Some(at) = self.accept_retry_at {
+                if Instant::now() >= at {
+                    self.accept_retry_at = None;
+                    self.accept();
+                }
+            }
+        }
+    }
+
+    fn now_ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut t = self
+            .wheel
+            .next_timeout_ms(self.now_ms(now))
+            .map(Duration::from_millis);
+        if let Some(at) = self.accept_retry_at {
+            let d = at.saturating_duration_since(now);
+            t = Some(t.map_or(d, |t| t.min(d)));
+        }
+        t
+    }
+
+    fn accept(&mut self) {
+        loop {
+            if self.conns.len() >= self.max_conns {
+                if !self.accept_paused {
+                    log::warn!(
+                        "{} connections open (--max-connections): accepting paused",
+                        self.conns.len()
+                    );
+                }
+                self.accept_paused = true;
+                return;
+            }
+            match self.listener.accept() {
+                Ok((mut sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut sock,
+                        Token(key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        log::warn!("cannot register a connection from {peer}: {e}");
+                        continue;
+                    }
+                    self.next_serial = self.next_serial.wrapping_add(1);
+                    entry.insert(Conn {
+                        sock,
+                        peer,
+                        session: Session::new(Instant::now()),
+                        timer: None,
+                        blocked: false,
+                        read_paused: false,
+                        serial: self.next_serial,
+                    });
+                    self.metrics.connections_open.fetch_add(1, Relaxed);
+                    self.metrics.connections_accepted.fetch_add(1, Relaxed);
+                    self.rearm(key);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(e) => {
+                    // EMFILE/ENFILE and the like: retrying at once would spin.
+                    self.metrics.accept_errors.fetch_add(1, Relaxed);
+                    log::warn!("accept failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
+                    self.accept_retry_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drain_ready(&mut self) {
+        let mut list = std::mem::take(&mut self.ready_list);
+        self.shared.ready.take(&mut list);
+        for &(key, id) in &list {
+            self.with_session(key, |s, cx| s.handle_ready(cx, id));
+        }
+        self.ready_list = list;
+    }
+
+    fn fire_timers(&mut self) {
+        let now_ms = self.now_ms(Instant::now());
+        let mut expired = std::mem::take(&mut self.expired);
+        expired.clear();
+        self.wheel.poll(now_ms, &mut expired);
+        for &k in &expired {
+            let (key, serial) = ((k & 0xffff_ffff) as usize, (k >> 32) as u32);
+            match self.conns.get_mut(key) {
+                Some(c) if c.serial == serial => c.timer = None,
+                _ => continue,
+            }
+            self.with_session(key, |s, cx| s.handle_timeout(cx));
+        }
+        self.expired = expired;
+    }
+
+    fn conn_event(&mut self, key: usize, ev: &mio::event::Event) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if ev.is_writable() {
+            conn.blocked = false;
+        }
+        if ev.is_error() {
+            return self.with_session(key, |s, cx| s.handle_eof(cx));
+        }
+        if ev.is_readable() || ev.is_read_closed() {
+            self.read(key, ev.is_read_closed());
+        }
+        self.after(key);
+    }
+
+    /// Drains the socket into the session until `WouldBlock`.
+    fn read(&mut self, key: usize, read_closed: bool) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let now = Instant::now();
+        self.shared.slot = key;
+        self.shared.peer = Some(conn.peer);
+        let mut cx = Cx {
+            now,
+            cfg: &self.cfg,
+            bufs: &mut self.bufs,
+            metrics: &self.metrics,
+            svc: &mut self.shared,
+        };
+        conn.read_paused = false;
+        loop {
+            if conn.session.is_closed() {
+                return;
+            }
+            if !conn.session.wants_read() {
+                conn.read_paused = true;
+                if read_closed {
+                    conn.session.handle_eof(&mut cx);
+                }
+                return;
+            }
+            match conn.sock.read(&mut self.scratch) {
+                Ok(0) => return conn.session.handle_eof(&mut cx),
+                Ok(n) => conn.session.handle_read(&mut cx, &self.scratch[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return conn.session.handle_eof(&mut cx),
+            }
+        }
+    }
+
+    /// Runs `f` on a connection's session, then flushes and re-arms it.
+    fn with_session(&mut self, key: usize, f: impl FnOnce(&mut Session, &mut Cx)) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        self.shared.slot = key;
+        self.shared.peer = Some(conn.peer);
+        let mut cx = Cx {
+            now: Instant::now(),
+            cfg: &self.cfg,
+            bufs: &mut self.bufs,
+            metrics: &self.metrics,
+            svc: &mut self.shared,
+        };
+        f(&mut conn.session, &mut cx);
+        self.after(key);
+    }
+
+    /// After any input: write what is pending, half-close or close as the
+    /// session says, and re-arm its timer.
+    fn after(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let now = Instant::now();
+        self.shared.slot = key;
+        self.shared.peer = Some(conn.peer);
+        let mut cx = Cx {
+            now,
+            cfg: &self.cfg,
+            bufs: &mut self.bufs,
+            metrics: &self.metrics,
+            svc: &mut self.shared,
+        };
+        loop {
+            // Flush: one write carries every frame that is ready.
+            while !conn.blocked && !conn.session.is_closed() {
+                let pending = conn.session.pending();
+                if pending.is_empty() {
+                    break;
+                }
+                match conn.sock.write(pending) {
+                    Ok(0) => conn.session.handle_eof(&mut cx),
+                    Ok(n) => conn.session.handle_written(&mut cx, n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        conn.blocked = true;
+                        conn.session.handle_write_blocked(now);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => conn.session.handle_eof(&mut cx),
+                }
+            }
+            if conn.session.wants_half_close() {
+                let _ = conn.sock.shutdown(Shutdown::Write);
+                conn.session.half_closed(now);
+            }
+            // Input held back while a stream ran may now be read.
+            if conn.read_paused && conn.session.wants_read() && !conn.session.is_closed() {
+                conn.read_paused = false;
+                loop {
+                    match conn.sock.read(&mut self.scratch) {
+                        Ok(0) => {
+                            conn.session.handle_eof(&mut cx);
+                            break;
+                        }
+                        Ok(n) => {
+                            conn.session.handle_read(&mut cx, &self.scratch[..n]);
+                            if !conn.session.wants_read() {
+                                conn.read_paused = true;
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            conn.session.handle_eof(&mut cx);
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            break;
+        }
+        if conn.session.is_closed() {
+            self.close(key);
+        } else {
+            self.rearm(key);
+        }
+    }
+
+    fn rearm(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let deadline = conn.session.next_deadline(&self.cfg);
+        let want = deadline.map(|d| {
+            let d = d.saturating_duration_since(self.epoch);
+            // Round up: firing early would only re-arm, firing late never happens.
+            d.as_millis() as u64 + u64::from(d.subsec_nanos() % 1_000_000 != 0)
+        });
+        match (want, conn.timer) {
+            (None, Some((id, _))) => {
+                self.wheel.cancel(id);
+                conn.timer = None;
+            }
+            (Some(at), Some((id, armed))) if at < armed => {
+                self.wheel.cancel(id);
+                let tid = self.wheel.insert(at, timer_key(key, conn.serial));
+                conn.timer = Some((tid, at));
+            }
+            (Some(at), None) => {
+                let tid = self.wheel.insert(at, timer_key(key, conn.serial));
+                conn.timer = Some((tid, at));
+            }
+            // Armed at or before the deadline: it fires, finds the real
+            // deadline later, and re-arms then (lazy re-arming).
+            _ => {}
+        }
+    }
+
+    fn close(&mut self, key: usize) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        if let Some((id, _)) = conn.timer.take() {
+            self.wheel.cancel(id);
+        }
+        let _ = self.poll.registry().deregister(&mut conn.sock);
+        self.metrics.connections_open.fetch_sub(1, Relaxed);
+        drop(conn);
+        if self.accept_paused && self.conns.len() < self.max_conns {
+            self.accept_paused = false;
+            self.accept();
+        }
+    }
+}
+
+fn timer_key(key: usize, serial: u32) -> u64 {
+    (u64::from(serial) << 32) | key as u64
+}
+
+/// A non-blocking listener with an explicit backlog, so bursts of
+/// thousands of connects are not dropped.
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}

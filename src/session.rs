@@ -1,0 +1,960 @@
+//! The per-connection state machine, free of socket I/O.
+//!
+//! Bytes, pieces from a worker and time go in (`handle_*`); bytes to write
+//! ([`Session::pending`]), a deadline ([`Session::next_deadline`]) and "close
+//! me" ([`Session::is_closed`]) come out. The event loop in
+//! [`crate::server`] is a thin shell that moves bytes between sockets and
+//! sessions; the tests below drive a session with a simulated clock and
+//! assert on exact bytes.
+//!
+//! ```text
+//! Reading ──request──▶ Streaming ──done/error──▶ Reading (keep-alive)
+//!    │                     │                  └─▶ Closing ─▶ Lingering ─▶ Closed
+//!    └─bad request─▶ Closing            client left ─▶ Closed
+//! ```
+//!
+//! Services the session needs from the rest of the server (admission, ids,
+//! buffers, metrics) come through [`Cx`], so tests can fake them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::api::{self, NativeRequest};
+use crate::backend::sim::{self, SimText};
+use crate::backend::GenRequest;
+use crate::config::Config;
+use crate::http::response::{self, Body, Head};
+use crate::http::{Method, ReadStatus, Request, RequestReader, Version};
+use crate::metrics::Metrics;
+use crate::outbuf::{BufPool, OutBuf};
+use crate::pool::{Piece, TokenSink};
+use crate::sse::{self, DoneInfo, ErrorCode, StreamError};
+
+/// What produces an admitted stream's tokens.
+pub enum Producer {
+    /// The simulated model, paced by this session's timer.
+    Sim,
+    /// A generation queued on the worker pool.
+    Pool(Arc<TokenSink>),
+}
+
+/// A stream the server accepted.
+pub struct Admitted {
+    pub id: u64,
+    pub producer: Producer,
+}
+
+/// A request the server will not start now.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The operational endpoints, answered by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ops {
+    Healthz,
+    Readyz,
+    Metrics,
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    Errored(ErrorCode),
+    Disconnected,
+}
+
+/// One finished stream, for metrics and the access log.
+#[derive(Debug, Clone)]
+pub struct StreamSummary {
+    pub id: u64,
+    pub request_id: String,
+    pub outcome: Outcome,
+    pub tokens: u32,
+    pub ttft: Option<Duration>,
+    pub duration: Duration,
+}
+
+/// What the session needs from the server around it.
+pub trait Services {
+    /// A fresh id, never reused (request ids of refused requests use one too).
+    fn next_id(&mut self) -> u64;
+    /// Admits a stream with id `id`, or refuses it.
+    fn admit(&mut self, id: u64, gen: &GenRequest) -> Result<Producer, Refusal>;
+    /// Status, content type and body of an operational endpoint.
+    fn ops(&mut self, which: Ops, req: &Request) -> (u16, &'static str, Vec<u8>);
+    /// A stream ended; `streams_open` goes down here.
+    fn stream_ended(&mut self, summary: &StreamSummary);
+}
+
+/// Everything a `handle_*` call gets besides its input.
+pub struct Cx<'a> {
+    pub now: Instant,
+    pub cfg: &'a Config,
+    pub bufs: &'a mut BufPool,
+    pub metrics: &'a Metrics,
+    pub svc: &'a mut dyn Services,
+}
+
+/// How long a closed-for-writing connection waits for the client's FIN, so
+/// that unread request bytes do not turn our close into a reset that
+/// destroys the response in flight.
+const LINGER: Duration = Duration::from_secs(2);
+/// How long an error event for a client that is not reading gets to leave.
+const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(1);
+
+enum State {
+    Reading,
+    Streaming(Box<Stream>),
+    /// The last bytes are queued; close once they are written.
+    Closing {
+        until: Instant,
+    },
+    /// Written and half-closed; waiting briefly for the client's FIN.
+    Lingering {
+        until: Instant,
+    },
+    Closed,
+}
+
+enum Mode {
+    /// Events as they happen.
+    Sse,
+    /// `"stream": false`: one JSON answer at the end.
+    Json(String),
+}
+
+enum Prod {
+    Sim { text: SimText, next_due: Instant },
+    Pool(Arc<TokenSink>),
+}
+
+struct Stream {
+    id: u64,
+    request_id: String,
+    version: Version,
+    keep_alive: bool,
+    mode: Mode,
+    prod: Prod,
+    prompt_tokens: Option<u32>,
+    parsed_at: Instant,
+    last_event_at: Instant,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    ttft: Option<Duration>,
+    tokens: u32,
+}
+
+impl Stream {
+    fn chunked(&self) -> bool {
+        self.version == Version::Http11
+    }
+
+    fn ttft_estimate(&self) -> Option<Duration> {
+        self.ttft
+            .or_else(|| self.first_token_at.map(|t| t - self.parsed_at))
+    }
+}
+
+/// One client connection.
+pub struct Session {
+    state: State,
+    /// Received bytes not yet consumed by a request. Empty (no allocation)
+    /// unless a request arrived in pieces or was pipelined behind a stream.
+    inbuf: Vec<u8>,
+    reader: RequestReader,
+    out: OutBuf,
+    /// When the connection started waiting for its next request.
+    read_since: Instant,
+    /// When the first byte of the current request arrived.
+    head_started: Option<Instant>,
+    served: u32,
+    /// Since when the socket has refused bytes we have for it.
+    blocked_since: Option<Instant>,
+    /// `(appended mark, parse time)` of the first token not yet written.
+    ttft_mark: Option<(u64, Instant)>,
+    /// Stopped keeping pipelined input (over the limit) while streaming.
+    input_full: bool,
+}
+
+impl Session {
+    pub fn new(now: Instant) -> Session {
+        Session {
+            state: State::Reading,
+            inbuf: Vec::new(),
+            reader: RequestReader::new(),
+            out: OutBuf::default(),
+            read_since: now,
+            head_started: None,
+            served: 0,
+            blocked_since: None,
+            ttft_mark: None,
+            input_full: false,
+        }
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    /// Bytes waiting for the socket.
+    pub fn pending(&self) -> &[u8] {
+        self.out.pending()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    pub fn is_streaming(&self) -> bool {
+        matches!(self.state, State::Streaming(_))
+    }
+
+    /// The running stream's id.
+    pub fn stream_id(&self) -> Option<u64> {
+        match &self.state {
+            State::Streaming(s) => Some(s.id),
+            _ => None,
+        }
+    }
+
+    /// Whether the server should keep reading the socket.
+    pub fn wants_read(&self) -> bool {
+        !self.input_full && !self.is_closed()
+    }
+
+    /// Everything is written and the connection should be half-closed now
+    /// (the server calls `shutdown(Write)` then [`Session::half_closed`]).
+    pub fn wants_half_close(&self) -> bool {
+        matches!(self.state, State::Closing { .. }) && self.out.is_empty()
+    }
+
+    /// Whether this connection holds an output allocation (for tests of memory per stream).
+    pub fn holds_output_buffer(&self) -> bool {
+        self.out.holds_allocation()
+    }
+
+    /// The earliest moment [`Session::handle_timeout`] has something to do.
+    pub fn next_deadline(&self, cfg: &Config) -> Option<Instant> {
+        let write_deadline = self.blocked_since.map(|t| t + cfg.write_timeout());
+        match &self.state {
+            State::Reading => Some(match self.head_started {
+                Some(t) => t + cfg.header_timeout(),
+                None if self.served == 0 => self.read_since + cfg.header_timeout(),
+                None => self.read_since + cfg.idle_timeout(),
+            }),
+            State::Streaming(st) => {
+                let mut d = st.parsed_at + cfg.max_stream();
+                if matches!(st.mode, Mode::Sse) {
+                    d = d.min(st.last_event_at + cfg.heartbeat());
+                }
+                if let Prod::Sim { text, next_due } = &st.prod {
+                    if st.tokens <= text.total && self.out.len() < cfg.high_water() {
+                        d = d.min(*next_due);
+                    }
+                }
+                Some(write_deadline.map_or(d, |w| w.min(d)))
+            }
+            State::Closing { until } | State::Lingering { until } => Some(*until),
+            State::Closed => None,
+        }
+    }
+
+    // ------------------------------------------------------------- inputs
+
+    /// Bytes from the client.
+    pub fn handle_read(&mut self, cx: &mut Cx, data: &[u8]) {
+        match self.state {
+            State::Reading => {
+                if self.head_started.is_none() && !data.is_empty() {
+                    self.head_started = Some(cx.now);
+                }
+                self.process_input(cx, data);
+            }
+            State::Streaming(_) => {
+                // A pipelined request waits for the stream to end, bounded.
+                let cap = cx.cfg.max_head_bytes + cx.cfg.max_body_bytes;
+                if self.inbuf.len() + data.len() <= cap {
+                    self.inbuf.extend_from_slice(data);
+                } else {
+                    self.input_full = true;
+                }
+            }
+            State::Closing { .. } | State::Lingering { .. } | State::Closed => {}
+        }
+    }
+
+    /// The client closed its side or reset the connection: it left.
+    pub fn handle_eof(&mut self, cx: &mut Cx) {
+        if let State::Streaming(st) = &self.state {
+            log::debug!("stream {:x}: client left", st.id);
+        }
+        self.end_stream(cx, End::Disconnected);
+        self.close(cx);
+    }
+
+    /// The socket took `n` bytes.
+    pub fn handle_written(&mut self, cx: &mut Cx, n: usize) {
+        self.out.consume(n, cx.bufs);
+        cx.metrics
+            .bytes_sent
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.blocked_since = None;
+        if let Some((mark, t0)) = self.ttft_mark {
+            if self.out.written_total() >= mark {
+                self.ttft_mark = None;
+                let ttft = cx.now - t0;
+                cx.metrics.ttft.observe(ttft);
+                if let State::Streaming(st) = &mut self.state {
+                    st.ttft = Some(ttft);
+                }
+            }
+        }
+        // Room again: take what the producer has been holding back.
+        if self.out.len() < cx.cfg.high_water() / 2 {
+            self.pump(cx);
+        }
+    }
+
+    /// The socket would block with bytes pending.
+    pub fn handle_write_blocked(&mut self, now: Instant) {
+        if self.blocked_since.is_none() {
+            self.blocked_since = Some(now);
+        }
+    }
+
+    /// The server half-closed the socket after [`Session::wants_half_close`].
+    pub fn half_closed(&mut self, now: Instant) {
+        self.state = State::Lingering {
+            until: now + LINGER,
+        };
+    }
+
+    /// A worker pushed pieces for this connection's stream `id`.
+    pub fn handle_ready(&mut self, cx: &mut Cx, id: u64) {
+        if self.stream_id() == Some(id) {
+            self.pump(cx);
+        }
+    }
+
+    /// A deadline from [`Session::next_deadline`] may have passed.
+    pub fn handle_timeout(&mut self, cx: &mut Cx) {
+        let now = cx.now;
+        let cfg = cx.cfg;
+        match &mut self.state {
+            State::Reading => {
+                if let Some(d) = self.next_deadline(cfg) {
+                    if now >= d {
+                        cx.metrics
+                            .connections_timed_out
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if self.head_started.is_some() || self.served == 0 {
+                            log::debug!("request head not received in time: 408");
+                            let id = cx.svc.next_id();
+                            self.respond_error(
+                                cx,
+                                &format!("{id:x}"),
+                                Version::Http11,
+                                false,
+                                408,
+                                "request_timeout",
+                                &format!(
+                                    "the request was not received within {} ms",
+                                    cfg.header_timeout_ms
+                                ),
+                                &[],
+                            );
+                        } else {
+                            self.close(cx);
+                        }
+                    }
+                }
+            }
+            State::Streaming(st) => {
+                if self
+                    .blocked_since
+                    .is_some_and(|t| now >= t + cfg.write_timeout())
+                {
+                    cx.metrics
+                        .connections_timed_out
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let msg = format!(
+                        "the client accepted no bytes for {} ms",
+                        cfg.write_timeout_ms
+                    );
+                    return self.end_stream(
+                        cx,
+                        End::Error(StreamError::new(ErrorCode::SlowConsumer, msg)),
+                    );
+                }
+                if now >= st.parsed_at + cfg.max_stream() {
+                    let msg = format!("the stream ran longer than {} ms", cfg.max_stream_ms);
+                    return self.end_stream(
+                        cx,
+                        End::Error(StreamError::new(ErrorCode::DeadlineExceeded, msg)),
+                    );
+                }
+                self.pump(cx);
+                if let State::Streaming(st) = &mut self.state {
+                    if matches!(st.mode, Mode::Sse) && now >= st.last_event_at + cfg.heartbeat() {
+                        let phase = match &st.prod {
+                            Prod::Pool(s) if s.started_at().is_none() => "queued",
+                            _ => "generating",
+                        };
+                        st.last_event_at = now;
+                        let chunked = st.chunked();
+                        self.out
+                            .append_chunk(cx.bufs, chunked, |b| sse::heartbeat(b, phase));
+                        cx.metrics
+                            .heartbeats_sent
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            State::Closing { until } | State::Lingering { until } => {
+                if now >= *until {
+                    self.close(cx);
+                }
+            }
+            State::Closed => {}
+        }
+    }
+
+    // ---------------------------------------------------------- internals
+
+    fn close(&mut self, cx: &mut Cx) {
+        self.end_stream(cx, End::Disconnected);
+        self.state = State::Closed;
+        self.out.clear(cx.bufs);
+        self.inbuf = Vec::new();
+        self.ttft_mark = None;
+    }
+
+    /// Parses and dispatches every complete request in the input, as long
+    /// as the connection is reading.
+    fn process_input(&mut self, cx: &mut Cx, data: &[u8]) {
+        // Parse straight from the caller's (scratch) buffer when nothing is
+        // kept; copy only what is left incomplete.
+        let mut owned = std::mem::take(&mut self.inbuf);
+        let from_data = owned.is_empty();
+        if !from_data {
+            owned.extend_from_slice(data);
+        }
+        let input: &[u8] = if from_data { data } else { &owned };
+        let limits = cx.cfg.limits();
+        let mut at = 0;
+        while matches!(self.state, State::Reading) && at < input.len() {
+            match self.reader.poll(&input[at..], &limits) {
+                Ok(ReadStatus::Partial { send_continue }) => {
+                    if send_continue {
+                        self.out.append(cx.bufs, |b| {
+                            b.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        });
+                    }
+                    break;
+                }
+                Ok(ReadStatus::Complete { request, consumed }) => {
+                    at += consumed;
+                    self.head_started = None;
+                    self.dispatch(cx, request);
+                }
+                Err(e) => {
+                    at = input.len();
+                    cx.metrics
+                        .requests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let msg = e.message(&limits);
+                    log::info!("bad request: {} {}", e.status(), msg);
+                    let id = cx.svc.next_id();
+                    self.respond_error(
+                        cx,
+                        &format!("{id:x}"),
+                        Version::Http11,
+                        false,
+                        e.status(),
+                        e.code(),
+                        &msg,
+                        &[],
+                    );
+                }
+            }
+        }
+        let rest = &input[at.min(input.len())..];
+        self.inbuf = if rest.is_empty() {
+            Vec::new()
+        } else if from_data {
+            rest.to_vec()
+        } else {
+            owned.drain(..at);
+            owned
+        };
+    }
+
+    fn dispatch(&mut self, cx: &mut Cx, req: Request) {
+        cx.metrics
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = cx.svc.next_id();
+        let request_id = match req.client_request_id() {
+            Some(r) => r.to_string(),
+            None => format!("{id:x}"),
+        };
+        let (v, ka) = (req.version, req.keep_alive);
+        let path = req.path.as_str();
+        match path {
+            "/v1/chat/stream" => match req.method {
+                Method::Get | Method::Post => self.stream_request(cx, id, request_id, req),
+                _ => self.method_not_allowed(cx, &request_id, &req, "GET, POST"),
+            },
+            "/healthz" | "/readyz" | "/metrics" => match req.method {
+                Method::Get => {
+                    let which = match path {
+                        "/healthz" => Ops::Healthz,
+                        "/readyz" => Ops::Readyz,
+                        _ => Ops::Metrics,
+                    };
+                    let (status, ct, body) = cx.svc.ops(which, &req);
+                    self.respond(cx, &request_id, v, ka, status, ct, &body, &[]);
+                }
+                _ => self.method_not_allowed(cx, &request_id, &req, "GET"),
+            },
+            _ => {
+                let msg = format!("no such endpoint: {path}");
+                self.respond_error(cx, &request_id, v, ka, 404, "not_found", &msg, &[]);
+            }
+        }
+    }
+
+    fn method_not_allowed(&mut self, cx: &mut Cx, request_id: &str, req: &Request, allow: &str) {
+        let msg = format!(
+            "{} is not allowed on {}; use {allow}",
+            req.method_str, req.path
+        );
+        let extra = [("Allow", allow)];
+        let (v, ka) = (req.version, req.keep_alive);
+        self.respond_error(
+            cx,
+            request_id,
+            v,
+            ka,
+            405,
+            "method_not_allowed",
+            &msg,
+            &extra,
+        );
+    }
+
+    fn stream_request(&mut self, cx: &mut Cx, id: u64, request_id: String, req: Request) {
+        let (v, ka) = (req.version, req.keep_alive);
+        if req.method == Method::Get && req.header("last-event-id").is_some() {
+            // Nothing to resume: stop an EventSource from running the same prompt again.
+            return self.respond(cx, &request_id, v, ka, 204, "", &[], &[]);
+        }
+        let parsed = if req.method == Method::Post {
+            api::parse_body(&req.body, cx.cfg.max_tokens_limit)
+        } else {
+            api::parse_query_request(req.query.as_deref(), cx.cfg.max_tokens_limit)
+        };
+        let NativeRequest { gen, stream } = match parsed {
+            Ok(r) => r,
+            Err(msg) => {
+                log::info!("request {request_id}: 400 {msg}");
+                return self.respond_error(cx, &request_id, v, ka, 400, "bad_request", &msg, &[]);
+            }
+        };
+        let producer = match cx.svc.admit(id, &gen) {
+            Ok(p) => p,
+            Err(r) => {
+                log::info!("request {request_id}: {} {}", r.status, r.message);
+                let extra = [("Retry-After", "1")];
+                let extra: &[(&str, &str)] = if r.status == 503 { &extra } else { &[] };
+                return self.respond_error(
+                    cx,
+                    &request_id,
+                    v,
+                    ka,
+                    r.status,
+                    r.code,
+                    &r.message,
+                    extra,
+                );
+            }
+        };
+        let now = cx.now;
+        let prod = match producer {
+            Producer::Sim => Prod::Sim {
+                text: SimText::new(&gen.messages, gen.max_tokens, cx.cfg.sim_tokens),
+                next_due: now + cx.cfg.sim_ttft(),
+            },
+            Producer::Pool(sink) => Prod::Pool(sink),
+        };
+        let prompt_tokens = match prod {
+            Prod::Sim { .. } => Some(sim::prompt_tokens(&gen.messages)),
+            Prod::Pool(_) => None,
+        };
+        let streaming = stream && !cx.cfg.no_streaming;
+        if streaming {
+            self.out
+                .append(cx.bufs, |b| response::write_sse_head(b, v, ka, &request_id));
+        }
+        self.state = State::Streaming(Box::new(Stream {
+            id,
+            request_id,
+            version: v,
+            keep_alive: ka,
+            mode: if streaming {
+                Mode::Sse
+            } else {
+                Mode::Json(String::new())
+            },
+            prod,
+            prompt_tokens,
+            parsed_at: now,
+            last_event_at: now,
+            first_token_at: None,
+            last_token_at: None,
+            ttft: None,
+            tokens: 0,
+        }));
+        self.pump(cx);
+    }
+
+    /// Moves every token that is ready into the output buffer as one chunk,
+    /// up to the high-water mark, and ends the stream when its producer is
+    /// done.
+    fn pump(&mut self, cx: &mut Cx) {
+        let State::Streaming(st) = &mut self.state else {
+            return;
+        };
+        let hwm = cx.cfg.high_water();
+        let pending = self.out.len();
+        if pending >= hwm {
+            return;
+        }
+        let budget = hwm - pending;
+        let now = cx.now;
+        let itl = cx.cfg.sim_itl();
+        let metrics = cx.metrics;
+        let mut end = None;
+        let tokens_before = st.tokens;
+        let first_before = tokens_before == 0;
+        let chunked = st.chunked();
+        let Stream {
+            mode,
+            prod,
+            tokens,
+            last_token_at,
+            first_token_at,
+            last_event_at,
+            prompt_tokens,
+            ..
+        } = &mut **st;
+        let mut on_token = |b: &mut Vec<u8>, text: &str| {
+            match mode {
+                Mode::Sse => sse::token(b, text),
+                Mode::Json(all) => all.push_str(text),
+            }
+            *tokens += 1;
+            if let Some(prev) = *last_token_at {
+                metrics.inter_token.observe(now - prev);
+            } else {
+                *first_token_at = Some(now);
+            }
+            *last_token_at = Some(now);
+            *last_event_at = now;
+        };
+        self.out.append_chunk(cx.bufs, chunked, |b| {
+            let start = b.len();
+            match prod {
+                Prod::Sim { text, next_due } => {
+                    let mut done = tokens_before;
+                    while done < text.total && *next_due <= now && b.len() - start < budget {
+                        on_token(b, text.token(done));
+                        done += 1;
+                        *next_due += itl;
+                    }
+                    if done == text.total && (done > 0 || *next_due <= now) {
+                        end = Some(End::Done {
+                            reason: text.finish_reason().into(),
+                            prompt_tokens: *prompt_tokens,
+                        });
+                    }
+                }
+                Prod::Pool(sink) => sink.take(|piece| match piece {
+                    Piece::Token(t) => {
+                        on_token(b, &t);
+                        b.len() - start < budget
+                    }
+                    Piece::Done(f) => {
+                        end = Some(End::Done {
+                            reason: f.finish_reason,
+                            prompt_tokens: f.prompt_tokens,
+                        });
+                        false
+                    }
+                    Piece::Error(e) => {
+                        end = Some(End::Error(e));
+                        false
+                    }
+                }),
+            }
+        });
+        let new_tokens = st.tokens as u64;
+        if first_before && new_tokens > 0 && matches!(st.mode, Mode::Sse) {
+            self.ttft_mark = Some((self.out.appended_total(), st.parsed_at));
+        }
+        if let Some(end) = end {
+            self.end_stream(cx, end);
+        }
+    }
+
+    /// Ends the running stream (if any) with its terminal event, and moves
+    /// the connection on: back to reading, or closing.
+    fn end_stream(&mut self, cx: &mut Cx, end: End) {
+        let State::Streaming(st) = &self.state else {
+            return;
+        };
+        let now = cx.now;
+        let outcome = match &end {
+            End::Done { .. } => Outcome::Completed,
+            End::Error(e) => Outcome::Errored(e.code),
+            End::Disconnected => Outcome::Disconnected,
+        };
+        if let Prod::Pool(sink) = &st.prod {
+            if !matches!(outcome, Outcome::Completed) && !sink.is_cancelled() {
+                sink.cancel();
+                cx.metrics
+                    .generations_cancelled
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        } else if outcome == Outcome::Disconnected || matches!(outcome, Outcome::Errored(_)) {
+            cx.metrics
+                .generations_cancelled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let duration = now - st.parsed_at;
+        let summary = StreamSummary {
+            id: st.id,
+            request_id: st.request_id.clone(),
+            outcome,
+            tokens: st.tokens,
+            ttft: st.ttft_estimate(),
+            duration,
+        };
+        let tokens = st.tokens;
+        let sid = format!("{:x}", st.id);
+        let seq = tokens as u64 + 1;
+        let chunked = st.chunked();
+        let (version, mut keep_alive) = (st.version, st.keep_alive);
+        let request_id = st.request_id.clone();
+        let secs = duration.as_secs_f64();
+        let tokens_per_s = if secs > 0.0 {
+            tokens as f64 / secs
+        } else {
+            0.0
+        };
+        let ttft_ms = summary.ttft.map(|d| d.as_secs_f64() * 1000.0);
+        let State::Streaming(st) = std::mem::replace(&mut self.state, State::Reading) else {
+            unreachable!()
+        };
+        cx.metrics.stream_duration.observe(duration);
+        cx.metrics
+            .tokens_sent
+            .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
+        cx.svc.stream_ended(&summary);
+        match (st.mode, end) {
+            (_, End::Disconnected) => {
+                self.state = State::Closed;
+                return;
+            }
+            (
+                Mode::Sse,
+                End::Done {
+                    reason,
+                    prompt_tokens,
+                },
+            ) => {
+                let info = DoneInfo {
+                    finish_reason: &reason,
+                    prompt_tokens,
+                    completion_tokens: tokens,
+                    ttft_ms,
+                    tokens_per_s,
+                };
+                self.out
+                    .append_chunk(cx.bufs, chunked, |b| sse::done(b, &sid, seq, &info));
+            }
+            (Mode::Sse, End::Error(e)) => {
+                self.out
+                    .append_chunk(cx.bufs, chunked, |b| sse::error(b, &sid, seq, &e));
+                if matches!(e.code, ErrorCode::SlowConsumer | ErrorCode::ShuttingDown) {
+                    keep_alive = false;
+                }
+                if e.code == ErrorCode::SlowConsumer {
+                    // Best effort: the client is not reading.
+                    if chunked {
+                        self.out.append_last_chunk(cx.bufs);
+                    }
+                    self.state = State::Closing {
+                        until: now + SLOW_CONSUMER_GRACE,
+                    };
+                    return;
+                }
+            }
+            (
+                Mode::Json(text),
+                End::Done {
+                    reason,
+                    prompt_tokens,
+                },
+            ) => {
+                let info = DoneInfo {
+                    finish_reason: &reason,
+                    prompt_tokens,
+                    completion_tokens: tokens,
+                    ttft_ms,
+                    tokens_per_s,
+                };
+                let mut body = Vec::with_capacity(text.len() + 128);
+                body.extend_from_slice(b"{\"text\":");
+                let _ = serde_json::to_writer(&mut body, &text);
+                body.push(b',');
+                let mut rest = Vec::new();
+                sse::done_json(&mut rest, &info);
+                body.extend_from_slice(&rest[1..]);
+                self.respond(
+                    cx,
+                    &request_id,
+                    version,
+                    keep_alive,
+                    200,
+                    "application/json",
+                    &body,
+                    &[],
+                );
+                return;
+            }
+            (Mode::Json(_), End::Error(e)) => {
+                let status = match e.code {
+                    ErrorCode::UpstreamUnavailable | ErrorCode::UpstreamError => 502,
+                    ErrorCode::UpstreamTimeout | ErrorCode::DeadlineExceeded => 504,
+                    ErrorCode::Overloaded | ErrorCode::ShuttingDown => 503,
+                    ErrorCode::SlowConsumer | ErrorCode::Internal => 500,
+                };
+                let ka = keep_alive && e.code != ErrorCode::SlowConsumer;
+                self.respond_error(
+                    cx,
+                    &request_id,
+                    version,
+                    ka,
+                    status,
+                    e.code.as_str(),
+                    &e.message,
+                    &[],
+                );
+                return;
+            }
+        }
+        if chunked {
+            self.out.append_last_chunk(cx.bufs);
+        }
+        self.finish_response(cx, version, keep_alive && chunked);
+    }
+
+    /// After a whole response: read the next request, or close.
+    fn finish_response(&mut self, cx: &mut Cx, _version: Version, keep_alive: bool) {
+        self.served += 1;
+        self.read_since = cx.now;
+        self.input_full = false;
+        if keep_alive {
+            self.state = State::Reading;
+            if !self.inbuf.is_empty() {
+                let now = cx.now;
+                self.head_started = Some(now);
+                self.process_input(cx, &[]);
+            }
+        } else {
+            self.state = State::Closing {
+                until: cx.now + cx.cfg.write_timeout(),
+            };
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn respond(
+        &mut self,
+        cx: &mut Cx,
+        request_id: &str,
+        version: Version,
+        keep_alive: bool,
+        status: u16,
+        content_type: &str,
+        body: &[u8],
+        extra: &[(&str, &str)],
+    ) {
+        if status >= 400 {
+            cx.metrics
+                .requests_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let head = Head {
+            status,
+            content_type: (!content_type.is_empty()).then_some(content_type),
+            body: Body::Length(body.len()),
+            version,
+            keep_alive,
+            request_id,
+            extra,
+        };
+        self.out.append(cx.bufs, |b| {
+            if status == 204 {
+                response::write_head(
+                    b,
+                    &Head {
+                        body: Body::Empty,
+                        ..head
+                    },
+                );
+            } else {
+                response::write_full(b, head, body)
+            }
+        });
+        self.finish_response(cx, version, keep_alive);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn respond_error(
+        &mut self,
+        cx: &mut Cx,
+        request_id: &str,
+        version: Version,
+        keep_alive: bool,
+        status: u16,
+        code: &str,
+        message: &str,
+        extra: &[(&str, &str)],
+    ) {
+        let body = response::error_body(code, message);
+        self.respond(
+            cx,
+            request_id,
+            version,
+            keep_alive,
+            status,
+            "application/json",
+            &body,
+            extra,
+        );
+    }
+}
+
+enum End {
+    Done {
+        reason: String,
+        prompt_tokens: Option<u32>,
+    },
+    Error(StreamError),
+    Disconnected,
+}
