@@ -152,7 +152,7 @@ mod tests {
         write_full(&mut b, head, &error_body("overloaded", "busy"));
         assert_eq!(
             String::from_utf8(b).unwrap(),
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 49\r\nConnection: keep-alive\r\nX-Request-Id: r1\r\nRetry-After: 1\r\n\r\n{\"error\":{\"code\":\"overloaded\",\"message\":\"busy\"}}"
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 48\r\nConnection: keep-alive\r\nX-Request-Id: r1\r\nRetry-After: 1\r\n\r\n{\"error\":{\"code\":\"overloaded\",\"message\":\"busy\"}}"
         );
     }
 }
