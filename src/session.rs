@@ -958,3 +958,7 @@ enum End {
     Error(StreamError),
     Disconnected,
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
