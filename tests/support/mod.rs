@@ -1,0 +1,742 @@
+//! Helpers shared by the end-to-end tests (`tests/e2e_*.rs`): an in-process
+//! server on port 0, a raw TCP client with bounded reads, a chunked/SSE
+//! parser, a polling `wait_until`, and a scriptable blocking [`TestBackend`].
+//!
+//! Every wait here is bounded: reads time out after [`READ_TIMEOUT`] and
+//! `wait_until` after the duration it is given.
+
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::Value;
+use sluice::backend::{Backend, Finish, GenRequest};
+use sluice::metrics::Metrics;
+use sluice::pool::TokenSink;
+use sluice::sse::{ErrorCode, StreamError};
+
+/// Longest a single blocking read waits before the test fails.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ------------------------------------------------------------------ server
+
+/// A server running on its own thread (it lives until the test process exits).
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+}
+
+impl TestServer {
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+fn config(flags: &[&str]) -> sluice::Config {
+    let mut args = vec!["sluice", "--listen", "127.0.0.1:0", "--log-level", "error"];
+    args.extend_from_slice(flags);
+    sluice::Config::try_parse_from(args).expect("flags parse")
+}
+
+/// Starts a server with the simulated model and `flags` (later flags win).
+pub fn start(flags: &[&str]) -> TestServer {
+    start_inner(flags, None)
+}
+
+/// Starts a server whose generations run `backend` on the worker pool.
+pub fn start_with_backend(flags: &[&str], backend: Arc<dyn Backend>) -> TestServer {
+    start_inner(flags, Some(backend))
+}
+
+fn start_inner(flags: &[&str], backend: Option<Arc<dyn Backend>>) -> TestServer {
+    let server = sluice::Server::bind(config(flags), backend).expect("bind");
+    let addr = server.local_addr();
+    let metrics = server.metrics();
+    std::thread::Builder::new()
+        .name(format!("sluice-test-{}", addr.port()))
+        .spawn(move || {
+            let _ = server.run();
+        })
+        .expect("spawn server thread");
+    TestServer { addr, metrics }
+}
+
+pub fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::SeqCst)
+}
+
+/// One line with the counters tests assert on, for failure messages.
+pub fn metrics_summary(m: &Metrics) -> String {
+    let g = |a: &std::sync::atomic::AtomicI64| a.load(Ordering::SeqCst);
+    format!(
+        "conns_open={} streams_open={} started={} completed={} disconnected={} \
+         errored(slow_consumer)={} errored(upstream_error)={} cancelled={} dropped_queued={} \
+         tokens_sent={} heartbeats={}",
+        g(&m.connections_open),
+        g(&m.streams_open),
+        load(&m.streams_started),
+        load(&m.streams_completed),
+        load(&m.streams_disconnected),
+        m.errored(ErrorCode::SlowConsumer),
+        m.errored(ErrorCode::UpstreamError),
+        load(&m.generations_cancelled),
+        load(&m.jobs_dropped_queued),
+        load(&m.tokens_sent),
+        load(&m.heartbeats_sent),
+    )
+}
+
+// ------------------------------------------------------------------ waiting
+
+/// Polls `cond` every few ms until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `wait_until` that panics with `what` and the server's counters.
+pub fn eventually(m: &Metrics, timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_until(timeout, cond),
+        "timed out after {timeout:?} waiting for {what}; metrics: {}",
+        metrics_summary(m)
+    );
+}
+
+// ------------------------------------------------------------------ requests
+
+/// `POST path` with a JSON body, `Host`, and `extra` header lines (each ending in CRLF).
+pub fn post(path: &str, body: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// `POST /v1/chat/stream` with `body`.
+pub fn post_stream(body: &str) -> Vec<u8> {
+    post("/v1/chat/stream", body, "")
+}
+
+/// `GET target` with `Host` and `extra` header lines.
+pub fn get(target: &str, extra: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: t\r\n{extra}\r\n").into_bytes()
+}
+
+/// A JSON string literal.
+pub fn js(s: &str) -> String {
+    Value::String(s.to_owned()).to_string()
+}
+
+// ------------------------------------------------------------------ client
+
+/// A response head.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub version: String,
+    pub status: u16,
+    pub reason: String,
+    /// Names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn is_chunked(&self) -> bool {
+        self.header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    }
+
+    pub fn content_length(&self) -> Option<usize> {
+        self.header("content-length")
+            .map(|v| v.trim().parse().expect("numeric Content-Length"))
+    }
+
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+}
+
+/// A whole response, body de-chunked.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub head: Head,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn status(&self) -> u16 {
+        self.head.status
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
+    }
+    pub fn events(&self) -> Vec<Event> {
+        parse_sse(&self.body)
+    }
+    /// Asserts the contract's refusal shape and returns the error code.
+    pub fn error_code(&self) -> String {
+        assert_eq!(
+            self.head.header("content-type"),
+            Some("application/json"),
+            "refusal content type: {:?}",
+            self.head
+        );
+        let v = self.json();
+        let err = v
+            .get("error")
+            .and_then(Value::as_object)
+            .unwrap_or_else(|| panic!("no error object in {v}"));
+        let msg = err.get("message").and_then(Value::as_str);
+        assert!(msg.is_some_and(|m| !m.is_empty()), "no message in {v}");
+        err.get("code")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no code in {v}"))
+            .to_owned()
+    }
+}
+
+/// One SSE event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub event: String,
+    pub data: String,
+    pub id: Option<String>,
+}
+
+impl Event {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {self:?}"))
+    }
+    /// A token event's text.
+    pub fn token(&self) -> String {
+        assert_eq!(self.event, "token", "{self:?}");
+        self.json()["t"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no t in {self:?}"))
+            .to_owned()
+    }
+}
+
+/// A raw client connection with a read buffer; every read is bounded.
+pub struct Client {
+    pub sock: TcpStream,
+    buf: Vec<u8>,
+    /// De-chunked body bytes not yet split into events.
+    sse: Vec<u8>,
+    /// The SSE body is chunked (set by `read_head` for the stream's head).
+    chunked: bool,
+    body_done: bool,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let sock = TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        sock.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+        sock.set_nodelay(true).unwrap();
+        Client::from_stream(sock)
+    }
+
+    pub fn from_stream(sock: TcpStream) -> Client {
+        Client {
+            sock,
+            buf: Vec::new(),
+            sse: Vec::new(),
+            chunked: true,
+            body_done: false,
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).expect("send");
+    }
+
+    /// Reads more bytes into the buffer; 0 at end of stream. Panics on timeout.
+    fn fill(&mut self) -> usize {
+        let mut tmp = [0u8; 64 * 1024];
+        loop {
+            match self.sock.read(&mut tmp) {
+                Ok(n) => {
+                    self.buf.extend_from_slice(&tmp[..n]);
+                    return n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return 0,
+                Err(e) => panic!(
+                    "read failed ({e}); unread so far: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            }
+        }
+    }
+
+    fn fill_or_panic(&mut self, what: &str) {
+        if self.fill() == 0 {
+            panic!(
+                "connection closed while reading {what}; unread: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        }
+    }
+
+    fn take_line(&mut self, what: &str) -> String {
+        loop {
+            if let Some(i) = find(&self.buf, b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..i]).into_owned();
+                self.buf.drain(..i + 2);
+                return line;
+            }
+            self.fill_or_panic(what);
+        }
+    }
+
+    fn take_exact(&mut self, n: usize, what: &str) -> Vec<u8> {
+        while self.buf.len() < n {
+            self.fill_or_panic(what);
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Reads one response head (a `100 Continue` is a head too).
+    pub fn read_head(&mut self) -> Head {
+        let end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i;
+            }
+            self.fill_or_panic("a response head");
+        };
+        let raw = String::from_utf8(self.buf[..end].to_vec()).expect("ASCII head");
+        self.buf.drain(..end + 4);
+        let mut lines = raw.split("\r\n");
+        let status_line = lines.next().unwrap();
+        let mut parts = status_line.splitn(3, ' ');
+        let version = parts.next().unwrap_or_default().to_owned();
+        let status = parts
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let reason = parts.next().unwrap_or_default().to_owned();
+        let headers = lines
+            .map(|l| {
+                let (n, v) = l
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("bad header {l:?}"));
+                (n.trim().to_ascii_lowercase(), v.trim().to_owned())
+            })
+            .collect();
+        let head = Head {
+            version,
+            status,
+            reason,
+            headers,
+        };
+        self.chunked = head.is_chunked();
+        self.body_done = false;
+        self.sse.clear();
+        head
+    }
+
+    /// One chunk of a chunked body; `None` after the last chunk (trailers consumed).
+    pub fn read_chunk(&mut self) -> Option<Vec<u8>> {
+        let line = self.take_line("a chunk size");
+        let size_hex = line.split(';').next().unwrap().trim();
+        let size = usize::from_str_radix(size_hex, 16)
+            .unwrap_or_else(|_| panic!("bad chunk size line {line:?}"));
+        if size == 0 {
+            while !self.take_line("chunked trailers").is_empty() {}
+            return None;
+        }
+        let data = self.take_exact(size, "chunk data");
+        let crlf = self.take_exact(2, "chunk end");
+        assert_eq!(crlf, b"\r\n", "chunk data not followed by CRLF");
+        Some(data)
+    }
+
+    /// The body that follows `head`, by its framing (close-delimited: to EOF).
+    pub fn read_body(&mut self, head: &Head) -> Vec<u8> {
+        if head.status / 100 == 1 || head.status == 204 || head.status == 304 {
+            return Vec::new();
+        }
+        if head.is_chunked() {
+            let mut body = Vec::new();
+            while let Some(c) = self.read_chunk() {
+                body.extend_from_slice(&c);
+            }
+            self.body_done = true;
+            body
+        } else if let Some(n) = head.content_length() {
+            self.take_exact(n, "the body")
+        } else {
+            self.read_to_eof()
+        }
+    }
+
+    /// Everything until the peer closes (a reset counts as a close).
+    pub fn read_to_eof(&mut self) -> Vec<u8> {
+        while self.fill() > 0 {}
+        self.body_done = true;
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Head and whole body of the next response.
+    pub fn read_response(&mut self) -> Response {
+        let head = self.read_head();
+        let body = self.read_body(&head);
+        Response { head, body }
+    }
+
+    /// Sends `req` and reads the whole response.
+    pub fn roundtrip(&mut self, req: &[u8]) -> Response {
+        self.send(req);
+        self.read_response()
+    }
+
+    /// The next SSE event of the body after the last `read_head`; `None` once the body ended.
+    pub fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Some(i) = find(&self.sse, b"\n\n") {
+                let raw: Vec<u8> = self.sse.drain(..i + 2).collect();
+                let ev = parse_sse(&raw);
+                assert_eq!(ev.len(), 1, "one event per frame: {raw:?}");
+                return ev.into_iter().next();
+            }
+            if self.body_done {
+                assert!(
+                    self.sse.iter().all(|b| b.is_ascii_whitespace()),
+                    "body ended inside an event: {:?}",
+                    String::from_utf8_lossy(&self.sse)
+                );
+                return None;
+            }
+            if self.chunked {
+                match self.read_chunk() {
+                    Some(c) => self.sse.extend_from_slice(&c),
+                    None => self.body_done = true,
+                }
+            } else if self.fill() == 0 {
+                self.body_done = true;
+            } else {
+                let b = std::mem::take(&mut self.buf);
+                self.sse.extend_from_slice(&b);
+            }
+        }
+    }
+
+    /// Every remaining event of the current SSE body.
+    pub fn events_to_end(&mut self) -> Vec<Event> {
+        let mut v = Vec::new();
+        while let Some(e) = self.next_event() {
+            v.push(e);
+        }
+        v
+    }
+
+    /// Whether the peer closes the connection (EOF or reset) within `timeout`,
+    /// with no response bytes before it.
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        self.sock.set_read_timeout(Some(timeout)).unwrap();
+        let mut tmp = [0u8; 4096];
+        let r = self.sock.read(&mut tmp);
+        self.sock.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        match r {
+            Ok(0) => true,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                false
+            }
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+            ),
+        }
+    }
+
+    /// Half-closes our side (the server reads EOF).
+    pub fn shutdown_write(&self) {
+        let _ = self.sock.shutdown(Shutdown::Write);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Removes chunked transfer encoding from a whole body (panics on bad framing).
+pub fn decode_chunked(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let i = find(raw, b"\r\n").expect("chunk size line");
+        let line = std::str::from_utf8(&raw[..i]).unwrap();
+        let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {line:?}"));
+        raw = &raw[i + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        assert_eq!(&raw[size..size + 2], b"\r\n");
+        raw = &raw[size + 2..];
+    }
+}
+
+/// Splits an SSE body into events (comments skipped, `data` lines joined).
+pub fn parse_sse(body: &[u8]) -> Vec<Event> {
+    let text = std::str::from_utf8(body).expect("SSE is UTF-8");
+    let text = text.replace("\r\n", "\n");
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut ev = Event {
+            event: String::from("message"),
+            data: String::new(),
+            id: None,
+        };
+        let mut any = false;
+        let mut datas = Vec::new();
+        for line in block.lines() {
+            if line.is_empty() || line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            any = true;
+            match field {
+                "event" => ev.event = value.to_owned(),
+                "data" => datas.push(value.to_owned()),
+                "id" => ev.id = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+        if any {
+            ev.data = datas.join("\n");
+            out.push(ev);
+        }
+    }
+    out
+}
+
+/// Runs one whole streaming request on a fresh connection: head, then its events.
+pub fn stream_events(addr: SocketAddr, req: &[u8]) -> (Head, Vec<Event>) {
+    let mut c = Client::connect(addr);
+    c.send(req);
+    let head = c.read_head();
+    assert_eq!(head.status, 200, "{head:?}");
+    let events = c.events_to_end();
+    (head, events)
+}
+
+/// The token texts of `events`, asserting the stream ended with `done`.
+pub fn tokens_until_done(events: &[Event]) -> Vec<String> {
+    let (last, rest) = events.split_last().expect("at least one event");
+    assert_eq!(last.event, "done", "last event: {last:?}");
+    rest.iter()
+        .filter(|e| e.event == "token")
+        .map(Event::token)
+        .collect()
+}
+
+/// A metric's value in a Prometheus exposition (`name` may include labels).
+pub fn prom_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+}
+
+// ------------------------------------------------------------------ backend
+
+/// What a [`TestBackend`] saw, shared with the test.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// `generate` calls.
+    pub started: AtomicU64,
+    /// Tokens handed to the sink successfully.
+    pub pushed: AtomicU64,
+    /// Generations that saw the sink report `Cancelled`.
+    pub cancelled: AtomicU64,
+    /// Generations that returned (any result) without seeing a cancel.
+    pub finished: AtomicU64,
+    /// Opens every `gate` generation.
+    pub gate_open: AtomicBool,
+}
+
+impl BackendStats {
+    pub fn started(&self) -> u64 {
+        load(&self.started)
+    }
+    pub fn pushed(&self) -> u64 {
+        load(&self.pushed)
+    }
+    pub fn cancelled(&self) -> u64 {
+        load(&self.cancelled)
+    }
+    pub fn finished(&self) -> u64 {
+        load(&self.finished)
+    }
+    pub fn open_gate(&self) {
+        self.gate_open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A blocking backend scripted by the request's last message:
+///
+/// - `tokens N MS`: N tokens `tok0 `, `tok1 `… with MS ms before each;
+///   `length` when `max_tokens` cut it, else `stop`.
+/// - `flood N SIZE`: N tokens as fast as the sink takes them, each the
+///   zero-padded index, SIZE bytes wide.
+/// - `block`: sleeps until cancelled (60 s at most).
+/// - `gate N`: waits for [`BackendStats::open_gate`] (or a cancel), then N tokens.
+/// - `error K`: K tokens, then `upstream_error` "boom".
+///
+/// Anything else is `tokens 3 0`.
+pub struct TestBackend {
+    pub stats: Arc<BackendStats>,
+}
+
+impl TestBackend {
+    pub fn new() -> (Arc<dyn Backend>, Arc<BackendStats>) {
+        let stats = Arc::new(BackendStats::default());
+        (
+            Arc::new(TestBackend {
+                stats: stats.clone(),
+            }),
+            stats,
+        )
+    }
+
+    fn push(&self, sink: &TokenSink, text: &str) -> Result<(), StreamError> {
+        match sink.push_token(text) {
+            Ok(()) => {
+                self.stats.pushed.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(_) => Err(self.saw_cancel()),
+        }
+    }
+
+    fn pause(&self, sink: &TokenSink, d: Duration) -> Result<(), StreamError> {
+        sink.sleep(d).map_err(|_| self.saw_cancel())
+    }
+
+    fn saw_cancel(&self) -> StreamError {
+        self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+        StreamError::new(ErrorCode::Internal, "cancelled")
+    }
+
+    fn run(&self, script: &str, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+        let words: Vec<&str> = script.split_whitespace().collect();
+        let num = |i: usize, default: u64| -> u64 {
+            words
+                .get(i)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(default)
+        };
+        let max = u64::from(req.max_tokens);
+        let finish = |sent: u64, wanted: u64| Finish {
+            finish_reason: if sent < wanted { "length" } else { "stop" }.into(),
+            prompt_tokens: Some(7),
+            completion_tokens: Some(sent as u32),
+        };
+        match words.first().copied() {
+            Some("flood") => {
+                let (n, size) = (num(1, 1000), num(2, 20) as usize);
+                let n_sent = n.min(max);
+                for i in 0..n_sent {
+                    self.push(sink, &format!("{i:0size$}"))?;
+                }
+                Ok(finish(n_sent, n))
+            }
+            Some("block") => {
+                self.pause(sink, Duration::from_secs(60))?;
+                Ok(finish(0, 0))
+            }
+            Some("gate") => {
+                while !self.stats.gate_open.load(Ordering::SeqCst) {
+                    self.pause(sink, Duration::from_millis(5))?;
+                }
+                let n = num(1, 3);
+                let n_sent = n.min(max);
+                for i in 0..n_sent {
+                    self.push(sink, &format!("tok{i} "))?;
+                }
+                Ok(finish(n_sent, n))
+            }
+            Some("error") => {
+                for i in 0..num(1, 2).min(max) {
+                    self.push(sink, &format!("tok{i} "))?;
+                }
+                Err(StreamError::new(ErrorCode::UpstreamError, "boom"))
+            }
+            _ => {
+                let (n, ms) = if words.first() == Some(&"tokens") {
+                    (num(1, 3), num(2, 0))
+                } else {
+                    (3, 0)
+                };
+                let n_sent = n.min(max);
+                for i in 0..n_sent {
+                    if ms > 0 {
+                        self.pause(sink, Duration::from_millis(ms))?;
+                    }
+                    self.push(sink, &format!("tok{i} "))?;
+                }
+                Ok(finish(n_sent, n))
+            }
+        }
+    }
+}
+
+impl Backend for TestBackend {
+    fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+        self.stats.started.fetch_add(1, Ordering::SeqCst);
+        let script = req
+            .messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let r = self.run(&script, req, sink);
+        if !sink.is_cancelled() {
+            self.stats.finished.fetch_add(1, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn name(&self) -> &str {
+        "test"
+    }
+}
