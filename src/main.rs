@@ -7,6 +7,15 @@ fn main() {
     let cfg = Config::parse();
     sluice::logging::init(cfg.log_level.to_filter());
     let listen = cfg.listen;
+    let fd_limit = sluice::config::fd_limit();
+    let max_conns = cfg.effective_max_connections();
+    log::info!(
+        "fd limit {fd_limit}: up to {max_conns} connections and {} streams",
+        cfg.effective_max_streams()
+    );
+    if max_conns + 16 > fd_limit {
+        log::warn!("--max-connections {max_conns} leaves too few of the {fd_limit} file descriptors for listening, logging and workers");
+    }
     let server = match Server::bind(cfg, None) {
         Ok(s) => s,
         Err(e) => {

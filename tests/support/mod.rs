@@ -266,6 +266,21 @@ impl Client {
         Client::from_stream(sock)
     }
 
+    /// Connects with a small receive buffer (set before the handshake, so the
+    /// window stays small): the kernel then holds little of what the server
+    /// sends to a client that does not read.
+    pub fn connect_small_rcvbuf(addr: SocketAddr, bytes: usize) -> Client {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+        s.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        s.connect(&addr.into()).expect("connect");
+        let sock: TcpStream = s.into();
+        sock.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        sock.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+        sock.set_nodelay(true).unwrap();
+        Client::from_stream(sock)
+    }
+
     pub fn from_stream(sock: TcpStream) -> Client {
         Client {
             sock,
@@ -570,12 +585,10 @@ pub fn tokens_until_done(events: &[Event]) -> Vec<String> {
 
 /// A metric's value in a Prometheus exposition (`name` may include labels).
 pub fn prom_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok()).flatten()
+    })
 }
 
 // ------------------------------------------------------------------ backend
@@ -661,10 +674,7 @@ impl TestBackend {
     fn run(&self, script: &str, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
         let words: Vec<&str> = script.split_whitespace().collect();
         let num = |i: usize, default: u64| -> u64 {
-            words
-                .get(i)
-                .and_then(|w| w.parse().ok())
-                .unwrap_or(default)
+            words.get(i).and_then(|w| w.parse().ok()).unwrap_or(default)
         };
         let max = u64::from(req.max_tokens);
         let finish = |sent: u64, wanted: u64| Finish {
