@@ -175,8 +175,8 @@ pub struct Session {
     served: u32,
     /// Since when the socket has refused bytes we have for it.
     blocked_since: Option<Instant>,
-    /// `(appended mark, parse time)` of the first token not yet written.
-    ttft_mark: Option<(u64, Instant)>,
+    /// `(appended mark, parse time, stream id)` of the first token not yet written.
+    ttft_mark: Option<(u64, Instant, u64)>,
     /// Stopped keeping pipelined input (over the limit) while streaming.
     input_full: bool,
 }
@@ -275,10 +275,11 @@ impl Session {
             }
             State::Streaming(_) => {
                 // A pipelined request waits for the stream to end, bounded.
+                // Bytes already read are kept (one read's worth over the
+                // cap at most); then the server stops reading.
+                self.inbuf.extend_from_slice(data);
                 let cap = cx.cfg.max_head_bytes + cx.cfg.max_body_bytes;
-                if self.inbuf.len() + data.len() <= cap {
-                    self.inbuf.extend_from_slice(data);
-                } else {
+                if self.inbuf.len() >= cap {
                     self.input_full = true;
                 }
             }
@@ -302,13 +303,15 @@ impl Session {
             .bytes_sent
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         self.blocked_since = None;
-        if let Some((mark, t0)) = self.ttft_mark {
+        if let Some((mark, t0, id)) = self.ttft_mark {
             if self.out.written_total() >= mark {
                 self.ttft_mark = None;
                 let ttft = cx.now - t0;
                 cx.metrics.ttft.observe(ttft);
                 if let State::Streaming(st) = &mut self.state {
-                    st.ttft = Some(ttft);
+                    if st.id == id {
+                        st.ttft = Some(ttft);
+                    }
                 }
             }
         }
@@ -482,6 +485,10 @@ impl Session {
             }
         }
         let rest = &input[at.min(input.len())..];
+        if !rest.is_empty() && self.head_started.is_none() && matches!(self.state, State::Reading) {
+            // The start of the next request came with the previous one.
+            self.head_started = Some(cx.now);
+        }
         self.inbuf = if rest.is_empty() {
             Vec::new()
         } else if from_data {
@@ -703,7 +710,12 @@ impl Session {
         });
         let new_tokens = st.tokens as u64;
         if first_before && new_tokens > 0 && matches!(st.mode, Mode::Sse) {
-            self.ttft_mark = Some((self.out.appended_total(), st.parsed_at));
+            if let Some((_, t0, _)) = self.ttft_mark {
+                // A pipelined stream's first token is still unwritten: count
+                // it now (a slight underestimate) rather than lose it.
+                cx.metrics.ttft.observe(now - t0);
+            }
+            self.ttft_mark = Some((self.out.appended_total(), st.parsed_at, st.id));
         }
         if let Some(end) = end {
             self.end_stream(cx, end);

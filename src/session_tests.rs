@@ -1,1 +1,1476 @@
+//! State-machine tests of [`Session`], driven by a simulated clock: no
+//! sockets, no real time (except the few tests that use a real worker pool
+//! to deliver `done`/`error` pieces, which only a worker can push).
 
+use super::*;
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use clap::Parser;
+
+use crate::backend::{Backend, Finish, Message};
+use crate::pool::{Pool, ReadyList};
+
+// ------------------------------------------------------------------ fakes
+
+/// What the fake server hands out on admission.
+enum Mode2 {
+    Sim,
+    /// A fresh sink per stream, fed by the test thread itself.
+    Sink {
+        capacity: usize,
+    },
+    /// A real worker pool running a scripted backend.
+    Pool(Pool),
+}
+
+struct Fake {
+    next: u64,
+    refuse: Option<Refusal>,
+    mode: Mode2,
+    sinks: Vec<Arc<TokenSink>>,
+    admitted: Vec<(u64, GenRequest)>,
+    ended: Vec<StreamSummary>,
+    /// Each ops call, with how many streams had ended by then.
+    ops_calls: Vec<(Ops, usize)>,
+}
+
+impl Fake {
+    fn new(mode: Mode2) -> Fake {
+        Fake {
+            next: 0x1000,
+            refuse: None,
+            mode,
+            sinks: Vec::new(),
+            admitted: Vec::new(),
+            ended: Vec::new(),
+            ops_calls: Vec::new(),
+        }
+    }
+}
+
+impl Services for Fake {
+    fn next_id(&mut self) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        id
+    }
+
+    fn admit(&mut self, id: u64, gen: &GenRequest) -> Result<Producer, Refusal> {
+        if let Some(r) = &self.refuse {
+            return Err(r.clone());
+        }
+        self.admitted.push((id, gen.clone()));
+        let ready = || Arc::new(ReadyList::new(|| {}));
+        match &self.mode {
+            Mode2::Sim => Ok(Producer::Sim),
+            Mode2::Sink { capacity } => {
+                let sink = Arc::new(TokenSink::new(0, id, *capacity, ready()));
+                self.sinks.push(sink.clone());
+                Ok(Producer::Pool(sink))
+            }
+            Mode2::Pool(pool) => {
+                let sink = Arc::new(TokenSink::new(0, id, 16, ready()));
+                pool.submit(gen.clone(), sink.clone())
+                    .expect("the test pool has room");
+                self.sinks.push(sink.clone());
+                Ok(Producer::Pool(sink))
+            }
+        }
+    }
+
+    fn ops(&mut self, which: Ops, _req: &Request) -> (u16, &'static str, Vec<u8>) {
+        self.ops_calls.push((which, self.ended.len()));
+        (200, "text/plain", b"ok".to_vec())
+    }
+
+    fn stream_ended(&mut self, summary: &StreamSummary) {
+        self.ended.push(summary.clone());
+    }
+}
+
+/// A backend that pushes its tokens, optionally waits to be cancelled, then ends.
+struct Script {
+    tokens: Vec<&'static str>,
+    block: bool,
+    end: Result<Finish, StreamError>,
+}
+
+impl Backend for Script {
+    fn generate(&self, _req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+        for t in &self.tokens {
+            if sink.push_token(t).is_err() {
+                break;
+            }
+        }
+        if self.block {
+            while sink.sleep(Duration::from_millis(20)).is_ok() {}
+        }
+        self.end.clone()
+    }
+
+    fn name(&self) -> &str {
+        "script"
+    }
+}
+
+fn script_pool(script: Script) -> Pool {
+    Pool::new(1, 8, Arc::new(script), Arc::new(Metrics::default()))
+}
+
+// ---------------------------------------------------------------- harness
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A session, everything around it, a simulated clock and a transcript of
+/// what the "socket" accepted.
+struct H {
+    cfg: Config,
+    bufs: BufPool,
+    metrics: Metrics,
+    svc: Fake,
+    s: Session,
+    t0: Instant,
+    now: Instant,
+    out: Vec<u8>,
+}
+
+macro_rules! cx {
+    ($h:ident) => {
+        Cx {
+            now: $h.now,
+            cfg: &$h.cfg,
+            bufs: &mut $h.bufs,
+            metrics: &$h.metrics,
+            svc: &mut $h.svc,
+        }
+    };
+}
+
+impl H {
+    fn new(flags: &[&str]) -> H {
+        H::with(flags, Mode2::Sim)
+    }
+
+    fn with(flags: &[&str], mode: Mode2) -> H {
+        let cfg = Config::parse_from(std::iter::once("sluice").chain(flags.iter().copied()));
+        let t0 = Instant::now();
+        H {
+            cfg,
+            bufs: BufPool::default(),
+            metrics: Metrics::default(),
+            svc: Fake::new(mode),
+            s: Session::new(t0),
+            t0,
+            now: t0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Sets the clock to `t0 + n` ms.
+    fn at(&mut self, n: u64) -> &mut H {
+        self.now = self.t0 + ms(n);
+        self
+    }
+
+    fn read(&mut self, data: &[u8]) {
+        let mut cx = cx!(self);
+        self.s.handle_read(&mut cx, data);
+    }
+
+    fn timeout(&mut self) {
+        let mut cx = cx!(self);
+        self.s.handle_timeout(&mut cx);
+    }
+
+    fn eof(&mut self) {
+        let mut cx = cx!(self);
+        self.s.handle_eof(&mut cx);
+    }
+
+    fn ready(&mut self, id: u64) {
+        let mut cx = cx!(self);
+        self.s.handle_ready(&mut cx, id);
+    }
+
+    /// The socket takes the first `n` pending bytes.
+    fn write(&mut self, n: usize) {
+        self.out.extend_from_slice(&self.s.pending()[..n]);
+        let mut cx = cx!(self);
+        self.s.handle_written(&mut cx, n);
+    }
+
+    /// The socket takes everything (and whatever that makes pending); returns it.
+    fn flush(&mut self) -> String {
+        let start = self.out.len();
+        loop {
+            let n = self.s.pending().len();
+            if n == 0 {
+                break;
+            }
+            self.write(n);
+        }
+        String::from_utf8(self.out[start..].to_vec()).unwrap()
+    }
+
+    fn pending(&self) -> String {
+        String::from_utf8(self.s.pending().to_vec()).unwrap()
+    }
+
+    /// The next deadline, as an offset from `t0`.
+    fn deadline(&self) -> Option<Duration> {
+        self.s.next_deadline(&self.cfg).map(|d| d - self.t0)
+    }
+
+    /// Moves the clock from deadline to deadline up to `t0 + limit` ms,
+    /// flushing after each.
+    fn run_until(&mut self, limit: u64) {
+        for _ in 0..100_000 {
+            match self.deadline() {
+                Some(d) if d <= ms(limit) => {
+                    self.now = self.t0 + d;
+                    self.timeout();
+                    self.flush();
+                }
+                _ => return,
+            }
+        }
+        panic!("deadlines never passed t0+{limit}ms");
+    }
+
+    /// With a real pool: takes pieces as they come until the stream ends.
+    fn pump_pool_until_ended(&mut self, id: u64) {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while self.s.is_streaming() {
+            assert!(Instant::now() < give_up, "the stream never ended");
+            self.ready(id);
+            self.flush();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn transcript(&self) -> String {
+        String::from_utf8(self.out.clone()).unwrap()
+    }
+
+    fn summary(&self) -> &StreamSummary {
+        assert_eq!(self.svc.ended.len(), 1, "exactly one stream ended");
+        &self.svc.ended[0]
+    }
+}
+
+// ---------------------------------------------------------- wire helpers
+
+fn post(body: &str) -> String {
+    format!(
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn sse_head(rid: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\
+         X-Request-Id: {rid}\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\r\n"
+    )
+}
+
+fn chunk(body: &str) -> String {
+    format!("{:x}\r\n{body}\r\n", body.len())
+}
+
+const LAST: &str = "0\r\n\r\n";
+
+/// A token frame for plain ASCII text (no escaping needed).
+fn tok(t: &str) -> String {
+    format!("event: token\ndata: {{\"t\":\"{t}\"}}\n\n")
+}
+
+fn heartbeat(phase: &str) -> String {
+    format!("event: heartbeat\ndata: {{\"phase\":\"{phase}\"}}\n\n")
+}
+
+fn error_frame(sid: &str, seq: u64, json: &str) -> String {
+    format!("id: {sid}:{seq}\nevent: error\ndata: {json}\n\n")
+}
+
+fn full_response(status: &str, extra_head: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra_head}\r\n{body}",
+        body.len()
+    )
+}
+
+fn error_body(code: &str, message: &str) -> String {
+    format!("{{\"error\":{{\"code\":\"{code}\",\"message\":\"{message}\"}}}}")
+}
+
+/// The simulated model's tokens for a one-message prompt.
+fn sim_words(prompt: &str, max_tokens: u32, sim_tokens: u32) -> Vec<&'static str> {
+    let m = [Message {
+        role: "user".into(),
+        content: prompt.into(),
+    }];
+    let t = SimText::new(&m, max_tokens, sim_tokens);
+    (0..t.total).map(|i| t.token(i)).collect()
+}
+
+/// Splits a chunked body into its chunks' contents; returns them and what
+/// follows the last chunk. Panics on bad framing or a missing last chunk.
+fn dechunk(mut s: &str) -> (Vec<String>, String) {
+    let mut chunks = Vec::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").expect("chunk-size line");
+        let n = usize::from_str_radix(size, 16).expect("hex chunk size");
+        if n == 0 {
+            let rest = rest
+                .strip_prefix("\r\n")
+                .expect("CRLF after the last chunk");
+            return (chunks, rest.to_string());
+        }
+        chunks.push(rest[..n].to_string());
+        s = rest[n..]
+            .strip_prefix("\r\n")
+            .expect("CRLF after chunk data");
+    }
+}
+
+/// The events (without their blank-line terminator) of an SSE body.
+fn events(body: &str) -> Vec<String> {
+    assert!(body.is_empty() || body.ends_with("\n\n"), "{body:?}");
+    body.split_terminator("\n\n").map(str::to_string).collect()
+}
+
+/// The `t` of every token event of an SSE body, in order.
+fn token_texts(body: &str) -> Vec<String> {
+    events(body)
+        .iter()
+        .filter_map(|e| e.strip_prefix("event: token\ndata: "))
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_str(d).unwrap();
+            v["t"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------ tests
+
+#[test]
+fn sim_stream_is_paced_by_the_clock() {
+    let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
+    let words = sim_words("hello world", 5, 64);
+    h.read(post(r#"{"prompt":"hello world","max_tokens":5}"#).as_bytes());
+    assert!(h.s.is_streaming());
+    assert_eq!(h.s.stream_id(), Some(0x1000));
+    // The head at once, before any token.
+    assert_eq!(h.pending(), sse_head("1000"));
+    assert_eq!(h.flush(), sse_head("1000"));
+    assert_eq!(h.deadline(), Some(ms(50)));
+
+    h.at(49).timeout();
+    assert_eq!(h.pending(), "");
+    assert_eq!(h.deadline(), Some(ms(50)));
+
+    h.at(50).timeout();
+    assert_eq!(h.flush(), chunk(&tok(words[0])));
+    assert_eq!(h.deadline(), Some(ms(70)));
+    assert_eq!(h.metrics.ttft.count(), 1, "ttft observed once written");
+
+    for (i, w) in words.iter().enumerate().take(4).skip(1) {
+        h.at(50 + 20 * i as u64).timeout();
+        assert_eq!(h.flush(), chunk(&tok(w)));
+    }
+    assert_eq!(h.deadline(), Some(ms(130)));
+    h.at(130).timeout();
+    let done = "id: 1000:6\nevent: done\ndata: {\"finish_reason\":\"length\",\"usage\":\
+                {\"prompt_tokens\":2,\"completion_tokens\":5},\"ttft_ms\":50.000,\"tokens_per_s\":38.5}\n\n";
+    assert_eq!(
+        h.flush(),
+        format!("{}{}{LAST}", chunk(&tok(words[4])), chunk(done))
+    );
+
+    // Back to reading the next request on the same connection.
+    assert!(!h.s.is_streaming());
+    assert!(!h.s.is_closed());
+    assert!(h.s.wants_read());
+    assert!(!h.s.wants_half_close());
+    assert!(!h.s.holds_output_buffer());
+    assert_eq!(h.deadline(), Some(ms(130) + h.cfg.idle_timeout()));
+    let s = h.summary();
+    assert_eq!(s.id, 0x1000);
+    assert_eq!(s.request_id, "1000");
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert_eq!(s.tokens, 5);
+    assert_eq!(s.ttft, Some(ms(50)));
+    assert_eq!(s.duration, ms(130));
+    assert_eq!(h.metrics.tokens_sent.load(Relaxed), 5);
+    assert_eq!(h.metrics.inter_token.count(), 4);
+}
+
+#[test]
+fn zero_delay_sim_sends_every_event_in_one_write() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let words = sim_words("hi", 8, 64);
+    h.read(post(r#"{"prompt":"hi","max_tokens":8}"#).as_bytes());
+    // One call: the stream is over already.
+    assert!(!h.s.is_streaming());
+    let all = h.pending();
+    let body = all.strip_prefix(&sse_head("1000")).expect("the SSE head");
+    let (chunks, after) = dechunk(body);
+    assert_eq!(after, "");
+    assert_eq!(
+        chunks.len(),
+        2,
+        "a tokens chunk and a done chunk: {chunks:?}"
+    );
+    let want: String = words.iter().map(|w| tok(w)).collect();
+    assert_eq!(chunks[0], want);
+    assert!(
+        chunks[1].starts_with(
+            "id: 1000:9\nevent: done\ndata: {\"finish_reason\":\"length\",\"usage\":\
+             {\"prompt_tokens\":1,\"completion_tokens\":8}"
+        ),
+        "{:?}",
+        chunks[1]
+    );
+    // One write takes it all.
+    h.write(all.len());
+    assert_eq!(h.pending(), "");
+    assert_eq!(h.summary().outcome, Outcome::Completed);
+    assert_eq!(h.summary().tokens, 8);
+}
+
+#[test]
+fn heartbeat_only_after_silence_while_generating() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "1500",
+        "--sim-itl-ms",
+        "5000",
+        "--heartbeat-ms",
+        "1000",
+    ]);
+    let words = sim_words("hello", 2, 64);
+    h.read(post(r#"{"prompt":"hello","max_tokens":2}"#).as_bytes());
+    h.flush();
+    assert_eq!(h.deadline(), Some(ms(1000)));
+    h.at(999).timeout();
+    assert_eq!(h.pending(), "");
+    h.at(1000).timeout();
+    assert_eq!(h.flush(), chunk(&heartbeat("generating")));
+    assert_eq!(h.metrics.heartbeats_sent.load(Relaxed), 1);
+    // The first token is due before the next heartbeat.
+    assert_eq!(h.deadline(), Some(ms(1500)));
+    h.at(1500).timeout();
+    assert_eq!(h.flush(), chunk(&tok(words[0])));
+    // A token is an event: the silence restarts.
+    assert_eq!(h.deadline(), Some(ms(2500)));
+    h.at(2499).timeout();
+    assert_eq!(h.pending(), "");
+    h.at(2500).timeout();
+    assert_eq!(h.flush(), chunk(&heartbeat("generating")));
+    assert_eq!(h.deadline(), Some(ms(3500)));
+    h.run_until(10_000);
+    assert_eq!(h.metrics.heartbeats_sent.load(Relaxed), 5);
+    assert_eq!(h.summary().outcome, Outcome::Completed);
+}
+
+#[test]
+fn heartbeat_says_queued_while_the_job_waits_for_a_worker() {
+    let mut h = H::with(&["--heartbeat-ms", "1000"], Mode2::Sink { capacity: 8 });
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    assert_eq!(h.flush(), sse_head("1000"));
+    assert_eq!(h.deadline(), Some(ms(1000)));
+    h.at(999).timeout();
+    assert_eq!(h.pending(), "");
+    h.at(1000).timeout();
+    assert_eq!(h.flush(), chunk(&heartbeat("queued")));
+    assert_eq!(h.deadline(), Some(ms(2000)));
+}
+
+#[test]
+fn heartbeat_says_generating_once_a_worker_took_the_job() {
+    let pool = script_pool(Script {
+        tokens: vec![],
+        block: true,
+        end: Err(StreamError::new(ErrorCode::Internal, "unused")),
+    });
+    let mut h = H::with(&["--heartbeat-ms", "1000"], Mode2::Pool(pool));
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.flush();
+    let sink = h.svc.sinks[0].clone();
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while sink.started_at().is_none() {
+        assert!(Instant::now() < give_up, "no worker took the job");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.at(1000).timeout();
+    assert_eq!(h.flush(), chunk(&heartbeat("generating")));
+    h.eof();
+    assert!(sink.is_cancelled());
+    assert_eq!(h.summary().outcome, Outcome::Disconnected);
+}
+
+#[test]
+fn pool_backpressure_stops_at_high_water_and_loses_nothing() {
+    let mut h = H::with(
+        &["--output-high-water", "256"],
+        Mode2::Sink { capacity: 128 },
+    );
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    assert_eq!(h.flush(), sse_head("1000"));
+    let sink = h.svc.sinks[0].clone();
+    let want: Vec<String> = (0..100).map(|i| format!("w{i:03}")).collect();
+    for t in &want {
+        sink.push_token(t).unwrap();
+    }
+    let frame = tok("w000").len();
+    h.ready(0x1000);
+    let first = h.s.pending().len();
+    assert!(
+        (256..256 + frame + 8).contains(&first),
+        "pending {first} near the high-water mark"
+    );
+    assert!(sink.has_pieces(), "the rest waits in the sink");
+    // Over the mark: another notification takes nothing.
+    h.ready(0x1000);
+    assert_eq!(h.s.pending().len(), first);
+    // Above half the mark after a write: still nothing taken.
+    h.write(first - 200);
+    assert_eq!(h.s.pending().len(), 200);
+    // Below half: more is taken, again up to about the mark.
+    h.write(100);
+    let second = h.s.pending().len();
+    assert!(
+        (256..256 + frame + 8).contains(&second),
+        "pending {second} after refill"
+    );
+    // Drain in small writes; the buffer never grows past the mark (+ one frame).
+    let mut rounds = 0;
+    while !h.s.pending().is_empty() {
+        assert!(h.s.pending().len() < 256 + frame + 8);
+        let n = h.s.pending().len().min(97);
+        h.write(n);
+        rounds += 1;
+        assert!(rounds < 10_000);
+    }
+    assert!(!sink.has_pieces());
+    assert!(h.s.is_streaming());
+    let t = h.transcript();
+    let (chunks, after) = dechunk(&format!(
+        "{}{LAST}",
+        t.strip_prefix(&sse_head("1000")).unwrap()
+    ));
+    assert_eq!(after, "");
+    let body: String = chunks.concat();
+    assert_eq!(token_texts(&body), want, "every token once, in order");
+    h.eof();
+    assert_eq!(h.summary().tokens, 100);
+}
+
+#[test]
+fn sim_backpressure_holds_tokens_without_busy_deadlines() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "0",
+        "--sim-itl-ms",
+        "0",
+        "--output-high-water",
+        "256",
+    ]);
+    let words = sim_words("a b c", 64, 64);
+    h.read(post(r#"{"prompt":"a b c","max_tokens":64}"#).as_bytes());
+    assert!(h.s.is_streaming(), "64 tokens do not fit under 256 bytes");
+    let first = h.s.pending().len();
+    assert!((256..256 + 64).contains(&first), "pending {first}");
+    // Over the mark the sim's (past) due time is not a deadline: no spinning.
+    assert!(h.deadline().unwrap() >= h.cfg.heartbeat().min(h.cfg.max_stream()));
+    let mut rounds = 0;
+    while h.s.is_streaming() || !h.s.pending().is_empty() {
+        if h.deadline().is_some_and(|d| d <= ms(0)) {
+            h.timeout();
+        }
+        let n = h.s.pending().len().min(100);
+        if n > 0 {
+            h.write(n);
+        }
+        assert!(h.s.pending().len() < 256 + 64);
+        rounds += 1;
+        assert!(rounds < 10_000);
+    }
+    let t = h.transcript();
+    let (chunks, after) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
+    assert_eq!(after, "");
+    let body = chunks.concat();
+    assert_eq!(token_texts(&body), words);
+    assert!(body.contains("id: 1000:65\nevent: done\n"));
+    assert_eq!(h.summary().outcome, Outcome::Completed);
+    assert_eq!(h.summary().tokens, 64);
+}
+
+#[test]
+fn client_leaving_mid_stream_cancels_and_frees_everything() {
+    let mut h = H::with(&[], Mode2::Sink { capacity: 8 });
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.flush();
+    let sink = h.svc.sinks[0].clone();
+    sink.push_token("a").unwrap();
+    sink.push_token("b").unwrap();
+    h.at(10);
+    h.ready(0x1000);
+    assert!(h.s.holds_output_buffer(), "two tokens not yet written");
+    h.at(20).eof();
+    assert!(h.s.is_closed());
+    assert!(!h.s.wants_read());
+    assert!(sink.is_cancelled());
+    assert!(!h.s.holds_output_buffer());
+    assert_eq!(h.pending(), "");
+    assert_eq!(h.deadline(), None);
+    let s = h.summary();
+    assert_eq!(s.outcome, Outcome::Disconnected);
+    assert_eq!(s.tokens, 2);
+    assert_eq!(s.duration, ms(20));
+    assert_eq!(h.metrics.generations_cancelled.load(Relaxed), 1);
+    // Pieces for the dead stream are ignored.
+    h.ready(0x1000);
+    assert_eq!(h.pending(), "");
+    assert_eq!(h.svc.ended.len(), 1);
+}
+
+#[test]
+fn client_leaving_a_sim_stream() {
+    let mut h = H::new(&["--sim-ttft-ms", "10", "--sim-itl-ms", "10"]);
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.run_until(30);
+    h.eof();
+    assert!(h.s.is_closed());
+    assert_eq!(h.summary().outcome, Outcome::Disconnected);
+    assert_eq!(h.summary().tokens, 3);
+    assert_eq!(h.deadline(), None);
+    // Nothing more happens, whatever comes in.
+    h.at(1000).timeout();
+    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(h.pending(), "");
+}
+
+#[test]
+fn write_timeout_ends_the_stream_with_slow_consumer() {
+    let mut h = H::new(&["--sim-ttft-ms", "100000", "--write-timeout-ms", "500"]);
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    // The socket takes nothing.
+    h.s.handle_write_blocked(h.now);
+    assert_eq!(h.deadline(), Some(ms(500)));
+    h.at(499).timeout();
+    assert_eq!(h.pending(), sse_head("1000"));
+    h.at(500).timeout();
+    let err = error_frame(
+        "1000",
+        1,
+        r#"{"code":"slow_consumer","message":"the client accepted no bytes for 500 ms","retryable":false}"#,
+    );
+    assert_eq!(
+        h.pending(),
+        format!("{}{}{LAST}", sse_head("1000"), chunk(&err))
+    );
+    assert!(!h.s.is_streaming());
+    assert!(!h.s.is_closed());
+    assert!(!h.s.wants_half_close(), "bytes still pending");
+    assert_eq!(
+        h.summary().outcome,
+        Outcome::Errored(ErrorCode::SlowConsumer)
+    );
+    assert_eq!(h.metrics.connections_timed_out.load(Relaxed), 1);
+    // A grace period for the error to leave, then closed.
+    assert_eq!(h.deadline(), Some(ms(1500)));
+    h.at(1499).timeout();
+    assert!(!h.s.is_closed());
+    h.at(1500).timeout();
+    assert!(h.s.is_closed());
+    assert!(!h.s.holds_output_buffer());
+}
+
+#[test]
+fn a_write_resets_the_write_timeout() {
+    let mut h = H::new(&["--sim-ttft-ms", "100000", "--write-timeout-ms", "500"]);
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.s.handle_write_blocked(h.now);
+    h.at(300).write(10);
+    assert_eq!(h.deadline(), Some(h.cfg.heartbeat()));
+    h.at(400);
+    h.s.handle_write_blocked(h.now);
+    // Repeated "would block" does not move the start.
+    h.at(450);
+    h.s.handle_write_blocked(h.now);
+    assert_eq!(h.deadline(), Some(ms(900)));
+    h.at(899).timeout();
+    assert!(h.s.is_streaming());
+    h.at(900).timeout();
+    assert!(!h.s.is_streaming());
+    assert_eq!(
+        h.summary().outcome,
+        Outcome::Errored(ErrorCode::SlowConsumer)
+    );
+}
+
+#[test]
+fn max_stream_duration_ends_with_deadline_exceeded() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "30",
+        "--sim-itl-ms",
+        "40",
+        "--max-stream-ms",
+        "100",
+    ]);
+    let words = sim_words("x", 64, 64);
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.run_until(99);
+    assert!(h.s.is_streaming());
+    assert_eq!(h.deadline(), Some(ms(100)));
+    h.at(100).timeout();
+    let err = error_frame(
+        "1000",
+        3,
+        r#"{"code":"deadline_exceeded","message":"the stream ran longer than 100 ms","retryable":false}"#,
+    );
+    assert_eq!(
+        h.transcript(),
+        format!(
+            "{}{}{}",
+            sse_head("1000"),
+            chunk(&tok(words[0])),
+            chunk(&tok(words[1]))
+        )
+    );
+    assert_eq!(h.flush(), format!("{}{LAST}", chunk(&err)));
+    assert_eq!(
+        h.summary().outcome,
+        Outcome::Errored(ErrorCode::DeadlineExceeded)
+    );
+    assert_eq!(h.summary().tokens, 2);
+    // Not a transport failure: the connection stays.
+    assert!(!h.s.is_closed());
+    assert!(!h.s.is_streaming());
+    assert!(h.s.wants_read());
+}
+
+#[test]
+fn header_timeout_gives_408_then_closes() {
+    let mut h = H::new(&["--header-timeout-ms", "1000"]);
+    h.at(10).read(b"POST /v1/chat/stream HTTP/1.1\r\nHost");
+    assert_eq!(h.pending(), "");
+    assert!(!h.s.holds_output_buffer());
+    assert_eq!(h.deadline(), Some(ms(1010)));
+    h.at(1009).timeout();
+    assert_eq!(h.pending(), "");
+    h.at(1010).timeout();
+    let body = error_body(
+        "request_timeout",
+        "the request was not received within 1000 ms",
+    );
+    assert_eq!(
+        h.pending(),
+        full_response(
+            "408 Request Timeout",
+            "Connection: close\r\nX-Request-Id: 1000\r\n",
+            &body
+        )
+    );
+    assert!(!h.s.wants_half_close(), "not written yet");
+    assert!(!h.s.is_closed());
+    h.flush();
+    assert!(h.s.wants_half_close());
+    h.s.half_closed(h.now);
+    assert!(!h.s.wants_half_close());
+    assert!(!h.s.is_closed());
+    h.eof();
+    assert!(h.s.is_closed());
+    assert_eq!(h.svc.ended.len(), 0, "no stream was started");
+}
+
+#[test]
+fn idle_keep_alive_connection_closes_without_a_response() {
+    let mut h = H::new(&["--idle-timeout-ms", "5000"]);
+    h.at(100).read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        h.flush(),
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Request-Id: 1000\r\n\r\nok"
+    );
+    assert!(!h.s.holds_output_buffer());
+    assert_eq!(h.deadline(), Some(ms(5100)));
+    h.at(5099).timeout();
+    assert!(!h.s.is_closed());
+    h.at(5100).timeout();
+    assert!(h.s.is_closed());
+    assert_eq!(h.pending(), "");
+    assert_eq!(h.metrics.connections_timed_out.load(Relaxed), 1);
+}
+
+#[test]
+fn pipelined_request_is_answered_after_the_stream() {
+    let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
+    let words = sim_words("x", 3, 64);
+    let mut input = post(r#"{"prompt":"x","max_tokens":3}"#);
+    input.push_str("GET /healthz HTTP/1.1\r\n\r\n");
+    h.read(input.as_bytes());
+    assert!(h.s.is_streaming());
+    assert_eq!(h.pending(), sse_head("1000"));
+    assert!(h.svc.ops_calls.is_empty(), "healthz waits for the stream");
+    h.run_until(1000);
+    assert_eq!(h.svc.ops_calls, vec![(Ops::Healthz, 1)]);
+    let t = h.transcript();
+    let body = t.strip_prefix(&sse_head("1000")).unwrap();
+    let (chunks, after) = dechunk(body);
+    assert_eq!(
+        token_texts(&chunks.concat()),
+        words.iter().map(|w| w.to_string()).collect::<Vec<_>>()
+    );
+    assert!(chunks.last().unwrap().contains("event: done"));
+    assert_eq!(
+        after,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Request-Id: 1001\r\n\r\nok"
+    );
+    assert!(!h.s.is_closed());
+}
+
+#[test]
+fn pipelined_request_arriving_during_the_stream_waits_too() {
+    let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
+    h.read(post(r#"{"prompt":"x","max_tokens":2}"#).as_bytes());
+    h.flush();
+    // Arrives in two reads while the stream runs.
+    h.at(10).read(b"GET /readyz HTT");
+    h.at(20).read(b"P/1.1\r\n\r\n");
+    assert!(h.s.wants_read());
+    assert!(h.svc.ops_calls.is_empty());
+    h.run_until(1000);
+    assert_eq!(h.svc.ops_calls, vec![(Ops::Readyz, 1)]);
+    assert!(h.transcript().ends_with(&format!(
+        "{LAST}HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Request-Id: 1001\r\n\r\nok"
+    )));
+}
+
+#[test]
+fn refused_admission_gets_503_with_retry_after_and_keeps_the_connection() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    h.svc.refuse = Some(Refusal {
+        status: 503,
+        code: "overloaded",
+        message: "too many streams".into(),
+    });
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    assert_eq!(
+        h.flush(),
+        full_response(
+            "503 Service Unavailable",
+            "X-Request-Id: 1000\r\nRetry-After: 1\r\n",
+            &error_body("overloaded", "too many streams")
+        )
+    );
+    assert!(!h.s.is_streaming());
+    assert!(!h.s.is_closed());
+    assert!(!h.s.wants_half_close());
+    assert!(h.svc.ended.is_empty());
+    assert_eq!(h.metrics.requests_refused.load(Relaxed), 1);
+    // The same connection carries the next request.
+    h.svc.refuse = None;
+    h.read(post(r#"{"prompt":"x","max_tokens":1}"#).as_bytes());
+    assert!(h.flush().starts_with(&sse_head("1001")));
+    assert_eq!(h.summary().outcome, Outcome::Completed);
+}
+
+#[test]
+fn bad_json_gets_400_and_keeps_the_connection() {
+    let mut h = H::new(&[]);
+    h.read(post(r#"{"prompt":"#).as_bytes());
+    let out = h.flush();
+    assert!(
+        out.starts_with(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: "
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("Connection: close"), "{out}");
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"]["code"], "bad_request");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    assert!(!h.s.is_closed());
+    assert!(!h.s.wants_half_close());
+    assert!(h.svc.admitted.is_empty());
+    // An unknown field is a 400 too, still on the same connection.
+    h.read(post(r#"{"prompt":"x","foo":1}"#).as_bytes());
+    assert!(h.flush().starts_with("HTTP/1.1 400 Bad Request\r\n"));
+    assert!(!h.s.is_closed());
+}
+
+#[test]
+fn malformed_head_gets_400_and_closes() {
+    let mut h = H::new(&[]);
+    h.read(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        h.pending(),
+        full_response(
+            "400 Bad Request",
+            "Connection: close\r\nX-Request-Id: 1000\r\n",
+            &error_body("bad_request", "malformed request: invalid header name")
+        )
+    );
+    assert!(h.svc.ops_calls.is_empty(), "nothing after it is served");
+    assert!(!h.s.wants_half_close());
+    h.flush();
+    assert!(h.s.wants_half_close());
+    // More input is ignored.
+    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(h.pending(), "");
+    h.s.half_closed(h.now);
+    assert_eq!(h.deadline(), Some(Duration::from_secs(2)));
+    h.at(1999).timeout();
+    assert!(!h.s.is_closed());
+    h.at(2000).timeout();
+    assert!(h.s.is_closed());
+}
+
+#[test]
+fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
+    let mut h = H::new(&[]);
+    h.read(b"GET /nope HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        h.flush(),
+        full_response(
+            "404 Not Found",
+            "X-Request-Id: 1000\r\n",
+            &error_body("not_found", "no such endpoint: /nope")
+        )
+    );
+    h.read(b"DELETE /v1/chat/stream HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        h.flush(),
+        full_response(
+            "405 Method Not Allowed",
+            "X-Request-Id: 1001\r\nAllow: GET, POST\r\n",
+            &error_body(
+                "method_not_allowed",
+                "DELETE is not allowed on /v1/chat/stream; use GET, POST"
+            )
+        )
+    );
+    h.read(b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(
+        h.flush(),
+        full_response(
+            "405 Method Not Allowed",
+            "X-Request-Id: 1002\r\nAllow: GET\r\n",
+            &error_body(
+                "method_not_allowed",
+                "POST is not allowed on /healthz; use GET"
+            )
+        )
+    );
+    assert!(!h.s.is_closed());
+    assert!(h.svc.ops_calls.is_empty());
+}
+
+#[test]
+fn get_with_last_event_id_gets_204_without_a_length() {
+    let mut h = H::new(&[]);
+    h.read(b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\nLast-Event-ID: 1000:65\r\n\r\n");
+    assert_eq!(
+        h.flush(),
+        "HTTP/1.1 204 No Content\r\nX-Request-Id: 1000\r\n\r\n"
+    );
+    assert!(h.svc.admitted.is_empty(), "the prompt is not run again");
+    assert!(!h.s.is_closed());
+    assert!(!h.s.is_streaming());
+}
+
+#[test]
+fn get_stream_from_the_query_string() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    h.read(b"GET /v1/chat/stream?prompt=hello+world&max_tokens=2 HTTP/1.1\r\n\r\n");
+    let words = sim_words("hello world", 2, 64);
+    let t = h.flush();
+    let (chunks, _) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
+    assert_eq!(
+        token_texts(&chunks.concat()),
+        words.iter().map(|w| w.to_string()).collect::<Vec<_>>()
+    );
+    assert_eq!(h.svc.admitted[0].1.messages[0].content, "hello world");
+    assert_eq!(h.svc.admitted[0].1.max_tokens, 2);
+}
+
+#[test]
+fn client_request_id_is_echoed_and_the_stream_id_names_events() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let body = r#"{"prompt":"x","max_tokens":1}"#;
+    let req = format!(
+        "POST /v1/chat/stream HTTP/1.1\r\nX-Request-Id: my-req-1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    h.read(req.as_bytes());
+    let t = h.flush();
+    assert!(t.starts_with(&sse_head("my-req-1")), "{t}");
+    assert!(t.contains("id: 1000:2\nevent: done\n"));
+    assert_eq!(h.summary().request_id, "my-req-1");
+}
+
+#[test]
+fn http10_stream_is_close_delimited_then_lingers() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let words = sim_words("x", 3, 64);
+    let body = r#"{"prompt":"x","max_tokens":3}"#;
+    let req = format!(
+        "POST /v1/chat/stream HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    h.at(5).read(req.as_bytes());
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\
+                X-Request-Id: 1000\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\r\n";
+    let all = h.pending();
+    assert!(!all.contains("Transfer-Encoding"));
+    let rest = all.strip_prefix(head).expect("HTTP/1.0 SSE head");
+    let evs = events(rest);
+    assert_eq!(evs.len(), 4, "raw events, no chunk lines: {rest:?}");
+    for (e, w) in evs.iter().zip(&words) {
+        assert_eq!(format!("{e}\n\n"), tok(w));
+    }
+    assert!(evs[3].starts_with("id: 1000:4\nevent: done\n"));
+    assert!(!rest.ends_with(LAST));
+    assert!(!h.s.is_streaming());
+    assert!(!h.s.is_closed());
+    assert!(!h.s.wants_half_close(), "bytes still pending");
+    h.flush();
+    assert!(h.s.wants_half_close());
+    h.at(10);
+    h.s.half_closed(h.now);
+    assert!(!h.s.wants_half_close());
+    assert_eq!(h.deadline(), Some(ms(2010)));
+    h.at(2009).timeout();
+    assert!(!h.s.is_closed());
+    h.at(2010).timeout();
+    assert!(h.s.is_closed());
+    assert_eq!(h.summary().outcome, Outcome::Completed);
+}
+
+#[test]
+fn http10_lingering_ends_on_the_clients_fin() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    h.read(b"GET /v1/chat/stream?prompt=x&max_tokens=1 HTTP/1.0\r\n\r\n");
+    h.flush();
+    assert!(h.s.wants_half_close());
+    h.s.half_closed(h.now);
+    h.at(1).eof();
+    assert!(h.s.is_closed());
+    assert_eq!(h.summary().outcome, Outcome::Completed, "not a disconnect");
+}
+
+#[test]
+fn stream_false_answers_one_json_document_at_the_end() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "50",
+        "--sim-itl-ms",
+        "20",
+        "--heartbeat-ms",
+        "10",
+    ]);
+    let words = sim_words("hello world", 3, 64);
+    h.read(post(r#"{"prompt":"hello world","max_tokens":3,"stream":false}"#).as_bytes());
+    assert!(h.s.is_streaming());
+    assert_eq!(h.pending(), "", "no head before the answer");
+    // No heartbeats without SSE: the first deadline is the first token.
+    assert_eq!(h.deadline(), Some(ms(50)));
+    h.at(50).timeout();
+    h.at(70).timeout();
+    assert_eq!(h.pending(), "");
+    assert_eq!(h.deadline(), Some(ms(90)));
+    h.at(90).timeout();
+    let text: String = words.concat();
+    let body = format!(
+        "{{\"text\":\"{text}\",\"finish_reason\":\"length\",\"usage\":{{\"prompt_tokens\":2,\
+         \"completion_tokens\":3}},\"ttft_ms\":50.000,\"tokens_per_s\":33.3}}"
+    );
+    assert_eq!(
+        h.flush(),
+        full_response("200 OK", "X-Request-Id: 1000\r\n", &body)
+    );
+    assert!(!h.s.is_closed());
+    assert_eq!(h.summary().outcome, Outcome::Completed);
+    assert_eq!(h.summary().tokens, 3);
+    assert_eq!(h.metrics.heartbeats_sent.load(Relaxed), 0);
+}
+
+#[test]
+fn no_streaming_flag_answers_json_too() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0", "--no-streaming"]);
+    h.read(post(r#"{"prompt":"x","max_tokens":2}"#).as_bytes());
+    let out = h.flush();
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "),
+        "{out}"
+    );
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["text"], sim_words("x", 2, 64).concat());
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+}
+
+#[test]
+fn stream_false_error_becomes_an_http_error() {
+    let mut h = H::new(&["--sim-ttft-ms", "1000", "--max-stream-ms", "100"]);
+    h.read(post(r#"{"prompt":"x","stream":false}"#).as_bytes());
+    h.at(100).timeout();
+    assert_eq!(
+        h.flush(),
+        full_response(
+            "504 Gateway Timeout",
+            "X-Request-Id: 1000\r\n",
+            &error_body("deadline_exceeded", "the stream ran longer than 100 ms")
+        )
+    );
+    assert!(!h.s.is_closed());
+}
+
+#[test]
+fn error_piece_mid_stream_ends_with_an_error_event() {
+    let pool = script_pool(Script {
+        tokens: vec!["a", "b", "c"],
+        block: false,
+        end: Err(StreamError {
+            code: ErrorCode::UpstreamError,
+            message: "upstream said 502".into(),
+            retryable: true,
+            upstream_status: Some(502),
+        }),
+    });
+    let mut h = H::with(&[], Mode2::Pool(pool));
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.flush();
+    h.pump_pool_until_ended(0x1000);
+    let t = h.transcript();
+    let (chunks, after) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
+    assert_eq!(after, "");
+    let err = error_frame(
+        "1000",
+        4,
+        r#"{"code":"upstream_error","message":"upstream said 502","retryable":true,"upstream_status":502}"#,
+    );
+    assert_eq!(
+        chunks.concat(),
+        format!("{}{}{}{err}", tok("a"), tok("b"), tok("c"))
+    );
+    assert_eq!(chunks.last().unwrap(), &err, "the error is its own chunk");
+    assert_eq!(
+        h.summary().outcome,
+        Outcome::Errored(ErrorCode::UpstreamError)
+    );
+    assert_eq!(h.summary().tokens, 3);
+    assert!(!h.s.is_closed(), "keep-alive after an upstream error");
+}
+
+#[test]
+fn done_piece_passes_the_backends_finish_through() {
+    let pool = script_pool(Script {
+        tokens: vec!["x", "y"],
+        block: false,
+        end: Ok(Finish {
+            finish_reason: "content_filter".into(),
+            prompt_tokens: Some(7),
+            completion_tokens: None,
+        }),
+    });
+    let mut h = H::with(&[], Mode2::Pool(pool));
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.pump_pool_until_ended(0x1000);
+    let t = h.transcript();
+    let (chunks, _) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
+    let body = chunks.concat();
+    assert_eq!(token_texts(&body), ["x", "y"]);
+    let last = events(&body).pop().unwrap();
+    assert!(
+        last.starts_with(
+            "id: 1000:3\nevent: done\ndata: {\"finish_reason\":\"content_filter\",\
+             \"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}"
+        ),
+        "{last}"
+    );
+    assert_eq!(h.summary().outcome, Outcome::Completed);
+    assert!(!h.svc.sinks[0].is_cancelled());
+}
+
+#[test]
+fn expect_100_continue_before_the_body() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let body = r#"{"prompt":"x","max_tokens":1}"#;
+    let head = format!(
+        "POST /v1/chat/stream HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    h.read(head.as_bytes());
+    assert_eq!(h.pending(), "HTTP/1.1 100 Continue\r\n\r\n");
+    h.flush();
+    assert!(!h.s.holds_output_buffer());
+    // Part of the body: no second 100.
+    h.at(5).read(&body.as_bytes()[..5]);
+    assert_eq!(h.pending(), "");
+    h.at(6).read(&body.as_bytes()[5..]);
+    let out = h.flush();
+    assert!(out.starts_with(&sse_head("1000")), "{out}");
+    assert!(out.ends_with(LAST));
+    assert_eq!(h.summary().outcome, Outcome::Completed);
+}
+
+#[test]
+fn idle_session_holds_no_output_buffer() {
+    let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
+    assert!(!h.s.holds_output_buffer());
+    h.read(b"POST /v1/chat/stream HTTP/1.1\r\nContent-Le");
+    assert!(
+        !h.s.holds_output_buffer(),
+        "a partial request writes nothing"
+    );
+    h.read(b"ngth: 29\r\n\r\n{\"prompt\":\"x\",\"max_tokens\":2}");
+    assert!(h.s.is_streaming());
+    assert!(h.s.holds_output_buffer());
+    h.flush();
+    assert!(
+        !h.s.holds_output_buffer(),
+        "a stream waiting for its first token"
+    );
+    h.run_until(1000);
+    assert!(!h.s.holds_output_buffer(), "between requests");
+    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.flush();
+    assert!(!h.s.holds_output_buffer());
+    assert_eq!(h.bufs.pooled(), 1, "one allocation, reused");
+}
+
+#[test]
+fn a_request_in_many_small_reads() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let req = post(r#"{"prompt":"x","max_tokens":2}"#);
+    for (i, b) in req.as_bytes().iter().enumerate() {
+        assert!(!h.s.is_streaming());
+        h.at(i as u64).read(std::slice::from_ref(b));
+    }
+    let out = h.flush();
+    assert!(out.starts_with(&sse_head("1000")));
+    assert_eq!(h.summary().tokens, 2);
+}
+
+#[test]
+fn connection_close_on_http11_stream_closes_after_done() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let body = r#"{"prompt":"x","max_tokens":1}"#;
+    let req = format!(
+        "POST /v1/chat/stream HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    h.read(req.as_bytes());
+    let out = h.flush();
+    assert!(
+        out.starts_with(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\nX-Request-Id: 1000\r\n"
+        ),
+        "{out}"
+    );
+    assert!(out.ends_with(LAST), "the chunked body still ends properly");
+    assert!(h.s.wants_half_close());
+}
+
+#[test]
+fn http10_plain_responses_follow_the_keep_alive_header() {
+    let mut h = H::new(&[]);
+    h.read(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    assert_eq!(
+        h.flush(),
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\
+         Connection: keep-alive\r\nX-Request-Id: 1000\r\n\r\nok"
+    );
+    assert!(!h.s.wants_half_close());
+    h.read(b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert_eq!(
+        h.flush(),
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\
+         Connection: close\r\nX-Request-Id: 1001\r\n\r\nok"
+    );
+    assert!(h.s.wants_half_close());
+}
+
+#[test]
+fn an_empty_sim_answer_is_just_done() {
+    let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-tokens", "0"]);
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.flush();
+    assert_eq!(h.deadline(), Some(ms(50)));
+    h.at(49).timeout();
+    assert_eq!(h.pending(), "");
+    h.at(50).timeout();
+    let out = h.flush();
+    let (chunks, after) = dechunk(&out);
+    assert_eq!(after, "");
+    assert_eq!(chunks.len(), 1);
+    assert!(
+        chunks[0].starts_with(
+            "id: 1000:1\nevent: done\ndata: {\"finish_reason\":\"stop\",\"usage\":\
+             {\"prompt_tokens\":1,\"completion_tokens\":0}"
+        ),
+        "{:?}",
+        chunks[0]
+    );
+    assert!(!chunks[0].contains("ttft_ms"), "no token, no ttft");
+    assert_eq!(h.summary().ttft, None);
+}
+
+#[test]
+fn a_token_due_with_the_heartbeat_replaces_it() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "1000",
+        "--sim-itl-ms",
+        "1000",
+        "--heartbeat-ms",
+        "1000",
+    ]);
+    let words = sim_words("x", 3, 64);
+    h.read(post(r#"{"prompt":"x","max_tokens":3}"#).as_bytes());
+    h.flush();
+    h.run_until(10_000);
+    let t = h.transcript();
+    let (chunks, _) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
+    assert_eq!(h.metrics.heartbeats_sent.load(Relaxed), 0, "{chunks:?}");
+    assert_eq!(chunks[0], tok(words[0]));
+}
+
+#[test]
+fn expect_100_continue_is_not_sent_when_the_body_is_here() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let body = r#"{"prompt":"x","max_tokens":1}"#;
+    let req = format!(
+        "POST /v1/chat/stream HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    h.read(req.as_bytes());
+    assert!(h.flush().starts_with(&sse_head("1000")));
+}
+
+#[test]
+fn timeouts_cancel_the_worker_job() {
+    let mut h = H::with(&["--max-stream-ms", "100"], Mode2::Sink { capacity: 8 });
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.flush();
+    let sink = h.svc.sinks[0].clone();
+    sink.push_token("a").unwrap();
+    h.ready(0x1000);
+    // Pieces for some other stream are not this one's.
+    sink.push_token("b").unwrap();
+    h.ready(0x9999);
+    assert_eq!(h.pending(), chunk(&tok("a")));
+    // (Once written, the session takes what waits anyway.)
+    assert_eq!(h.flush(), chunk(&tok("a")) + &chunk(&tok("b")));
+    assert_eq!(h.deadline(), Some(ms(100)));
+    h.at(100).timeout();
+    assert!(sink.is_cancelled());
+    assert!(h.flush().starts_with(&chunk(&error_frame(
+        "1000",
+        3,
+        r#"{"code":"deadline_exceeded","message":"the stream ran longer than 100 ms","retryable":false}"#
+    ))));
+    assert_eq!(h.summary().tokens, 2);
+    assert_eq!(h.metrics.generations_cancelled.load(Relaxed), 1);
+
+    let mut h = H::with(&["--write-timeout-ms", "50"], Mode2::Sink { capacity: 8 });
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.s.handle_write_blocked(h.now);
+    h.at(50).timeout();
+    assert!(h.svc.sinks[0].is_cancelled());
+    assert_eq!(
+        h.summary().outcome,
+        Outcome::Errored(ErrorCode::SlowConsumer)
+    );
+}
+
+// ------------------------------------------------------- suspected bugs
+
+#[test]
+
+fn partial_pipelined_head_gets_the_header_timeout() {
+    let mut h = H::new(&["--header-timeout-ms", "1000", "--idle-timeout-ms", "60000"]);
+    h.read(b"GET /healthz HTTP/1.1\r\n\r\nGET /hea");
+    h.flush();
+    assert_eq!(h.deadline(), Some(ms(1000)));
+    h.at(1000).timeout();
+    assert!(
+        h.pending().starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{}",
+        h.pending()
+    );
+}
+
+#[test]
+
+fn pipelined_input_over_the_limit_is_not_lost() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "50",
+        "--sim-itl-ms",
+        "20",
+        "--max-head-bytes",
+        "256",
+        "--max-body-bytes",
+        "256",
+    ]);
+    h.read(post(r#"{"prompt":"x","max_tokens":2}"#).as_bytes());
+    h.flush();
+    let one = "GET /healthz HTTP/1.1\r\n\r\n";
+    // 16 requests (400 bytes) fit under 512; 5 more do not.
+    h.at(1).read(one.repeat(16).as_bytes());
+    assert!(h.s.wants_read());
+    h.at(2).read(one.repeat(5).as_bytes());
+    // Reading may pause, but what was read must not be thrown away.
+    h.run_until(1000);
+    for _ in 0..10 {
+        h.read(b"");
+        h.flush();
+    }
+    assert_eq!(
+        h.svc.ops_calls.len(),
+        21,
+        "every pipelined request answered"
+    );
+}
+
+#[test]
+
+fn ttft_of_one_stream_is_not_given_to_the_next() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "50",
+        "--sim-itl-ms",
+        "20",
+        "--write-timeout-ms",
+        "100000",
+    ]);
+    let mut input = post(r#"{"prompt":"x","max_tokens":2}"#);
+    input.push_str(&post(r#"{"prompt":"y","max_tokens":2}"#));
+    h.read(input.as_bytes());
+    // The socket is slow: stream 1 runs to its end unwritten, and stream 2 starts.
+    for t in [50, 70] {
+        h.at(t).timeout();
+    }
+    assert_eq!(h.s.stream_id(), Some(0x1001));
+    // Stream 1's bytes leave now; stream 2 has not produced anything.
+    h.at(80).flush();
+    // The client of stream 2 leaves before its first token.
+    h.at(90).eof();
+    let s2 = &h.svc.ended[1];
+    assert_eq!(s2.id, 0x1001);
+    assert_eq!(s2.tokens, 0);
+    assert_eq!(s2.ttft, None, "stream 2 sent no token: {:?}", s2.ttft);
+}

@@ -258,3 +258,103 @@ fn a_pool_stream_whose_client_never_reads_is_dropped_and_cancelled() {
     });
     assert_eq!(load(&m.generations_cancelled), 1);
 }
+
+#[test]
+fn a_half_close_after_the_request_counts_as_leaving() {
+    let (backend, stats) = TestBackend::new();
+    let srv = start_with_backend(&[], backend);
+    let mut c = srv.connect();
+    c.send(&post_stream(r#"{"prompt":"block"}"#));
+    assert_eq!(c.read_head().status, 200);
+    eventually(&srv.metrics, WAIT, "started", || stats.started() == 1);
+    c.shutdown_write();
+    eventually(&srv.metrics, WAIT, "the backend saw the cancel", || {
+        stats.cancelled() == 1
+    });
+    assert_one_disconnect(&srv.metrics);
+}
+
+#[test]
+fn disconnect_during_a_non_streaming_request_cancels() {
+    let (backend, stats) = TestBackend::new();
+    let srv = start_with_backend(&[], backend);
+    let mut c = srv.connect();
+    c.send(&post_stream(r#"{"prompt":"block","stream":false}"#));
+    eventually(&srv.metrics, WAIT, "started", || stats.started() == 1);
+    drop(c);
+    eventually(&srv.metrics, WAIT, "the backend saw the cancel", || {
+        stats.cancelled() == 1
+    });
+    assert_one_disconnect(&srv.metrics);
+}
+
+#[test]
+fn a_slow_but_steady_reader_is_not_a_slow_consumer() {
+    const N: u64 = 60_000;
+    let (backend, stats) = TestBackend::new();
+    let srv = start_with_backend(
+        &["--max-tokens-limit", "1000000", "--write-timeout-ms", "300"],
+        backend,
+    );
+    let mut c = Client::connect_small_rcvbuf(srv.addr, 64 * 1024);
+    c.send(&post_stream(&format!(
+        r#"{{"prompt":"flood {N} 100","max_tokens":{N}}}"#
+    )));
+    // ~7.5 MB read in small sips with pauses well under the write timeout.
+    let mut sock = c.sock.try_clone().unwrap();
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut sock, &mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if raw.ends_with(b"\r\n0\r\n\r\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let body_at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let events = parse_sse(&decode_chunked(&raw[body_at..]));
+    assert_eq!(tokens_until_done(&events).len() as u64, N);
+    assert_eq!(srv.metrics.errored(ErrorCode::SlowConsumer), 0);
+    assert_eq!(stats.cancelled(), 0);
+}
+
+#[test]
+fn a_slow_consumer_that_wakes_up_in_time_sees_the_error_event() {
+    // Best effort by contract; here the client resumes reading at once.
+    let srv = start(&[
+        "--sim-ttft-ms",
+        "0",
+        "--sim-itl-ms",
+        "0",
+        "--sim-tokens",
+        "10000000",
+        "--max-tokens-limit",
+        "10000000",
+        "--write-timeout-ms",
+        "300",
+    ]);
+    let m = &srv.metrics;
+    let mut c = srv.connect();
+    c.send(&post_stream(r#"{"prompt":"hi","max_tokens":10000000}"#));
+    eventually(m, Duration::from_secs(5), "slow_consumer", || {
+        m.errored(ErrorCode::SlowConsumer) == 1
+    });
+    let head = c.read_head();
+    assert_eq!(head.status, 200);
+    let mut last = None;
+    while let Some(e) = c.next_event() {
+        last = Some(e);
+    }
+    let last = last.expect("events");
+    assert_eq!(last.event, "error", "{last:?}");
+    let d = last.json();
+    assert_eq!(d["code"], "slow_consumer", "{d}");
+    assert_eq!(d["retryable"], false, "{d}");
+    assert!(c.closed_within(CLOSE_WAIT_SC));
+}
+
+const CLOSE_WAIT_SC: Duration = Duration::from_secs(3);

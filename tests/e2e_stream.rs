@@ -127,6 +127,11 @@ fn client_request_id_is_echoed_and_insane_ones_replaced() {
     assert_ne!(rid, long);
     assert!(!rid.is_empty() && rid.len() <= 64);
 
+    // Exactly 64 visible characters are echoed.
+    let max = "b".repeat(64);
+    let r = c.roundtrip(&get("/healthz", &format!("X-Request-Id: {max}\r\n")));
+    assert_eq!(r.head.header("x-request-id"), Some(max.as_str()));
+
     // Refusals carry it too.
     let r = c.roundtrip(&get("/nope", "X-Request-Id: abc\r\n"));
     assert_eq!(r.status(), 404);
@@ -291,5 +296,57 @@ fn non_streaming_answers_one_json_document() {
     );
     eventually(&off.metrics, Duration::from_secs(3), "completed", || {
         load(&off.metrics.streams_completed) == 1
+    });
+}
+
+#[test]
+fn tricky_token_texts_survive_framing() {
+    let (backend, _stats) = TestBackend::new();
+    let srv = start_with_backend(&[], backend);
+    let (_, events) = stream_events(srv.addr, &post_stream(r#"{"prompt":"texts"}"#));
+    let want: Vec<&str> = TRICKY_TEXTS
+        .iter()
+        .copied()
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert_eq!(tokens_until_done(&events), want, "{events:?}");
+    let d = events.last().unwrap().json();
+    assert_eq!(d["usage"]["completion_tokens"], want.len(), "{d}");
+}
+
+#[test]
+fn max_stream_ms_ends_with_deadline_exceeded_and_cancels() {
+    let (backend, stats) = TestBackend::new();
+    let srv = start_with_backend(&["--max-stream-ms", "300"], backend);
+    let mut c = srv.connect();
+    c.send(&post_stream(r#"{"prompt":"block"}"#));
+    let head = c.read_head();
+    let rid = head.header("x-request-id").unwrap().to_owned();
+    let events = c.events_to_end();
+    let last = events.last().expect("an event");
+    assert_eq!(last.event, "error", "{events:?}");
+    assert_eq!(last.id.as_deref(), Some(format!("{rid}:1").as_str()));
+    let d = last.json();
+    assert_eq!(d["code"], "deadline_exceeded", "{d}");
+    assert_eq!(d["retryable"], false, "{d}");
+    eventually(
+        &srv.metrics,
+        Duration::from_secs(2),
+        "backend cancelled",
+        || stats.cancelled() == 1,
+    );
+    // The connection carries the next request.
+    assert_eq!(c.roundtrip(&get("/healthz", "")).status(), 200);
+
+    // The same for the in-loop simulated model.
+    let sim = start(&["--sim-ttft-ms", "5000", "--max-stream-ms", "200"]);
+    let (_, events) = stream_events(sim.addr, &post_stream(r#"{"prompt":"hi"}"#));
+    let last = events.last().expect("an event");
+    assert_eq!(last.event, "error", "{events:?}");
+    assert_eq!(last.json()["code"], "deadline_exceeded");
+    let m = &sim.metrics;
+    eventually(m, Duration::from_secs(2), "errored", || {
+        m.errored(sluice::sse::ErrorCode::DeadlineExceeded) == 1
+            && m.streams_open.load(std::sync::atomic::Ordering::SeqCst) == 0
     });
 }

@@ -626,6 +626,18 @@ impl BackendStats {
     }
 }
 
+/// Pieces that could break SSE framing if not escaped; the empty one is not a token.
+pub const TRICKY_TEXTS: [&str; 8] = [
+    "a\nb",
+    "\r\n\r\n",
+    "",
+    "data: x\n\nevent: done",
+    "héllo ✓ 🎉",
+    "say \"hi\"",
+    "\u{0}\u{1f}",
+    "id: 9\r",
+];
+
 /// A blocking backend scripted by the request's last message:
 ///
 /// - `tokens N MS`: N tokens `tok0 `, `tok1 `… with MS ms before each;
@@ -635,6 +647,7 @@ impl BackendStats {
 /// - `block`: sleeps until cancelled (60 s at most).
 /// - `gate N`: waits for [`BackendStats::open_gate`] (or a cancel), then N tokens.
 /// - `error K`: K tokens, then `upstream_error` "boom".
+/// - `texts`: the pieces of [`TRICKY_TEXTS`] (one of them empty), then `stop`.
 ///
 /// Anything else is `tokens 3 0`.
 pub struct TestBackend {
@@ -705,6 +718,16 @@ impl TestBackend {
                     self.push(sink, &format!("tok{i} "))?;
                 }
                 Ok(finish(n_sent, n))
+            }
+            Some("texts") => {
+                for t in TRICKY_TEXTS {
+                    if t.is_empty() {
+                        sink.push_token(t).map_err(|_| self.saw_cancel())?;
+                    } else {
+                        self.push(sink, t)?;
+                    }
+                }
+                Ok(finish(0, 0))
             }
             Some("error") => {
                 for i in 0..num(1, 2).min(max) {
