@@ -123,6 +123,11 @@ pub struct Config {
     #[arg(long, env = "SLUICE_NO_STREAMING")]
     pub no_streaming: bool,
 
+    /// On SIGTERM/SIGINT, running streams may finish for this long (ms); the
+    /// rest then end with `shutting_down`.
+    #[arg(long, env = "SLUICE_DRAIN_MS", default_value_t = 10000)]
+    pub drain_ms: u64,
+
     /// Output bytes buffered per connection before the stream stops taking
     /// tokens (backpressure). An extension of the contract.
     #[arg(long, env = "SLUICE_OUTPUT_HIGH_WATER", default_value_t = 16384, value_parser = clap::value_parser!(u64).range(256..))]

@@ -16,7 +16,7 @@ fn main() {
     if max_conns + 16 > fd_limit {
         log::warn!("--max-connections {max_conns} leaves too few of the {fd_limit} file descriptors for listening, logging and workers");
     }
-    let server = match Server::bind(cfg, None) {
+    let server = match Server::bind(cfg, None).and_then(|mut s| s.handle_signals().map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sluice: cannot start on {listen}: {e}");

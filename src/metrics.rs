@@ -17,6 +17,9 @@ pub const BUCKETS: [f64; 22] = [
     2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// The statuses `sluice_requests_refused_total` has a label for.
+pub const REFUSAL_STATUSES: [u16; 10] = [400, 401, 404, 405, 408, 413, 431, 500, 503, 505];
+
 /// A fixed-bucket histogram of durations.
 #[derive(Debug, Default)]
 pub struct Histogram {
@@ -62,7 +65,9 @@ pub struct Metrics {
     pub connections_timed_out: AtomicU64,
     pub accept_errors: AtomicU64,
     pub requests: AtomicU64,
-    pub requests_refused: AtomicU64,
+    /// Requests answered with an error status before any stream, by status
+    /// (see [`REFUSAL_STATUSES`]; the last slot counts any other).
+    pub requests_refused: [AtomicU64; REFUSAL_STATUSES.len() + 1],
     pub streams_open: AtomicI64,
     pub streams_started: AtomicU64,
     pub streams_completed: AtomicU64,
@@ -83,13 +88,39 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts a request answered with `status` (>= 400) before any stream.
+    pub fn refused(&self, status: u16) {
+        let i = REFUSAL_STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(REFUSAL_STATUSES.len());
+        self.requests_refused[i].fetch_add(1, Relaxed);
+    }
+
+    /// Refused requests with this status so far.
+    pub fn refused_count(&self, status: u16) -> u64 {
+        REFUSAL_STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .map_or(0, |i| self.requests_refused[i].load(Relaxed))
+    }
+
     pub fn errored(&self, code: ErrorCode) -> u64 {
         self.streams_errored[code.index()].load(Relaxed)
     }
 
-    /// The whole exposition, Prometheus text format 0.0.4.
-    pub fn render(&self) -> String {
+    /// The whole exposition: Prometheus text format 0.0.4, or OpenMetrics
+    /// 1.0 when `openmetrics` (counter families are then named without
+    /// `_total`, and the text ends with `# EOF`).
+    pub fn render(&self, openmetrics: bool) -> String {
         let mut out = String::with_capacity(8192);
+        let family = |name: &'static str| -> &'static str {
+            if openmetrics {
+                name.strip_suffix("_total").unwrap_or(name)
+            } else {
+                name
+            }
+        };
         let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
@@ -136,12 +167,18 @@ impl Metrics {
             "HTTP requests parsed.",
             &self.requests,
         );
-        counter(
-            &mut out,
-            "sluice_requests_refused_total",
-            "Requests answered with a 4xx or 5xx before any stream started.",
-            &self.requests_refused,
+        let name = "sluice_requests_refused_total";
+        let f = family(name);
+        let _ = writeln!(
+            out,
+            "# HELP {f} Requests answered with a 4xx or 5xx before any stream started, by status.\n# TYPE {name} counter"
         );
+        for (i, c) in self.requests_refused.iter().enumerate() {
+            let status = REFUSAL_STATUSES
+                .get(i)
+                .map_or("other".to_string(), |s| s.to_string());
+            let _ = writeln!(out, "{name}{{status=\"{status}\"}} {}", c.load(Relaxed));
+        }
         counter(
             &mut out,
             "sluice_streams_started_total",
@@ -155,9 +192,10 @@ impl Metrics {
             &self.streams_completed,
         );
         let name = "sluice_streams_errored_total";
+        let f = family(name);
         let _ = writeln!(
             out,
-            "# HELP {name} Streams that ended with an error event, by code.\n# TYPE {name} counter"
+            "# HELP {f} Streams that ended with an error event, by code.\n# TYPE {f} counter"
         );
         for code in ErrorCode::ALL {
             let v = self.errored(code);
@@ -225,6 +263,9 @@ impl Metrics {
             "sluice_queue_wait_seconds",
             "Time a generation waited for a worker.",
         );
+        if openmetrics {
+            out.push_str("# EOF\n");
+        }
         out
     }
 }
@@ -252,7 +293,7 @@ mod tests {
     fn exposition_has_the_contract_families() {
         let m = Metrics::default();
         m.streams_errored[ErrorCode::SlowConsumer.index()].fetch_add(2, Relaxed);
-        let s = m.render();
+        let s = m.render(false);
         for name in [
             "# TYPE sluice_streams_open gauge",
             "# TYPE sluice_connections_open gauge",
@@ -269,5 +310,10 @@ mod tests {
         ] {
             assert!(s.contains(name), "missing {name}");
         }
+        let om = m.render(true);
+        assert!(
+            om.contains("# TYPE sluice_streams_started counter\nsluice_streams_started_total 0\n")
+        );
+        assert!(om.ends_with("# EOF\n"));
     }
 }

@@ -11,6 +11,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,16 @@ use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::outbuf::BufPool;
 use crate::pool::{Pool, ReadyList, TokenSink};
-use crate::session::{Cx, Ops, Outcome, Producer, Refusal, Services, Session, StreamSummary};
+use crate::session::{
+    Access, Cx, Ops, Outcome, Producer, Refusal, Services, Session, StreamSummary,
+};
 use crate::timer::{TimerId, TimerWheel};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+/// After the drain time, how long the final `shutting_down` events get to leave.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// One read buffer for the whole loop; requests are parsed from it.
 const SCRATCH: usize = 64 * 1024;
 /// Pieces a worker may queue ahead of a stream before it blocks.
@@ -64,6 +70,8 @@ struct Shared {
     /// The slot and peer of the connection being served, for sinks and logs.
     slot: usize,
     peer: Option<SocketAddr>,
+    /// SIGTERM/SIGINT arrived: refuse new streams, readiness 503.
+    draining: bool,
 }
 
 impl Services for Shared {
@@ -73,6 +81,13 @@ impl Services for Shared {
     }
 
     fn admit(&mut self, id: u64, gen: &GenRequest) -> Result<Producer, Refusal> {
+        if self.draining {
+            return Err(Refusal {
+                status: 503,
+                code: "shutting_down",
+                message: "the server is shutting down; retry on another instance".into(),
+            });
+        }
         if self.streams_open >= self.max_streams {
             return Err(Refusal {
                 status: 503,
@@ -111,22 +126,45 @@ impl Services for Shared {
         Ok(producer)
     }
 
-    fn ops(&mut self, which: Ops, _req: &Request) -> (u16, &'static str, Vec<u8>) {
+    fn ops(&mut self, which: Ops, req: &Request) -> (u16, &'static str, Vec<u8>) {
         const TEXT: &str = "text/plain; charset=utf-8";
         match which {
             Ops::Healthz => (200, TEXT, b"ok\n".to_vec()),
+            Ops::Readyz if self.draining => (503, TEXT, b"draining\n".to_vec()),
             Ops::Readyz => (200, TEXT, b"ready\n".to_vec()),
             Ops::Metrics => {
                 self.metrics
                     .log_lines_dropped
                     .store(crate::logging::dropped(), Relaxed);
-                (
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    self.metrics.render().into_bytes(),
-                )
+                // OpenMetrics only for a scraper that asks for it.
+                let om = req
+                    .header("accept")
+                    .is_some_and(|a| a.contains("application/openmetrics-text"));
+                let ct = if om {
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                } else {
+                    "text/plain; version=0.0.4; charset=utf-8"
+                };
+                (200, ct, self.metrics.render(om).into_bytes())
             }
         }
+    }
+
+    fn draining(&self) -> bool {
+        self.draining
+    }
+
+    fn responded(&mut self, a: &Access) {
+        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        let (method, path) = a
+            .line
+            .map_or(("-", "-"), |l| (l.method.as_str(), l.path.as_str()));
+        log::info!(
+            "{method} {path} {} request_id={} peer={peer} duration_ms={:.3}",
+            a.status,
+            a.request_id,
+            a.duration.as_secs_f64() * 1000.0
+        );
     }
 
     fn stream_ended(&mut self, s: &StreamSummary) {
@@ -150,13 +188,36 @@ impl Services for Shared {
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
         let ttft = s.ttft.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
         log::info!(
-            "stream {:x} request_id={} peer={peer} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
-            s.id,
+            "{} {} 200 request_id={} peer={peer} stream={:x} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
+            s.line.method,
+            s.line.path,
             s.request_id,
+            s.id,
             s.tokens,
             s.duration.as_secs_f64() * 1000.0
         );
     }
+}
+
+/// Starts a graceful shutdown from another thread (what SIGTERM does).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    pub fn shut_down(&self) {
+        self.flag.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+    }
+}
+
+struct Drain {
+    /// Running streams may finish until then.
+    deadline: Instant,
+    /// Set once the rest were told `shutting_down`: exit by then.
+    final_at: Option<Instant>,
 }
 
 /// A bound server, ready to [`Server::run`].
@@ -178,6 +239,10 @@ pub struct Server {
     accept_paused: bool,
     accept_retry_at: Option<Instant>,
     next_serial: u32,
+    waker: Arc<Waker>,
+    shutdown_flag: Arc<AtomicBool>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    drain: Option<Drain>,
 }
 
 impl Server {
@@ -192,8 +257,9 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let w = waker.clone();
         let ready = Arc::new(ReadyList::new(move || {
-            let _ = waker.wake();
+            let _ = w.wake();
         }));
         let metrics = Arc::new(Metrics::default());
         let backend: Option<Arc<dyn Backend>> = match (backend, cfg.backend) {
@@ -234,6 +300,7 @@ impl Server {
                 max_streams: cfg.effective_max_streams(),
                 slot: 0,
                 peer: None,
+                draining: false,
             },
             cfg,
             scratch: vec![0; SCRATCH],
@@ -243,7 +310,31 @@ impl Server {
             accept_paused: false,
             accept_retry_at: None,
             next_serial: 0,
+            waker,
+            shutdown_flag: Arc::new(AtomicBool::new(false)),
+            signals: None,
+            drain: None,
         })
+    }
+
+    /// SIGTERM and SIGINT start a graceful shutdown (a second one ends the
+    /// drain at once). Only the binary calls this: tests use
+    /// [`Server::shutdown_handle`].
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT])?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            flag: self.shutdown_flag.clone(),
+            waker: self.waker.clone(),
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -255,7 +346,8 @@ impl Server {
         self.metrics.clone()
     }
 
-    /// Runs the loop forever (until an unrecoverable poll error).
+    /// Runs the loop until a graceful shutdown completes (`Ok`) or polling
+    /// fails.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
@@ -269,7 +361,18 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
-                    WAKER => self.drain_ready(),
+                    WAKER => {
+                        if self.shutdown_flag.swap(false, Ordering::AcqRel) {
+                            self.begin_drain();
+                        }
+                        self.drain_ready();
+                    }
+                    SIGNALS => {
+                        let n = self.signals.as_mut().map_or(0, |s| s.pending().count());
+                        for _ in 0..n {
+                            self.begin_drain();
+                        }
+                    }
                     Token(key) => self.conn_event(key, ev),
                 }
             }
@@ -280,7 +383,66 @@ impl Server {
                     self.accept();
                 }
             }
+            if self.drain.is_some() && self.drained(Instant::now()) {
+                log::info!("shutdown complete");
+                return Ok(());
+            }
         }
+    }
+
+    /// The first call starts the drain; a second one ends it at once.
+    fn begin_drain(&mut self) {
+        let now = Instant::now();
+        match &mut self.drain {
+            None => {
+                log::info!(
+                    "shutting down: {} streams may finish within {} ms; new streams get 503",
+                    self.shared.streams_open,
+                    self.cfg.drain_ms
+                );
+                self.shared.draining = true;
+                self.drain = Some(Drain {
+                    deadline: now + Duration::from_millis(self.cfg.drain_ms),
+                    final_at: None,
+                });
+            }
+            Some(d) => {
+                log::info!("shutting down now");
+                d.deadline = d.deadline.min(now);
+            }
+        }
+    }
+
+    /// Moves the drain on; true when the process may exit.
+    fn drained(&mut self, now: Instant) -> bool {
+        let Some(d) = &mut self.drain else {
+            return false;
+        };
+        if now >= d.deadline && d.final_at.is_none() {
+            d.final_at = Some(now + FINAL_FLUSH);
+            let running: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.session.is_streaming())
+                .map(|(k, _)| k)
+                .collect();
+            if !running.is_empty() {
+                log::info!(
+                    "drain time over: ending {} streams with shutting_down",
+                    running.len()
+                );
+            }
+            for key in running {
+                self.with_session(key, |s, cx| s.shut_down(cx));
+            }
+        }
+        let Some(d) = &self.drain else {
+            return false;
+        };
+        if d.final_at.is_some_and(|f| now >= f) {
+            return true;
+        }
+        self.shared.streams_open == 0 && !self.conns.iter().any(|(_, c)| c.session.has_pending())
     }
 
     fn now_ms(&self, t: Instant) -> u64 {
@@ -293,9 +455,19 @@ impl Server {
             .wheel
             .next_timeout_ms(self.now_ms(now))
             .map(Duration::from_millis);
-        if let Some(at) = self.accept_retry_at {
+        let drain_at = self
+            .drain
+            .as_ref()
+            .map(|d| d.final_at.unwrap_or(d.deadline));
+        for at in [self.accept_retry_at, drain_at].into_iter().flatten() {
             let d = at.saturating_duration_since(now);
             t = Some(t.map_or(d, |t| t.min(d)));
+        }
+        if self.drain.is_some() {
+            // Re-check the exit condition at least every 50 ms.
+            t = Some(t.map_or(Duration::from_millis(50), |t| {
+                t.min(Duration::from_millis(50))
+            }));
         }
         t
     }

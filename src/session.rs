@@ -68,11 +68,29 @@ pub enum Outcome {
     Disconnected,
 }
 
+/// The request a response answers, for the access log. Holds no query
+/// string (it may carry a prompt) and no header values.
+#[derive(Debug, Clone, Default)]
+pub struct ReqLine {
+    pub method: String,
+    pub path: String,
+}
+
+/// One answered request that started no stream, for metrics and the access log.
+#[derive(Debug, Clone)]
+pub struct Access<'a> {
+    pub line: Option<&'a ReqLine>,
+    pub status: u16,
+    pub request_id: &'a str,
+    pub duration: Duration,
+}
+
 /// One finished stream, for metrics and the access log.
 #[derive(Debug, Clone)]
 pub struct StreamSummary {
     pub id: u64,
     pub request_id: String,
+    pub line: ReqLine,
     pub outcome: Outcome,
     pub tokens: u32,
     pub ttft: Option<Duration>,
@@ -89,6 +107,12 @@ pub trait Services {
     fn ops(&mut self, which: Ops, req: &Request) -> (u16, &'static str, Vec<u8>);
     /// A stream ended; `streams_open` goes down here.
     fn stream_ended(&mut self, summary: &StreamSummary);
+    /// A request was answered without a stream.
+    fn responded(&mut self, _access: &Access) {}
+    /// The server is shutting down: no keep-alive after the current response.
+    fn draining(&self) -> bool {
+        false
+    }
 }
 
 /// Everything a `handle_*` call gets besides its input.
@@ -136,6 +160,7 @@ enum Prod {
 struct Stream {
     id: u64,
     request_id: String,
+    line: ReqLine,
     version: Version,
     keep_alive: bool,
     mode: Mode,
@@ -179,6 +204,8 @@ pub struct Session {
     ttft_mark: Option<(u64, Instant, u64)>,
     /// Stopped keeping pipelined input (over the limit) while streaming.
     input_full: bool,
+    /// The request being answered (not a stream), for the access log.
+    current: Option<Box<(ReqLine, Instant)>>,
 }
 
 impl Session {
@@ -194,6 +221,7 @@ impl Session {
             blocked_since: None,
             ttft_mark: None,
             input_full: false,
+            current: None,
         }
     }
 
@@ -342,6 +370,19 @@ impl Session {
         }
     }
 
+    /// The drain time is over: a running stream ends with `shutting_down`.
+    pub fn shut_down(&mut self, cx: &mut Cx) {
+        if self.is_streaming() {
+            let e = StreamError::new(ErrorCode::ShuttingDown, "the server is shutting down");
+            self.end_stream(cx, End::Error(e));
+        }
+    }
+
+    /// Whether bytes are waiting for the socket.
+    pub fn has_pending(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// A deadline from [`Session::next_deadline`] may have passed.
     pub fn handle_timeout(&mut self, cx: &mut Cx) {
         let now = cx.now;
@@ -469,7 +510,7 @@ impl Session {
                         .requests
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let msg = e.message(&limits);
-                    log::info!("bad request: {} {}", e.status(), msg);
+                    log::debug!("bad request: {} {}", e.status(), msg);
                     let id = cx.svc.next_id();
                     self.respond_error(
                         cx,
@@ -509,6 +550,13 @@ impl Session {
             None => format!("{id:x}"),
         };
         let (v, ka) = (req.version, req.keep_alive);
+        self.current = Some(Box::new((
+            ReqLine {
+                method: req.method_str.clone(),
+                path: req.path.clone(),
+            },
+            cx.now,
+        )));
         let path = req.path.as_str();
         match path {
             "/v1/chat/stream" => match req.method {
@@ -567,14 +615,14 @@ impl Session {
         let NativeRequest { gen, stream } = match parsed {
             Ok(r) => r,
             Err(msg) => {
-                log::info!("request {request_id}: 400 {msg}");
+                log::debug!("request {request_id}: 400 {msg}");
                 return self.respond_error(cx, &request_id, v, ka, 400, "bad_request", &msg, &[]);
             }
         };
         let producer = match cx.svc.admit(id, &gen) {
             Ok(p) => p,
             Err(r) => {
-                log::info!("request {request_id}: {} {}", r.status, r.message);
+                log::debug!("request {request_id}: {} {}", r.status, r.message);
                 let extra = [("Retry-After", "1")];
                 let extra: &[(&str, &str)] = if r.status == 503 { &extra } else { &[] };
                 return self.respond_error(
@@ -606,9 +654,11 @@ impl Session {
             self.out
                 .append(cx.bufs, |b| response::write_sse_head(b, v, ka, &request_id));
         }
+        let line = self.current.take().map(|c| c.0).unwrap_or_default();
         self.state = State::Streaming(Box::new(Stream {
             id,
             request_id,
+            line,
             version: v,
             keep_alive: ka,
             mode: if streaming {
@@ -750,6 +800,7 @@ impl Session {
         let summary = StreamSummary {
             id: st.id,
             request_id: st.request_id.clone(),
+            line: st.line.clone(),
             outcome,
             tokens: st.tokens,
             ttft: st.ttft_estimate(),
@@ -877,6 +928,7 @@ impl Session {
 
     /// After a whole response: read the next request, or close.
     fn finish_response(&mut self, cx: &mut Cx, _version: Version, keep_alive: bool) {
+        let keep_alive = keep_alive && !cx.svc.draining();
         self.served += 1;
         self.read_since = cx.now;
         self.input_full = false;
@@ -907,10 +959,15 @@ impl Session {
         extra: &[(&str, &str)],
     ) {
         if status >= 400 {
-            cx.metrics
-                .requests_refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            cx.metrics.refused(status);
         }
+        let current = self.current.take();
+        cx.svc.responded(&Access {
+            line: current.as_deref().map(|(l, _)| l),
+            status,
+            request_id,
+            duration: current.as_ref().map_or(Duration::ZERO, |c| cx.now - c.1),
+        });
         let head = Head {
             status,
             content_type: (!content_type.is_empty()).then_some(content_type),
