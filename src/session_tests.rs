@@ -873,7 +873,7 @@ fn refused_admission_gets_503_with_retry_after_and_keeps_the_connection() {
     assert!(!h.s.is_closed());
     assert!(!h.s.wants_half_close());
     assert!(h.svc.ended.is_empty());
-    assert_eq!(h.metrics.requests_refused.load(Relaxed), 1);
+    assert_eq!(h.metrics.refused_count(503), 1);
     // The same connection carries the next request.
     h.svc.refuse = None;
     h.read(post(r#"{"prompt":"x","max_tokens":1}"#).as_bytes());
