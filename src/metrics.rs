@@ -124,12 +124,10 @@ impl Metrics {
         let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+        let counter = |out: &mut String, name: &'static str, help: &str, v: &AtomicU64| {
             let v = v.load(Relaxed);
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
+            let f = family(name);
+            let _ = writeln!(out, "# HELP {f} {help}\n# TYPE {f} counter\n{name} {v}");
         };
         gauge(
             &mut out,
