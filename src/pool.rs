@@ -229,10 +229,19 @@ struct Job {
     enqueued: Instant,
 }
 
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Workers running a job. A job that a free worker is about to take
+    /// is not "waiting", so admission counts busy + queued against
+    /// workers + depth.
+    busy: usize,
+}
+
 struct PoolShared {
-    queue: Mutex<VecDeque<Job>>,
+    queue: Mutex<Queue>,
     available: Condvar,
     depth: usize,
+    workers: usize,
     backend: Arc<dyn Backend>,
     metrics: Arc<Metrics>,
 }
@@ -254,7 +263,11 @@ impl Pool {
         metrics: Arc<Metrics>,
     ) -> Pool {
         let shared = Arc::new(PoolShared {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                busy: 0,
+            }),
+            workers: workers.max(1),
             available: Condvar::new(),
             depth,
             backend,
@@ -274,20 +287,21 @@ impl Pool {
     /// Queues a generation; `Err` when `--queue-depth` jobs already wait.
     pub fn submit(&self, req: GenRequest, sink: Arc<TokenSink>) -> Result<(), QueueFull> {
         let mut q = lock(&self.shared.queue);
-        if q.len() >= self.shared.depth {
+        let room = self.shared.depth + self.shared.workers;
+        if q.jobs.len() + q.busy >= room {
             // Jobs whose client already left do not hold a place.
-            let before = q.len();
-            q.retain(|j| !j.sink.is_cancelled());
-            let dropped = (before - q.len()) as u64;
+            let before = q.jobs.len();
+            q.jobs.retain(|j| !j.sink.is_cancelled());
+            let dropped = (before - q.jobs.len()) as u64;
             self.shared
                 .metrics
                 .jobs_dropped_queued
                 .fetch_add(dropped, Ordering::Relaxed);
-            if q.len() >= self.shared.depth {
+            if q.jobs.len() + q.busy >= room {
                 return Err(QueueFull);
             }
         }
-        q.push_back(Job {
+        q.jobs.push_back(Job {
             req,
             sink,
             enqueued: Instant::now(),
@@ -299,7 +313,7 @@ impl Pool {
 
     /// Jobs waiting for a worker.
     pub fn queued(&self) -> usize {
-        lock(&self.shared.queue).len()
+        lock(&self.shared.queue).jobs.len()
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -312,41 +326,48 @@ fn worker(shared: Arc<PoolShared>) {
         let job = {
             let mut q = lock(&shared.queue);
             loop {
-                if let Some(j) = q.pop_front() {
+                if let Some(j) = q.jobs.pop_front() {
+                    q.busy += 1;
                     break j;
                 }
                 q = shared.available.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let sink = &job.sink;
-        if sink.is_cancelled() {
-            shared
-                .metrics
-                .jobs_dropped_queued
-                .fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let now = Instant::now();
-        shared.metrics.queue_wait.observe(now - job.enqueued);
-        lock(&sink.state).started_at = Some(now);
-        let backend = shared.backend.clone();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            backend.generate(&job.req, sink)
-        }));
-        sink.set_upstream(None);
-        if sink.is_cancelled() {
-            continue;
-        }
-        let piece = match result {
-            Ok(Ok(finish)) => Piece::Done(finish),
-            Ok(Err(e)) => Piece::Error(e),
-            Err(_) => {
-                log::error!("backend panicked during stream {:x}", sink.id);
-                Piece::Error(StreamError::new(ErrorCode::Internal, "the backend failed"))
-            }
-        };
-        let _ = sink.push(piece);
+        run_job(&shared, &job);
+        lock(&shared.queue).busy -= 1;
     }
+}
+
+/// Runs one generation and hands its last piece to the loop.
+fn run_job(shared: &PoolShared, job: &Job) {
+    let sink = &job.sink;
+    if sink.is_cancelled() {
+        // The client left while queued: the backend is never called.
+        shared
+            .metrics
+            .jobs_dropped_queued
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let now = Instant::now();
+    shared.metrics.queue_wait.observe(now - job.enqueued);
+    lock(&sink.state).started_at = Some(now);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        shared.backend.generate(&job.req, sink)
+    }));
+    sink.set_upstream(None);
+    if sink.is_cancelled() {
+        return;
+    }
+    let piece = match result {
+        Ok(Ok(finish)) => Piece::Done(finish),
+        Ok(Err(e)) => Piece::Error(e),
+        Err(_) => {
+            log::error!("backend panicked during stream {:x}", sink.id);
+            Piece::Error(StreamError::new(ErrorCode::Internal, "the backend failed"))
+        }
+    };
+    let _ = sink.push(piece);
 }
 
 #[cfg(test)]

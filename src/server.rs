@@ -150,10 +150,6 @@ impl Services for Shared {
         }
     }
 
-    fn draining(&self) -> bool {
-        self.draining
-    }
-
     fn responded(&mut self, a: &Access) {
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
         let (method, path) = a
@@ -487,6 +483,7 @@ impl Server {
             match self.listener.accept() {
                 Ok((mut sock, peer)) => {
                     let _ = sock.set_nodelay(true);
+                    set_notsent_lowat(&sock);
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
                     if let Err(e) = self.poll.registry().register(
@@ -744,6 +741,31 @@ impl Server {
             self.accept_paused = false;
             self.accept();
         }
+    }
+}
+
+/// Unsent bytes the kernel may hold for a client before the socket stops
+/// being writable. Without it the send buffer auto-tunes to megabytes: a
+/// slow client's backlog would sit in the kernel instead of holding back
+/// its producer, and a client reading steadily could go seconds without a
+/// writable edge and be taken for a slow consumer.
+const NOTSENT_LOWAT: libc::c_int = 32 * 1024;
+
+fn set_notsent_lowat(sock: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v = NOTSENT_LOWAT;
+    // SAFETY: a valid fd and a pointer to a c_int of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!("TCP_NOTSENT_LOWAT: {}", io::Error::last_os_error());
     }
 }
 

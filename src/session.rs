@@ -109,10 +109,6 @@ pub trait Services {
     fn stream_ended(&mut self, summary: &StreamSummary);
     /// A request was answered without a stream.
     fn responded(&mut self, _access: &Access) {}
-    /// The server is shutting down: no keep-alive after the current response.
-    fn draining(&self) -> bool {
-        false
-    }
 }
 
 /// Everything a `handle_*` call gets besides its input.
@@ -928,7 +924,6 @@ impl Session {
 
     /// After a whole response: read the next request, or close.
     fn finish_response(&mut self, cx: &mut Cx, _version: Version, keep_alive: bool) {
-        let keep_alive = keep_alive && !cx.svc.draining();
         self.served += 1;
         self.read_since = cx.now;
         self.input_full = false;

@@ -60,7 +60,7 @@ fn disconnect_before_the_first_token_cancels() {
 
 #[test]
 fn disconnect_cancels_a_blocked_backend_promptly() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&[], backend);
     let mut c = srv.connect();
     c.send(&post_stream(r#"{"prompt":"block"}"#));
@@ -84,7 +84,7 @@ fn disconnect_cancels_a_blocked_backend_promptly() {
 
 #[test]
 fn disconnect_cancels_a_backend_between_tokens() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&[], backend);
     let mut c = srv.connect();
     c.send(&post_stream(r#"{"prompt":"tokens 1000 20"}"#));
@@ -103,7 +103,7 @@ fn disconnect_cancels_a_backend_between_tokens() {
 
 #[test]
 fn disconnect_while_queued_never_starts_the_generation() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&["--workers", "1"], backend);
     let m = &srv.metrics;
 
@@ -141,7 +141,7 @@ fn disconnect_while_queued_never_starts_the_generation() {
 #[test]
 fn a_client_that_does_not_read_holds_the_backend_back() {
     const N: u64 = 200_000;
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&["--max-tokens-limit", "1000000"], backend);
     // A small receive window keeps the kernel's share of the backlog small,
     // so what stalls is visibly the server's backpressure.
@@ -229,7 +229,7 @@ fn a_client_that_never_reads_is_dropped_as_slow_consumer() {
 
 #[test]
 fn a_pool_stream_whose_client_never_reads_is_dropped_and_cancelled() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(
         &[
             "--max-tokens-limit",
@@ -261,7 +261,7 @@ fn a_pool_stream_whose_client_never_reads_is_dropped_and_cancelled() {
 
 #[test]
 fn a_half_close_after_the_request_counts_as_leaving() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&[], backend);
     let mut c = srv.connect();
     c.send(&post_stream(r#"{"prompt":"block"}"#));
@@ -276,7 +276,7 @@ fn a_half_close_after_the_request_counts_as_leaving() {
 
 #[test]
 fn disconnect_during_a_non_streaming_request_cancels() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&[], backend);
     let mut c = srv.connect();
     c.send(&post_stream(r#"{"prompt":"block","stream":false}"#));
@@ -290,8 +290,8 @@ fn disconnect_during_a_non_streaming_request_cancels() {
 
 #[test]
 fn a_slow_but_steady_reader_is_not_a_slow_consumer() {
-    const N: u64 = 60_000;
-    let (backend, stats) = TestBackend::new();
+    const N: u64 = 48_000;
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(
         &["--max-tokens-limit", "1000000", "--write-timeout-ms", "300"],
         backend,
@@ -300,12 +300,18 @@ fn a_slow_but_steady_reader_is_not_a_slow_consumer() {
     c.send(&post_stream(&format!(
         r#"{{"prompt":"flood {N} 100","max_tokens":{N}}}"#
     )));
-    // ~7.5 MB read in small sips with pauses well under the write timeout.
+    // ~6 MB (more than the kernel buffers) read in 32 KB sips every 20 ms:
+    // the client accepts bytes all the time, ~1.6 MB/s, far under the
+    // server's pace, so the server's writes block again and again.
     let mut sock = c.sock.try_clone().unwrap();
     let mut raw = Vec::new();
-    let mut buf = vec![0u8; 128 * 1024];
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut last = Instant::now();
+    let mut max_gap = Duration::ZERO;
     loop {
         let n = std::io::Read::read(&mut sock, &mut buf).expect("read");
+        max_gap = max_gap.max(last.elapsed());
+        last = Instant::now();
         if n == 0 {
             break;
         }
@@ -317,6 +323,17 @@ fn a_slow_but_steady_reader_is_not_a_slow_consumer() {
     }
     let body_at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let events = parse_sse(&decode_chunked(&raw[body_at..]));
+    let last = events.last().expect("events");
+    assert!(
+        max_gap < Duration::from_millis(300),
+        "inconclusive: the test client itself paused {max_gap:?}"
+    );
+    assert_eq!(
+        last.event,
+        "done",
+        "a client that read {} bytes with at most {max_gap:?} between reads was dropped: {last:?}",
+        raw.len()
+    );
     assert_eq!(tokens_until_done(&events).len() as u64, N);
     assert_eq!(srv.metrics.errored(ErrorCode::SlowConsumer), 0);
     assert_eq!(stats.cancelled(), 0);
@@ -358,3 +375,18 @@ fn a_slow_consumer_that_wakes_up_in_time_sees_the_error_event() {
 }
 
 const CLOSE_WAIT_SC: Duration = Duration::from_secs(3);
+
+#[test]
+fn a_reset_mid_stream_cancels() {
+    let (backend, stats) = TestBackend::create();
+    let srv = start_with_backend(&[], backend);
+    let mut c = srv.connect();
+    c.send(&post_stream(r#"{"prompt":"tokens 1000 20"}"#));
+    assert_eq!(c.read_head().status, 200);
+    assert_eq!(c.next_event().expect("a token").event, "token");
+    c.reset();
+    eventually(&srv.metrics, WAIT, "the backend saw the cancel", || {
+        stats.cancelled() == 1
+    });
+    assert_one_disconnect(&srv.metrics);
+}

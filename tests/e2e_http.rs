@@ -217,7 +217,7 @@ fn max_streams_gives_503_overloaded_with_retry_after() {
 
 #[test]
 fn full_worker_queue_gives_503_overloaded() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&["--workers", "1", "--queue-depth", "1"], backend);
     let mut a = srv.connect();
     a.send(&post_stream(r#"{"prompt":"gate 1"}"#));
@@ -406,7 +406,7 @@ fn health_ready_and_metrics_endpoints() {
 
 #[test]
 fn every_started_stream_ends_exactly_once_in_the_metrics() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&[], backend);
     // Completed.
     let (_, e) = stream_events(srv.addr, &post_stream(r#"{"prompt":"tokens 2 0"}"#));
@@ -454,7 +454,10 @@ fn every_started_stream_ends_exactly_once_in_the_metrics() {
     assert_eq!(v("sluice_tokens_sent_total"), 3);
     assert_eq!(v("sluice_stream_duration_seconds_count"), 3);
     assert_eq!(v("sluice_time_to_first_token_seconds_count"), 2);
-    assert!(v("sluice_requests_refused_total") >= 1);
+    // Not in the contract's list, so only when present.
+    if let Some(refused) = prom_sum(&text, "sluice_requests_refused_total") {
+        assert!(refused >= 1.0, "refused {refused}");
+    }
 }
 
 #[test]
@@ -577,4 +580,62 @@ fn body_is_json_whatever_the_content_type() {
     );
     let (_, events) = stream_events(srv.addr, req.as_bytes());
     assert_eq!(tokens_until_done(&events).len(), 2);
+}
+
+#[test]
+fn pipelined_requests_beyond_the_buffer_limit_are_not_lost() {
+    // While a stream runs, requests pipelined behind it are held, up to
+    // max-head-bytes + max-body-bytes (here 2048). Send more than that.
+    let srv = start(&[
+        "--max-head-bytes",
+        "1024",
+        "--max-body-bytes",
+        "1024",
+        "--sim-ttft-ms",
+        "300",
+        "--sim-itl-ms",
+        "1",
+    ]);
+    let mut c = srv.connect();
+    c.send(&post_stream(r#"{"prompt":"hi","max_tokens":2}"#));
+    assert_eq!(c.read_head().status, 200);
+    // Three requests of ~900 bytes each, in one write, during the stream's TTFT.
+    let pad = "p".repeat(850);
+    let mut more = Vec::new();
+    for i in 0..3 {
+        more.extend_from_slice(&get(
+            "/healthz",
+            &format!("X-Request-Id: r{i}\r\nX-Pad: {pad}\r\n"),
+        ));
+    }
+    assert!(more.len() > 2048);
+    c.send(&more);
+    assert_eq!(tokens_until_done(&c.events_to_end()).len(), 2);
+    // Each pipelined request is answered, in order (or at worst refused
+    // visibly); never silently dropped.
+    for i in 0..3 {
+        let r = c.read_response();
+        assert_eq!(r.status(), 200, "pipelined request {i}: {}", r.text());
+        assert_eq!(
+            r.head.header("x-request-id"),
+            Some(format!("r{i}").as_str())
+        );
+    }
+}
+
+#[test]
+fn queue_depth_zero_still_serves_with_an_idle_worker() {
+    let (backend, stats) = TestBackend::create();
+    let srv = start_with_backend(&["--workers", "1", "--queue-depth", "0"], backend);
+    let mut c = srv.connect();
+    let r = {
+        c.send(&post_stream(r#"{"prompt":"tokens 1 0"}"#));
+        c.read_head()
+    };
+    assert_eq!(
+        r.status, 200,
+        "an idle worker exists, yet --queue-depth 0 refused: {r:?}"
+    );
+    assert_eq!(tokens_until_done(&c.events_to_end()).len(), 1);
+    assert_eq!(stats.started(), 1);
 }

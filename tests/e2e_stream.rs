@@ -169,7 +169,7 @@ fn heartbeats_arrive_before_the_first_token() {
 
 #[test]
 fn heartbeat_while_queued_for_a_worker() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&["--workers", "1", "--heartbeat-ms", "50"], backend);
 
     let mut a = srv.connect();
@@ -209,7 +209,7 @@ fn heartbeat_while_queued_for_a_worker() {
 
 #[test]
 fn error_mid_stream_and_a_neighbour_completes() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&[], backend);
 
     let mut ok = srv.connect();
@@ -301,7 +301,7 @@ fn non_streaming_answers_one_json_document() {
 
 #[test]
 fn tricky_token_texts_survive_framing() {
-    let (backend, _stats) = TestBackend::new();
+    let (backend, _stats) = TestBackend::create();
     let srv = start_with_backend(&[], backend);
     let (_, events) = stream_events(srv.addr, &post_stream(r#"{"prompt":"texts"}"#));
     let want: Vec<&str> = TRICKY_TEXTS
@@ -316,7 +316,7 @@ fn tricky_token_texts_survive_framing() {
 
 #[test]
 fn max_stream_ms_ends_with_deadline_exceeded_and_cancels() {
-    let (backend, stats) = TestBackend::new();
+    let (backend, stats) = TestBackend::create();
     let srv = start_with_backend(&["--max-stream-ms", "300"], backend);
     let mut c = srv.connect();
     c.send(&post_stream(r#"{"prompt":"block"}"#));
@@ -349,4 +349,62 @@ fn max_stream_ms_ends_with_deadline_exceeded_and_cancels() {
         m.errored(sluice::sse::ErrorCode::DeadlineExceeded) == 1
             && m.streams_open.load(std::sync::atomic::Ordering::SeqCst) == 0
     });
+}
+
+#[test]
+fn upstream_finish_reason_passes_through_and_unknown_prompt_count_is_omitted() {
+    let (backend, _stats) = TestBackend::create();
+    let srv = start_with_backend(&[], backend);
+    let (_, events) = stream_events(
+        srv.addr,
+        &post_stream(r#"{"prompt":"reason content_filter"}"#),
+    );
+    assert_eq!(tokens_until_done(&events).len(), 1);
+    let d = events.last().unwrap().json();
+    assert_eq!(d["finish_reason"], "content_filter", "{d}");
+    assert_eq!(d["usage"]["completion_tokens"], 1, "{d}");
+    assert!(d["usage"].get("prompt_tokens").is_none(), "{d}");
+}
+
+#[test]
+fn a_panicking_backend_ends_the_stream_with_internal() {
+    let (backend, _stats) = TestBackend::create();
+    let srv = start_with_backend(&["--workers", "1"], backend);
+    let (_, events) = stream_events(srv.addr, &post_stream(r#"{"prompt":"panic"}"#));
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].token(), "tok0 ");
+    let last = &events[1];
+    assert_eq!(last.event, "error", "{last:?}");
+    assert!(
+        last.id.as_deref().is_some_and(|i| i.ends_with(":2")),
+        "{last:?}"
+    );
+    let d = last.json();
+    assert_eq!(d["code"], "internal", "{d}");
+    assert_eq!(d["retryable"], false, "{d}");
+    // The only worker survived the panic.
+    let (_, events) = stream_events(srv.addr, &post_stream(r#"{"prompt":"tokens 2 0"}"#));
+    assert_eq!(tokens_until_done(&events).len(), 2);
+}
+
+#[test]
+fn tokens_are_sent_as_they_are_produced() {
+    // Generous bound: 3 tokens 200 ms apart; the first must arrive well
+    // before the end (not held back and flushed together with `done`).
+    let (backend, _stats) = TestBackend::create();
+    let srv = start_with_backend(&[], backend);
+    let mut c = srv.connect();
+    c.send(&post_stream(r#"{"prompt":"tokens 3 200"}"#));
+    assert_eq!(c.read_head().status, 200);
+    let first = c.next_event().expect("first token");
+    let t0 = std::time::Instant::now();
+    assert_eq!(first.token(), "tok0 ");
+    let rest = c.events_to_end();
+    assert_eq!(rest.len(), 3, "{rest:?}");
+    assert_eq!(rest[2].event, "done");
+    let gap = t0.elapsed();
+    assert!(
+        gap >= Duration::from_millis(150),
+        "first token and done {gap:?} apart"
+    );
 }

@@ -21,19 +21,46 @@ use sluice::pool::TokenSink;
 use sluice::sse::{ErrorCode, StreamError};
 
 /// Longest a single blocking read waits before the test fails.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ------------------------------------------------------------------ server
 
-/// A server running on its own thread (it lives until the test process exits).
+/// A server running on its own thread (it lives until the test process
+/// exits, or until [`TestServer::shut_down`]).
 pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    shutdown: sluice::server::ShutdownHandle,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
 impl TestServer {
     pub fn connect(&self) -> Client {
         Client::connect(self.addr)
+    }
+
+    /// Starts a graceful shutdown (what SIGTERM does).
+    pub fn shut_down(&self) {
+        self.shutdown.shut_down();
+    }
+
+    /// Whether the loop has returned.
+    pub fn has_exited(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits (bounded) for the loop to return and gives its result.
+    pub fn join(&mut self, timeout: Duration) -> io::Result<()> {
+        assert!(
+            wait_until(timeout, || self.has_exited()),
+            "the server did not stop within {timeout:?}; metrics: {}",
+            metrics_summary(&self.metrics)
+        );
+        self.thread
+            .take()
+            .expect("joined once")
+            .join()
+            .expect("server thread")
     }
 }
 
@@ -57,13 +84,17 @@ fn start_inner(flags: &[&str], backend: Option<Arc<dyn Backend>>) -> TestServer 
     let server = sluice::Server::bind(config(flags), backend).expect("bind");
     let addr = server.local_addr();
     let metrics = server.metrics();
-    std::thread::Builder::new()
+    let shutdown = server.shutdown_handle();
+    let thread = std::thread::Builder::new()
         .name(format!("sluice-test-{}", addr.port()))
-        .spawn(move || {
-            let _ = server.run();
-        })
+        .spawn(move || server.run())
         .expect("spawn server thread");
-    TestServer { addr, metrics }
+    TestServer {
+        addr,
+        metrics,
+        shutdown,
+        thread: Some(thread),
+    }
 }
 
 pub fn load(a: &AtomicU64) -> u64 {
@@ -281,6 +312,13 @@ impl Client {
         Client::from_stream(sock)
     }
 
+    /// Closes with a reset (SO_LINGER 0) instead of a FIN.
+    pub fn reset(self) {
+        let s = socket2::SockRef::from(&self.sock);
+        s.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+        drop(self);
+    }
+
     pub fn from_stream(sock: TcpStream) -> Client {
         Client {
             sock,
@@ -306,6 +344,17 @@ impl Client {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return 0,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!(
+                        "no bytes from the server for {READ_TIMEOUT:?}; unread so far: {:?}",
+                        String::from_utf8_lossy(&self.buf)
+                    )
+                }
                 Err(e) => panic!(
                     "read failed ({e}); unread so far: {:?}",
                     String::from_utf8_lossy(&self.buf)
@@ -591,6 +640,23 @@ pub fn prom_value(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// The sum of a metric family's samples over all label sets (`None` if absent).
+pub fn prom_sum(text: &str, family: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((n, v)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let base = n.split('{').next().unwrap_or(n);
+        if base == family {
+            if let Ok(v) = v.parse::<f64>() {
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    found
+}
+
 // ------------------------------------------------------------------ backend
 
 /// What a [`TestBackend`] saw, shared with the test.
@@ -647,6 +713,8 @@ pub const TRICKY_TEXTS: [&str; 8] = [
 /// - `block`: sleeps until cancelled (60 s at most).
 /// - `gate N`: waits for [`BackendStats::open_gate`] (or a cancel), then N tokens.
 /// - `error K`: K tokens, then `upstream_error` "boom".
+/// - `reason R`: one token, then `done` with finish_reason R and no prompt count.
+/// - `panic`: one token, then a panic.
 /// - `texts`: the pieces of [`TRICKY_TEXTS`] (one of them empty), then `stop`.
 ///
 /// Anything else is `tokens 3 0`.
@@ -655,7 +723,7 @@ pub struct TestBackend {
 }
 
 impl TestBackend {
-    pub fn new() -> (Arc<dyn Backend>, Arc<BackendStats>) {
+    pub fn create() -> (Arc<dyn Backend>, Arc<BackendStats>) {
         let stats = Arc::new(BackendStats::default());
         (
             Arc::new(TestBackend {
@@ -718,6 +786,18 @@ impl TestBackend {
                     self.push(sink, &format!("tok{i} "))?;
                 }
                 Ok(finish(n_sent, n))
+            }
+            Some("reason") => {
+                self.push(sink, "tok0 ")?;
+                Ok(Finish {
+                    finish_reason: words.get(1).copied().unwrap_or("stop").into(),
+                    prompt_tokens: None,
+                    completion_tokens: None,
+                })
+            }
+            Some("panic") => {
+                self.push(sink, "tok0 ")?;
+                panic!("the test backend panics on purpose");
             }
             Some("texts") => {
                 for t in TRICKY_TEXTS {
