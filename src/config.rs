@@ -17,7 +17,7 @@ pub enum BackendKind {
     /// The simulated model run on the blocking worker pool, like an upstream call
     /// (exercises the worker hand-off; an extension of the contract).
     SimPool,
-    /// An OpenAI-compatible upstream server (not implemented yet).
+    /// An OpenAI-compatible upstream server (`--upstream-url`).
     Openai,
 }
 
@@ -69,6 +69,30 @@ pub struct Config {
     /// Length of a simulated answer, in tokens.
     #[arg(long, env = "SLUICE_SIM_TOKENS", default_value_t = 64)]
     pub sim_tokens: u32,
+
+    /// Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8081/v1.
+    #[arg(long, env = "SLUICE_UPSTREAM_URL")]
+    pub upstream_url: Option<String>,
+
+    /// API key sent upstream as `Authorization: Bearer KEY`.
+    #[arg(long, env = "SLUICE_UPSTREAM_KEY", hide_env_values = true)]
+    pub upstream_key: Option<String>,
+
+    /// Model name sent upstream; when set it replaces the request's `model`.
+    #[arg(long, env = "SLUICE_UPSTREAM_MODEL")]
+    pub upstream_model: Option<String>,
+
+    /// Time to connect to the upstream, in ms.
+    #[arg(long, env = "SLUICE_UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub upstream_connect_timeout_ms: u64,
+
+    /// Longest silence between two bytes from the upstream, in ms.
+    #[arg(long, env = "SLUICE_UPSTREAM_READ_TIMEOUT_MS", default_value_t = 30000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub upstream_read_timeout_ms: u64,
+
+    /// Prepended to every conversation as a system message when set.
+    #[arg(long, env = "SLUICE_SYSTEM_PROMPT")]
+    pub system_prompt: Option<String>,
 
     /// Blocking worker threads = concurrent upstream generations.
     #[arg(long, env = "SLUICE_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]

@@ -19,6 +19,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use crate::backend::openai::{OpenAiBackend, UpstreamConfig};
 use crate::backend::sim::SimPoolBackend;
 use crate::backend::{Backend, GenRequest};
 use crate::config::{BackendKind, Config};
@@ -131,6 +132,9 @@ impl Services for Shared {
         match which {
             Ops::Healthz => (200, TEXT, b"ok\n".to_vec()),
             Ops::Readyz if self.draining => (503, TEXT, b"draining\n".to_vec()),
+            Ops::Readyz if !self.pool.as_ref().is_none_or(|p| p.backend().ready()) => {
+                (503, TEXT, b"backend unreachable\n".to_vec())
+            }
             Ops::Readyz => (200, TEXT, b"ready\n".to_vec()),
             Ops::Metrics => {
                 self.metrics
@@ -267,10 +271,23 @@ impl Server {
                 sim_tokens: cfg.sim_tokens,
             })),
             (None, BackendKind::Openai) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "--backend openai is not implemented yet; use --backend sim",
-                ))
+                let Some(url) = cfg.upstream_url.clone() else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "--backend openai needs --upstream-url (e.g. http://127.0.0.1:8081/v1)",
+                    ));
+                };
+                let backend = OpenAiBackend::new(UpstreamConfig {
+                    url,
+                    key: cfg.upstream_key.clone(),
+                    model: cfg.upstream_model.clone(),
+                    system_prompt: cfg.system_prompt.clone(),
+                    connect_timeout: Duration::from_millis(cfg.upstream_connect_timeout_ms),
+                    read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
+                    max_idle: cfg.workers as usize,
+                })
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                Some(Arc::new(backend))
             }
         };
         let pool =

@@ -732,6 +732,7 @@ impl Session {
                         end = Some(End::Done {
                             reason: text.finish_reason().into(),
                             prompt_tokens: *prompt_tokens,
+                            completion_tokens: None,
                         });
                     }
                 }
@@ -744,6 +745,7 @@ impl Session {
                         end = Some(End::Done {
                             reason: f.finish_reason,
                             prompt_tokens: f.prompt_tokens,
+                            completion_tokens: f.completion_tokens,
                         });
                         false
                     }
@@ -833,12 +835,13 @@ impl Session {
                 End::Done {
                     reason,
                     prompt_tokens,
+                    completion_tokens,
                 },
             ) => {
                 let info = DoneInfo {
                     finish_reason: &reason,
                     prompt_tokens,
-                    completion_tokens: tokens,
+                    completion_tokens: completion_tokens.unwrap_or(tokens),
                     ttft_ms,
                     tokens_per_s,
                 };
@@ -867,12 +870,13 @@ impl Session {
                 End::Done {
                     reason,
                     prompt_tokens,
+                    completion_tokens,
                 },
             ) => {
                 let info = DoneInfo {
                     finish_reason: &reason,
                     prompt_tokens,
-                    completion_tokens: tokens,
+                    completion_tokens: completion_tokens.unwrap_or(tokens),
                     ttft_ms,
                     tokens_per_s,
                 };
@@ -1018,6 +1022,8 @@ enum End {
     Done {
         reason: String,
         prompt_tokens: Option<u32>,
+        /// The backend's own count, when it has one.
+        completion_tokens: Option<u32>,
     },
     Error(StreamError),
     Disconnected,

@@ -5,6 +5,7 @@
 //! each piece of text to a [`crate::pool::TokenSink`]; the simulated model
 //! also has a thread-free form that the event loop paces itself.
 
+pub mod openai;
 pub mod sim;
 
 use serde::Serialize;
@@ -48,4 +49,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Name for logs and `/v1/models`.
     fn name(&self) -> &str;
+
+    /// Whether the backend looks reachable (for `/readyz`); must not block.
+    fn ready(&self) -> bool {
+        true
+    }
 }
