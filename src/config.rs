@@ -90,6 +90,11 @@ pub struct Config {
     #[arg(long, env = "SLUICE_UPSTREAM_READ_TIMEOUT_MS", default_value_t = 30000, value_parser = clap::value_parser!(u64).range(1..))]
     pub upstream_read_timeout_ms: u64,
 
+    /// PEM file of CA certificates to trust for an https upstream (default:
+    /// the bundled web roots).
+    #[arg(long, env = "SLUICE_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+
     /// Prepended to every conversation as a system message when set.
     #[arg(long, env = "SLUICE_SYSTEM_PROMPT")]
     pub system_prompt: Option<String>,

@@ -285,6 +285,7 @@ impl Server {
                     connect_timeout: Duration::from_millis(cfg.upstream_connect_timeout_ms),
                     read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
                     max_idle: cfg.workers as usize,
+                    ca_file: cfg.upstream_ca_file.clone(),
                 })
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 Some(Arc::new(backend))

@@ -37,6 +37,9 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
     /// Keep-alive connections kept for reuse.
     pub max_idle: usize,
+    /// PEM file of CA certificates trusted for https (instead of the
+    /// bundled web roots), for an upstream behind a private CA.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 struct Target {
@@ -76,7 +79,28 @@ impl OpenAiBackend {
             "http" => None,
             "https" => {
                 let mut roots = rustls::RootCertStore::empty();
-                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                match &cfg.ca_file {
+                    None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+                    Some(path) => {
+                        use rustls::pki_types::pem::PemObject;
+                        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                            .map_err(|e| format!("--upstream-ca-file {}: {e}", path.display()))?;
+                        for cert in certs {
+                            let cert = cert.map_err(|e| {
+                                format!("--upstream-ca-file {}: {e}", path.display())
+                            })?;
+                            roots.add(cert).map_err(|e| {
+                                format!("--upstream-ca-file {}: {e}", path.display())
+                            })?;
+                        }
+                        if roots.is_empty() {
+                            return Err(format!(
+                                "--upstream-ca-file {}: no certificate in it",
+                                path.display()
+                            ));
+                        }
+                    }
+                }
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
                 let config = rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
@@ -882,6 +906,7 @@ mod tests {
             connect_timeout: Duration::from_millis(10),
             read_timeout: Duration::from_secs(1),
             max_idle: 4,
+            ca_file: None,
         })
         .unwrap();
         assert_eq!(b.target.path, "/v1/chat/completions");
@@ -915,6 +940,7 @@ mod tests {
                 connect_timeout: Duration::from_millis(10),
                 read_timeout: Duration::from_secs(1),
                 max_idle: 1,
+                ca_file: None,
             });
             assert!(r.is_err(), "{url}");
         }
