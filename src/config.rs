@@ -148,6 +148,11 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_STREAM_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_stream_ms: u64,
 
+    /// Origins allowed to call from a browser on another origin (repeatable,
+    /// or `*`); none: no CORS headers are sent.
+    #[arg(long, env = "SLUICE_CORS_ORIGIN", value_delimiter = '\n')]
+    pub cors_origin: Vec<String>,
+
     /// Answer without streaming: one JSON document per request (the feature flag).
     #[arg(long, env = "SLUICE_NO_STREAMING")]
     pub no_streaming: bool,

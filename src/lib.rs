@@ -18,6 +18,7 @@
 //!   pieces and time in; bytes, deadlines and "close" out.
 //! - [`http`]: request parsing and limits (httparse), response heads.
 //! - [`api`]: the native endpoint's JSON body and query string.
+//! - [`openai_api`]: `/v1/chat/completions` requests, chunks and errors.
 //! - [`sse`]: event framing.
 //! - [`outbuf`]: the output buffer and the per-loop pool of allocations.
 //! - [`timer`]: the hashed timer wheel.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod openai_api;
 pub mod outbuf;
 pub mod pool;
 pub mod server;

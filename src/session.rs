@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::http::response::{self, Body, Head};
 use crate::http::{Method, ReadStatus, Request, RequestReader, Version};
 use crate::metrics::Metrics;
+use crate::openai_api::{self, ChunkFormat};
 use crate::outbuf::{BufPool, OutBuf};
 use crate::pool::{Piece, TokenSink};
 use crate::sse::{self, DoneInfo, ErrorCode, StreamError};
@@ -153,10 +154,23 @@ enum Prod {
     Pool(Arc<TokenSink>),
 }
 
+/// Which API the stream speaks.
+enum Flavor {
+    /// `/v1/chat/stream`: `token`, `heartbeat`, `done`, `error` events.
+    Native,
+    /// `/v1/chat/completions`: `chat.completion.chunk` data events.
+    OpenAi {
+        format: Box<ChunkFormat>,
+        /// `stream: true` under `--no-streaming`: one chunk and `[DONE]` at the end.
+        at_once: bool,
+    },
+}
+
 struct Stream {
     id: u64,
     request_id: String,
     line: ReqLine,
+    flavor: Flavor,
     version: Version,
     keep_alive: bool,
     mode: Mode,
@@ -202,6 +216,10 @@ pub struct Session {
     input_full: bool,
     /// The request being answered (not a stream), for the access log.
     current: Option<Box<(ReqLine, Instant)>>,
+    /// `Access-Control-Allow-Origin` for the current request, when allowed.
+    cors: Option<Box<str>>,
+    /// The current request is on the OpenAI endpoint: errors in its shape.
+    openai: bool,
 }
 
 impl Session {
@@ -218,6 +236,8 @@ impl Session {
             ttft_mark: None,
             input_full: false,
             current: None,
+            cors: None,
+            openai: false,
         }
     }
 
@@ -445,8 +465,15 @@ impl Session {
                         };
                         st.last_event_at = now;
                         let chunked = st.chunked();
-                        self.out
-                            .append_chunk(cx.bufs, chunked, |b| sse::heartbeat(b, phase));
+                        let native = matches!(st.flavor, Flavor::Native);
+                        self.out.append_chunk(cx.bufs, chunked, |b| {
+                            if native {
+                                sse::heartbeat(b, phase)
+                            } else {
+                                // OpenAI clients skip SSE comments.
+                                b.extend_from_slice(b": keep-alive\n\n")
+                            }
+                        });
                         cx.metrics
                             .heartbeats_sent
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -553,11 +580,35 @@ impl Session {
             },
             cx.now,
         )));
+        self.cors = cors_origin(cx.cfg, &req);
         let path = req.path.as_str();
+        self.openai = path.starts_with("/v1/") && path != "/v1/chat/stream";
+        if req.method == Method::Options && !cx.cfg.cors_origin.is_empty() {
+            return self.preflight(cx, &request_id, &req);
+        }
         match path {
             "/v1/chat/stream" => match req.method {
                 Method::Get | Method::Post => self.stream_request(cx, id, request_id, req),
                 _ => self.method_not_allowed(cx, &request_id, &req, "GET, POST"),
+            },
+            "/v1/chat/completions" => match req.method {
+                Method::Post => self.chat_request(cx, id, request_id, req),
+                _ => self.method_not_allowed(cx, &request_id, &req, "POST"),
+            },
+            "/v1/models" => match req.method {
+                Method::Get => {
+                    let body = openai_api::models_body(&served_model(cx.cfg), unix_now());
+                    self.respond(cx, &request_id, v, ka, 200, "application/json", &body, &[]);
+                }
+                _ => self.method_not_allowed(cx, &request_id, &req, "GET"),
+            },
+            "/" | "/index.html" => match req.method {
+                Method::Get => {
+                    let ct = "text/html; charset=utf-8";
+                    let page = DEMO_PAGE.as_bytes();
+                    self.respond(cx, &request_id, v, ka, 200, ct, page, &[]);
+                }
+                _ => self.method_not_allowed(cx, &request_id, &req, "GET"),
             },
             "/healthz" | "/readyz" | "/metrics" => match req.method {
                 Method::Get => {
@@ -576,6 +627,53 @@ impl Session {
                 self.respond_error(cx, &request_id, v, ka, 404, "not_found", &msg, &[]);
             }
         }
+    }
+
+    /// A CORS preflight: 204, with the CORS headers only for an allowed origin.
+    fn preflight(&mut self, cx: &mut Cx, request_id: &str, req: &Request) {
+        let (v, ka) = (req.version, req.keep_alive);
+        let extra: &[(&str, &str)] = if self.cors.is_some() {
+            &[
+                ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                (
+                    "Access-Control-Allow-Headers",
+                    "Content-Type, Authorization, X-Request-Id, Last-Event-ID, Cache-Control",
+                ),
+                ("Access-Control-Max-Age", "600"),
+            ]
+        } else {
+            &[]
+        };
+        self.respond(cx, request_id, v, ka, 204, "", &[], extra);
+    }
+
+    fn chat_request(&mut self, cx: &mut Cx, id: u64, request_id: String, req: Request) {
+        let (v, ka) = (req.version, req.keep_alive);
+        let chat = match openai_api::parse(&req.body, cx.cfg.max_tokens_limit) {
+            Ok(c) => c,
+            Err(msg) => {
+                return self.respond_error(cx, &request_id, v, ka, 400, "bad_request", &msg, &[]);
+            }
+        };
+        let model = chat
+            .gen
+            .model
+            .clone()
+            .or_else(|| cx.cfg.upstream_model.clone())
+            .unwrap_or_else(|| served_model(cx.cfg));
+        let format = Box::new(ChunkFormat::new(id, &model, unix_now(), chat.include_usage));
+        let at_once = chat.stream && cx.cfg.no_streaming;
+        let flavor = Flavor::OpenAi { format, at_once };
+        self.start_stream(
+            cx,
+            id,
+            request_id,
+            v,
+            ka,
+            chat.gen,
+            chat.stream && !at_once,
+            flavor,
+        );
     }
 
     fn method_not_allowed(&mut self, cx: &mut Cx, request_id: &str, req: &Request, allow: &str) {
@@ -615,6 +713,23 @@ impl Session {
                 return self.respond_error(cx, &request_id, v, ka, 400, "bad_request", &msg, &[]);
             }
         };
+        let streaming = stream && !cx.cfg.no_streaming;
+        self.start_stream(cx, id, request_id, v, ka, gen, streaming, Flavor::Native);
+    }
+
+    /// Admits a stream and sends its head (when streaming), or refuses it.
+    #[allow(clippy::too_many_arguments)]
+    fn start_stream(
+        &mut self,
+        cx: &mut Cx,
+        id: u64,
+        request_id: String,
+        v: Version,
+        ka: bool,
+        gen: GenRequest,
+        streaming: bool,
+        flavor: Flavor,
+    ) {
         let producer = match cx.svc.admit(id, &gen) {
             Ok(p) => p,
             Err(r) => {
@@ -645,16 +760,23 @@ impl Session {
             Prod::Sim { .. } => Some(sim::prompt_tokens(&gen.messages)),
             Prod::Pool(_) => None,
         };
-        let streaming = stream && !cx.cfg.no_streaming;
         if streaming {
-            self.out
-                .append(cx.bufs, |b| response::write_sse_head(b, v, ka, &request_id));
+            let cors = self.cors_headers();
+            let cors: Vec<(&str, &str)> = cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            self.out.append(cx.bufs, |b| {
+                response::write_sse_head(b, v, ka, &request_id, &cors);
+            });
+            if let Flavor::OpenAi { format, .. } = &flavor {
+                let chunked = v == Version::Http11;
+                self.out.append_chunk(cx.bufs, chunked, |b| format.role(b));
+            }
         }
         let line = self.current.take().map(|c| c.0).unwrap_or_default();
         self.state = State::Streaming(Box::new(Stream {
             id,
             request_id,
             line,
+            flavor,
             version: v,
             keep_alive: ka,
             mode: if streaming {
@@ -696,6 +818,7 @@ impl Session {
         let chunked = st.chunked();
         let Stream {
             mode,
+            flavor,
             prod,
             tokens,
             last_token_at,
@@ -705,9 +828,10 @@ impl Session {
             ..
         } = &mut **st;
         let mut on_token = |b: &mut Vec<u8>, text: &str| {
-            match mode {
-                Mode::Sse => sse::token(b, text),
-                Mode::Json(all) => all.push_str(text),
+            match (&mut *mode, &*flavor) {
+                (Mode::Sse, Flavor::Native) => sse::token(b, text),
+                (Mode::Sse, Flavor::OpenAi { format, .. }) => format.content(b, text),
+                (Mode::Json(all), _) => all.push_str(text),
             }
             *tokens += 1;
             if let Some(prev) = *last_token_at {
@@ -825,6 +949,7 @@ impl Session {
             .tokens_sent
             .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
         cx.svc.stream_ended(&summary);
+        let flavor = st.flavor;
         match (st.mode, end) {
             (_, End::Disconnected) => {
                 self.state = State::Closed;
@@ -838,19 +963,26 @@ impl Session {
                     completion_tokens,
                 },
             ) => {
+                let completion = completion_tokens.unwrap_or(tokens);
                 let info = DoneInfo {
                     finish_reason: &reason,
                     prompt_tokens,
-                    completion_tokens: completion_tokens.unwrap_or(tokens),
+                    completion_tokens: completion,
                     ttft_ms,
                     tokens_per_s,
                 };
-                self.out
-                    .append_chunk(cx.bufs, chunked, |b| sse::done(b, &sid, seq, &info));
+                self.out.append_chunk(cx.bufs, chunked, |b| match &flavor {
+                    Flavor::Native => sse::done(b, &sid, seq, &info),
+                    Flavor::OpenAi { format, .. } => {
+                        format.finish(b, &reason, prompt_tokens, completion)
+                    }
+                });
             }
             (Mode::Sse, End::Error(e)) => {
-                self.out
-                    .append_chunk(cx.bufs, chunked, |b| sse::error(b, &sid, seq, &e));
+                self.out.append_chunk(cx.bufs, chunked, |b| match &flavor {
+                    Flavor::Native => sse::error(b, &sid, seq, &e),
+                    Flavor::OpenAi { format, .. } => format.error(b, &e),
+                });
                 if matches!(e.code, ErrorCode::SlowConsumer | ErrorCode::ShuttingDown) {
                     keep_alive = false;
                 }
@@ -880,20 +1012,41 @@ impl Session {
                     ttft_ms,
                     tokens_per_s,
                 };
-                let mut body = Vec::with_capacity(text.len() + 128);
-                body.extend_from_slice(b"{\"text\":");
-                let _ = serde_json::to_writer(&mut body, &text);
-                body.push(b',');
-                let mut rest = Vec::new();
-                sse::done_json(&mut rest, &info);
-                body.extend_from_slice(&rest[1..]);
+                let mut body = Vec::with_capacity(text.len() + 256);
+                let completion = info.completion_tokens;
+                let content_type = match &flavor {
+                    Flavor::Native => {
+                        body.extend_from_slice(b"{\"text\":");
+                        let _ = serde_json::to_writer(&mut body, &text);
+                        body.push(b',');
+                        let mut rest = Vec::new();
+                        sse::done_json(&mut rest, &info);
+                        body.extend_from_slice(&rest[1..]);
+                        "application/json"
+                    }
+                    Flavor::OpenAi {
+                        format,
+                        at_once: false,
+                    } => {
+                        format.completion(&mut body, &text, &reason, prompt_tokens, completion);
+                        "application/json"
+                    }
+                    Flavor::OpenAi {
+                        format,
+                        at_once: true,
+                    } => {
+                        format.whole(&mut body, &text, &reason);
+                        format.usage_and_done(&mut body, prompt_tokens, completion);
+                        "text/event-stream"
+                    }
+                };
                 self.respond(
                     cx,
                     &request_id,
                     version,
                     keep_alive,
                     200,
-                    "application/json",
+                    content_type,
                     &body,
                     &[],
                 );
@@ -926,10 +1079,25 @@ impl Session {
         self.finish_response(cx, version, keep_alive && chunked);
     }
 
+    /// The CORS headers of the current request's response (none when CORS
+    /// is off or the origin is not allowed).
+    fn cors_headers(&self) -> Vec<(&'static str, String)> {
+        match &self.cors {
+            Some(origin) => vec![
+                ("Access-Control-Allow-Origin", origin.to_string()),
+                ("Vary", "Origin".into()),
+                ("Access-Control-Expose-Headers", "X-Request-Id".into()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
     /// After a whole response: read the next request, or close.
     fn finish_response(&mut self, cx: &mut Cx, _version: Version, keep_alive: bool) {
         self.served += 1;
         self.read_since = cx.now;
+        self.openai = false;
+        self.cors = None;
         self.input_full = false;
         if keep_alive {
             self.state = State::Reading;
@@ -967,6 +1135,9 @@ impl Session {
             request_id,
             duration: current.as_ref().map_or(Duration::ZERO, |c| cx.now - c.1),
         });
+        let cors = self.cors_headers();
+        let mut headers: Vec<(&str, &str)> = cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        headers.extend_from_slice(extra);
         let head = Head {
             status,
             content_type: (!content_type.is_empty()).then_some(content_type),
@@ -974,7 +1145,7 @@ impl Session {
             version,
             keep_alive,
             request_id,
-            extra,
+            extra: &headers,
         };
         self.out.append(cx.bufs, |b| {
             if status == 204 {
@@ -1004,7 +1175,11 @@ impl Session {
         message: &str,
         extra: &[(&str, &str)],
     ) {
-        let body = response::error_body(code, message);
+        let body = if self.openai {
+            openai_api::error_body(status, code, message)
+        } else {
+            response::error_body(code, message)
+        };
         self.respond(
             cx,
             request_id,
@@ -1016,6 +1191,39 @@ impl Session {
             extra,
         );
     }
+}
+
+/// The demo page served at `GET /`.
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// The model name `/v1/models` lists and responses carry by default.
+fn served_model(cfg: &Config) -> String {
+    match (&cfg.upstream_model, cfg.backend) {
+        (Some(m), _) => m.clone(),
+        (None, crate::config::BackendKind::Openai) => "upstream".into(),
+        (None, _) => "sluice-sim".into(),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `Access-Control-Allow-Origin` for this request, if `--cors-origin` allows its `Origin`.
+fn cors_origin(cfg: &Config, req: &Request) -> Option<Box<str>> {
+    if cfg.cors_origin.is_empty() {
+        return None;
+    }
+    let origin = req.header("origin")?;
+    if cfg.cors_origin.iter().any(|o| o == "*") {
+        return Some("*".into());
+    }
+    cfg.cors_origin
+        .iter()
+        .any(|o| o.trim_end_matches('/').eq_ignore_ascii_case(origin))
+        .then(|| origin.into())
 }
 
 enum End {

@@ -28,6 +28,8 @@ pub struct GenRequest {
     pub temperature: Option<f64>,
     pub stop: Vec<String>,
     pub model: Option<String>,
+    /// Other OpenAI fields, forwarded to an upstream unchanged.
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// How a successful generation ended.

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::{Backend, Finish, GenRequest};
 use crate::pool::TokenSink;
@@ -150,7 +150,7 @@ impl OpenAiBackend {
         for m in &req.messages {
             messages.push(json!({"role": m.role, "content": m.content}));
         }
-        let mut body = Map::new();
+        let mut body = req.extra.clone();
         if let Some(model) = self.cfg.model.as_ref().or(req.model.as_ref()) {
             body.insert("model".into(), json!(model));
         }
@@ -852,6 +852,7 @@ fn bad(msg: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     fn collect(chunks: &[&[u8]]) -> (Vec<String>, Flow) {
         let mut p = SseParser::default();
@@ -920,6 +921,7 @@ mod tests {
             temperature: Some(0.0),
             stop: vec!["x".into()],
             model: Some("ignored".into()),
+            extra: Map::new(),
         };
         let v = b.request_body(&req);
         assert_eq!(

@@ -80,7 +80,13 @@ pub fn write_head(buf: &mut Vec<u8>, head: &Head) {
 }
 
 /// The head of an SSE stream.
-pub fn write_sse_head(buf: &mut Vec<u8>, version: Version, keep_alive: bool, request_id: &str) {
+pub fn write_sse_head(
+    buf: &mut Vec<u8>,
+    version: Version,
+    keep_alive: bool,
+    request_id: &str,
+    extra: &[(&str, &str)],
+) {
     let body = match version {
         Version::Http11 => Body::Chunked,
         Version::Http10 => Body::CloseDelimited,
@@ -97,6 +103,14 @@ pub fn write_sse_head(buf: &mut Vec<u8>, version: Version, keep_alive: bool, req
             extra: &[("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")],
         },
     );
+    if !extra.is_empty() {
+        // Insert before the blank line that ends the head.
+        buf.truncate(buf.len() - 2);
+        for (k, v) in extra {
+            let _ = write!(buf, "{k}: {v}\r\n");
+        }
+        buf.extend_from_slice(b"\r\n");
+    }
 }
 
 /// A whole response with a body of known length.
@@ -124,13 +138,13 @@ mod tests {
     #[test]
     fn sse_heads() {
         let mut b = Vec::new();
-        write_sse_head(&mut b, Version::Http11, true, "abc");
+        write_sse_head(&mut b, Version::Http11, true, "abc", &[]);
         assert_eq!(
             String::from_utf8(b).unwrap(),
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nX-Request-Id: abc\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\r\n"
         );
         let mut b = Vec::new();
-        write_sse_head(&mut b, Version::Http10, false, "abc");
+        write_sse_head(&mut b, Version::Http10, false, "abc", &[]);
         assert_eq!(
             String::from_utf8(b).unwrap(),
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\nX-Request-Id: abc\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\r\n"
