@@ -528,6 +528,15 @@ impl Session {
                     self.dispatch(cx, request);
                 }
                 Err(e) => {
+                    // A refused head may still name its path and origin: the
+                    // answer should be in that endpoint's shape, readable by
+                    // an allowed browser.
+                    if let Some((line, origin)) = peek_head(&input[at..]) {
+                        self.openai =
+                            line.path.starts_with("/v1/") && line.path != "/v1/chat/stream";
+                        self.cors = origin.and_then(|o| allowed_origin(cx.cfg, &o));
+                        self.current = Some(Box::new((line, cx.now)));
+                    }
                     at = input.len();
                     cx.metrics
                         .requests
@@ -655,11 +664,12 @@ impl Session {
                 return self.respond_error(cx, &request_id, v, ka, 400, "bad_request", &msg, &[]);
             }
         };
-        let model = chat
-            .gen
-            .model
+        // --upstream-model replaces the request's model, so name that one.
+        let model = cx
+            .cfg
+            .upstream_model
             .clone()
-            .or_else(|| cx.cfg.upstream_model.clone())
+            .or_else(|| chat.gen.model.clone())
             .unwrap_or_else(|| served_model(cx.cfg));
         let format = Box::new(ChunkFormat::new(id, &model, unix_now(), chat.include_usage));
         let at_once = chat.stream && cx.cfg.no_streaming;
@@ -1213,10 +1223,33 @@ fn unix_now() -> u64 {
 
 /// `Access-Control-Allow-Origin` for this request, if `--cors-origin` allows its `Origin`.
 fn cors_origin(cfg: &Config, req: &Request) -> Option<Box<str>> {
+    allowed_origin(cfg, req.header("origin")?)
+}
+
+/// The request line and `Origin` of a head that was refused, when they parse.
+fn peek_head(input: &[u8]) -> Option<(ReqLine, Option<String>)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(input) {
+        Ok(httparse::Status::Complete(_)) => {}
+        // A head cut off by the size limit still has its request line.
+        _ if req.path.is_some() => {}
+        _ => return None,
+    }
+    let path = req.path?.split('?').next().unwrap_or_default().to_string();
+    let origin = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("origin"))
+        .map(|h| String::from_utf8_lossy(h.value).into_owned());
+    let method = req.method.unwrap_or("-").to_string();
+    Some((ReqLine { method, path }, origin))
+}
+
+fn allowed_origin(cfg: &Config, origin: &str) -> Option<Box<str>> {
     if cfg.cors_origin.is_empty() {
         return None;
     }
-    let origin = req.header("origin")?;
     if cfg.cors_origin.iter().any(|o| o == "*") {
         return Some("*".into());
     }

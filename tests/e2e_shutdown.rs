@@ -218,3 +218,205 @@ fn the_binary_drains_and_exits_zero_on_sigterm() {
     assert!(status, "sluice did not exit within 4 s of the last stream");
     assert!(code.success(), "exit status {code:?}");
 }
+
+/// The real binary, killed and reaped when dropped (also by a panic); its
+/// stderr lines are kept for failure messages.
+struct Binary {
+    child: std::process::Child,
+    addr: SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Binary {
+    fn spawn(args: &[&str]) -> Binary {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SLUICE_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sluice");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut b = Binary {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("no listening line ({e}); stderr: {:?}", b.log()));
+        b.addr = addr.parse().expect("ADDR:PORT");
+        b
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn sigterm(&self) {
+        // SAFETY: kill(2) on our own child's pid, which it has not reaped.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM)");
+    }
+
+    /// The exit status, if the process exits by `deadline`.
+    fn exit_by(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGTERM while 100 streams run: half of them (20 tokens, ~0.4 s) finish
+/// within the 1.5 s drain with `done`, the other half (200 tokens, ~4 s)
+/// end with `error` `shutting_down`; every body ends with its last chunk;
+/// `/readyz` answers 503 meanwhile; the process exits 0 soon after.
+#[test]
+fn sigterm_during_100_streams_ends_every_one_with_done_or_shutting_down() {
+    const N: usize = 100;
+    const DRAIN: Duration = Duration::from_millis(1500);
+    const SHORT: usize = 20;
+    const LONG: usize = 200;
+    let drain_ms = DRAIN.as_millis().to_string();
+    let mut bin = Binary::spawn(&[
+        "--sim-ttft-ms",
+        "0",
+        "--sim-itl-ms",
+        "20",
+        "--sim-tokens",
+        "200",
+        "--drain-ms",
+        &drain_ms,
+        "--log-level",
+        "warn",
+    ]);
+    let addr = bin.addr;
+    let wanted = |i: usize| if i.is_multiple_of(2) { SHORT } else { LONG };
+
+    // All 100 streams running: each has sent its head and first token.
+    let mut clients: Vec<Client> = (0..N)
+        .map(|i| {
+            let mut c = Client::connect(addr);
+            let body = format!(r#"{{"prompt":"story {i}","max_tokens":{}}}"#, wanted(i));
+            c.send(&post_stream(&body));
+            c
+        })
+        .collect();
+    let mut first = Vec::with_capacity(N);
+    for (i, c) in clients.iter_mut().enumerate() {
+        let head = c.read_head();
+        assert_eq!(head.status, 200, "stream {i}: {head:?}");
+        assert!(head.is_chunked(), "stream {i}: {head:?}");
+        let ev = c.next_event().expect("a first event");
+        assert_eq!(ev.event, "token", "stream {i}: {ev:?}");
+        first.push(ev);
+    }
+
+    let t0 = Instant::now();
+    bin.sigterm();
+
+    // While draining: /readyz 503 and new streams 503 on fresh connections.
+    let ready = || {
+        Client::connect(addr)
+            .roundtrip(&get("/readyz", ""))
+            .status()
+    };
+    assert!(
+        wait_until(Duration::from_secs(3), || ready() == 503),
+        "/readyz never answered 503 after SIGTERM; stderr: {:?}",
+        bin.log()
+    );
+    let r = Client::connect(addr).roundtrip(&post_stream(r#"{"prompt":"late"}"#));
+    assert_eq!(r.status(), 503, "{}", r.text());
+    assert_eq!(r.error_code(), "shutting_down");
+
+    // Every client reads to the end of a properly ended chunked body (the
+    // reader panics on a close before the last chunk) and sees exactly one
+    // terminal event, last.
+    let (mut done, mut shut) = (0, 0);
+    for (i, (c, first)) in clients.iter_mut().zip(first).enumerate() {
+        let mut events = vec![first];
+        events.extend(c.events_to_end());
+        let terminal: Vec<&Event> = events
+            .iter()
+            .filter(|e| e.event == "done" || e.event == "error")
+            .collect();
+        assert_eq!(terminal.len(), 1, "stream {i}: {events:?}");
+        let last = events.last().unwrap();
+        assert_eq!(last, terminal[0], "stream {i}: terminal not last");
+        assert!(
+            last.id.as_deref().is_some_and(|id| id.contains(':')),
+            "stream {i}: terminal id {last:?}"
+        );
+        let tokens = events.iter().filter(|e| e.event == "token").count();
+        let d = last.json();
+        if wanted(i) == SHORT {
+            // ~0.4 s of tokens: finishes within the drain.
+            assert_eq!(last.event, "done", "stream {i}: {d}");
+            assert_eq!(tokens, SHORT, "stream {i}");
+            assert_eq!(d["finish_reason"], "length", "stream {i}: {d}");
+            assert_eq!(d["usage"]["completion_tokens"], SHORT, "stream {i}: {d}");
+            done += 1;
+        } else {
+            // ~4 s of tokens: cut by the end of the drain.
+            assert_eq!(last.event, "error", "stream {i}: {d}");
+            assert_eq!(d["code"], "shutting_down", "stream {i}: {d}");
+            assert_eq!(d["retryable"], true, "stream {i}: {d}");
+            assert!(tokens < LONG, "stream {i}: {tokens} tokens");
+            assert!(
+                c.closed_within(Duration::from_secs(3)),
+                "stream {i}: connection kept after shutting_down"
+            );
+            shut += 1;
+        }
+    }
+    assert_eq!((done, shut), (N / 2, N / 2));
+
+    // The process exits 0: not before the drain time (streams were still
+    // running), and at most about a second after it (2.5 s allowed here).
+    let status = bin.exit_by(t0 + DRAIN + Duration::from_millis(2500));
+    let elapsed = t0.elapsed();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "sluice still running {elapsed:?} after SIGTERM; stderr: {:?}",
+            bin.log()
+        )
+    });
+    assert!(
+        status.success(),
+        "exit status {status:?}; stderr: {:?}",
+        bin.log()
+    );
+    assert!(elapsed >= DRAIN, "exited {elapsed:?} after SIGTERM");
+}

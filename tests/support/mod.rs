@@ -20,6 +20,8 @@ use sluice::metrics::Metrics;
 use sluice::pool::TokenSink;
 use sluice::sse::{ErrorCode, StreamError};
 
+pub mod fake_upstream;
+
 /// Longest a single blocking read waits before the test fails.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -807,7 +809,11 @@ impl TestBackend {
                         self.push(sink, t)?;
                     }
                 }
-                Ok(finish(0, 0))
+                // No count of its own: the server counts the tokens relayed.
+                Ok(Finish {
+                    completion_tokens: None,
+                    ..finish(0, 0)
+                })
             }
             Some("error") => {
                 for i in 0..num(1, 2).min(max) {
