@@ -977,7 +977,8 @@ impl Session {
                 let info = DoneInfo {
                     finish_reason: &reason,
                     prompt_tokens,
-                    completion_tokens: completion,
+                    // The contract: `done` counts the token events sent.
+                    completion_tokens: tokens,
                     ttft_ms,
                     tokens_per_s,
                 };
@@ -1018,12 +1019,13 @@ impl Session {
                 let info = DoneInfo {
                     finish_reason: &reason,
                     prompt_tokens,
-                    completion_tokens: completion_tokens.unwrap_or(tokens),
+                    completion_tokens: tokens,
                     ttft_ms,
                     tokens_per_s,
                 };
                 let mut body = Vec::with_capacity(text.len() + 256);
-                let completion = info.completion_tokens;
+                // OpenAI usage is the backend's own count when it has one.
+                let completion = completion_tokens.unwrap_or(tokens);
                 let content_type = match &flavor {
                     Flavor::Native => {
                         body.extend_from_slice(b"{\"text\":");

@@ -253,7 +253,11 @@ impl OpenAiBackend {
             let result = sent.and_then(|_| conn.io.read_head());
             match result {
                 Ok(h) => return Ok((conn, h)),
-                Err(e) if !fresh && conn.io.received == 0 && !sink.is_cancelled() => {
+                // Only a dead keep-alive connection is retried: a timeout
+                // means the upstream has the request and is silent.
+                Err(e)
+                    if !fresh && conn.io.received == 0 && !sink.is_cancelled() && is_dead(&e) =>
+                {
                     log::debug!("reused upstream connection failed ({e}); reconnecting");
                 }
                 Err(e) => return Err(self.io_error(e, sink)),
@@ -310,9 +314,14 @@ impl Backend for OpenAiBackend {
             }
         };
         outcome?;
-        // The answer is complete; finish the body so the connection can be reused.
-        if head.keep_alive && conn.io.drain_body(&head).is_ok() {
-            self.checkin(conn);
+        // The answer is complete. Reuse the connection if the rest of the
+        // body is already here; never wait for it (that would delay `done`).
+        sink.set_upstream(None);
+        if head.keep_alive && !sink.is_cancelled() && conn.tcp.set_nonblocking(true).is_ok() {
+            let drained = conn.io.drain_body(&head).is_ok();
+            if drained && conn.tcp.set_nonblocking(false).is_ok() {
+                self.checkin(conn);
+            }
         }
         Ok(Finish {
             finish_reason: state.finish_reason.unwrap_or_else(|| "stop".into()),
@@ -348,6 +357,18 @@ fn spawn_probe(host: String, port: u16, timeout: Duration, reachable: Arc<Atomic
             }
             std::thread::sleep(Duration::from_secs(2));
         });
+}
+
+/// Whether an error on a reused connection means it was already closed.
+fn is_dead(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+    )
 }
 
 fn unavailable(msg: String) -> StreamError {
