@@ -169,7 +169,7 @@ impl Metrics {
         let f = family(name);
         let _ = writeln!(
             out,
-            "# HELP {f} Requests answered with a 4xx or 5xx before any stream started, by status.\n# TYPE {name} counter"
+            "# HELP {f} Requests answered with a 4xx or 5xx before any stream started, by status.\n# TYPE {f} counter"
         );
         for (i, c) in self.requests_refused.iter().enumerate() {
             let status = REFUSAL_STATUSES
@@ -313,5 +313,8 @@ mod tests {
             om.contains("# TYPE sluice_streams_started counter\nsluice_streams_started_total 0\n")
         );
         assert!(om.ends_with("# EOF\n"));
+        // OpenMetrics names counter families without the suffix everywhere.
+        assert!(!om.contains("_total counter"), "{om}");
+        assert!(!om.contains("# HELP sluice_streams_started_total"), "{om}");
     }
 }
