@@ -76,36 +76,9 @@ fn from_object(obj: Map<String, Value>, max_tokens_limit: u32) -> Result<NativeR
                 Value::String(s) => prompt = Some(s),
                 _ => return Err("prompt must be a string".into()),
             },
-            "max_tokens" => {
-                let n = v
-                    .as_i64()
-                    .filter(|n| *n >= 1 && *n <= max_tokens_limit as i64);
-                gen.max_tokens = n.ok_or_else(|| {
-                    format!(
-                        "max_tokens must be a whole number from 1 to {max_tokens_limit}, not {v}"
-                    )
-                })? as u32;
-            }
-            "temperature" => match v.as_f64() {
-                Some(t) if (0.0..=2.0).contains(&t) => gen.temperature = Some(t),
-                _ => return Err(format!("temperature must be a number from 0 to 2, not {v}")),
-            },
-            "stop" => {
-                gen.stop = match v {
-                    Value::String(s) => vec![s],
-                    Value::Array(a) if a.len() <= 4 => {
-                        a.into_iter()
-                            .map(|s| match s {
-                                Value::String(s) => Ok(s),
-                                _ => Err("stop must be a string or a list of up to 4 strings"
-                                    .to_string()),
-                            })
-                            .collect::<Result<_, _>>()?
-                    }
-                    Value::Null => Vec::new(),
-                    _ => return Err("stop must be a string or a list of up to 4 strings".into()),
-                }
-            }
+            "max_tokens" => gen.max_tokens = max_tokens(&k, &v, max_tokens_limit)?,
+            "temperature" => gen.temperature = Some(temperature(&v)?),
+            "stop" => gen.stop = stop(v)?,
             "model" => match v {
                 Value::String(s) => gen.model = Some(s),
                 _ => return Err("model must be a string".into()),
@@ -127,6 +100,39 @@ fn from_object(obj: Map<String, Value>, max_tokens_limit: u32) -> Result<NativeR
         (None, None) => return Err("the request needs messages or a prompt".into()),
     };
     Ok(NativeRequest { gen, stream })
+}
+
+/// `max_tokens` (or OpenAI's `max_completion_tokens`): 1 ..= the limit.
+pub(crate) fn max_tokens(name: &str, v: &Value, limit: u32) -> Result<u32, String> {
+    v.as_i64()
+        .filter(|n| *n >= 1 && *n <= i64::from(limit))
+        .map(|n| n as u32)
+        .ok_or_else(|| format!("{name} must be a whole number from 1 to {limit}, not {v}"))
+}
+
+/// `temperature`: 0 ..= 2.
+pub(crate) fn temperature(v: &Value) -> Result<f64, String> {
+    match v.as_f64() {
+        Some(t) if (0.0..=2.0).contains(&t) => Ok(t),
+        _ => Err(format!("temperature must be a number from 0 to 2, not {v}")),
+    }
+}
+
+/// `stop`: a string or up to 4 strings; null is none.
+pub(crate) fn stop(v: Value) -> Result<Vec<String>, String> {
+    const MSG: &str = "stop must be a string or a list of up to 4 strings";
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => Ok(vec![s]),
+        Value::Array(a) if a.len() <= 4 => a
+            .into_iter()
+            .map(|s| match s {
+                Value::String(s) => Ok(s),
+                _ => Err(MSG.to_string()),
+            })
+            .collect(),
+        _ => Err(MSG.into()),
+    }
 }
 
 fn parse_messages(v: Value) -> Result<Vec<Message>, String> {

@@ -9,6 +9,7 @@ use std::io::Write;
 
 use serde_json::Value;
 
+use crate::api;
 use crate::backend::{GenRequest, Message};
 use crate::sse::{ErrorCode, StreamError};
 
@@ -41,40 +42,12 @@ pub fn parse(body: &[u8], max_tokens_limit: u32) -> Result<ChatRequest, String> 
                 Value::String(s) => gen.model = Some(s),
                 _ => return Err("model must be a string".into()),
             },
-            "max_tokens" | "max_completion_tokens" => {
-                if v.is_null() {
-                    continue;
-                }
-                let n = v
-                    .as_i64()
-                    .filter(|n| *n >= 1 && *n <= max_tokens_limit as i64);
-                gen.max_tokens = n.ok_or_else(|| {
-                    format!("{k} must be a whole number from 1 to {max_tokens_limit}, not {v}")
-                })? as u32;
+            "max_tokens" | "max_completion_tokens" if !v.is_null() => {
+                gen.max_tokens = api::max_tokens(&k, &v, max_tokens_limit)?;
             }
-            "temperature" => match &v {
-                Value::Null => {}
-                _ => match v.as_f64() {
-                    Some(t) if (0.0..=2.0).contains(&t) => gen.temperature = Some(t),
-                    _ => return Err(format!("temperature must be a number from 0 to 2, not {v}")),
-                },
-            },
-            "stop" => {
-                gen.stop = match v {
-                    Value::Null => Vec::new(),
-                    Value::String(s) => vec![s],
-                    Value::Array(a) if a.len() <= 4 => {
-                        a.into_iter()
-                            .map(|s| match s {
-                                Value::String(s) => Ok(s),
-                                _ => Err("stop must be a string or a list of up to 4 strings"
-                                    .to_string()),
-                            })
-                            .collect::<Result<_, _>>()?
-                    }
-                    _ => return Err("stop must be a string or a list of up to 4 strings".into()),
-                }
-            }
+            "temperature" if !v.is_null() => gen.temperature = Some(api::temperature(&v)?),
+            "stop" => gen.stop = api::stop(v)?,
+            "max_tokens" | "max_completion_tokens" | "temperature" => {}
             "stream" => match v {
                 Value::Bool(b) => stream = b,
                 Value::Null => {}
