@@ -76,7 +76,10 @@ fn from_object(obj: Map<String, Value>, max_tokens_limit: u32) -> Result<NativeR
                 Value::String(s) => prompt = Some(s),
                 _ => return Err("prompt must be a string".into()),
             },
-            "max_tokens" => gen.max_tokens = max_tokens(&k, &v, max_tokens_limit)?,
+            "max_tokens" => {
+                gen.max_tokens = max_tokens(&k, &v, max_tokens_limit)?;
+                gen.max_tokens_set = true;
+            }
             "temperature" => gen.temperature = Some(temperature(&v)?),
             "stop" => gen.stop = stop(v)?,
             "model" => match v {

@@ -154,7 +154,7 @@ pub struct Config {
     pub cors_origin: Vec<String>,
 
     /// Answer without streaming: one JSON document per request (the feature flag).
-    #[arg(long, env = "SLUICE_NO_STREAMING")]
+    #[arg(long, env = "SLUICE_NO_STREAMING", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_streaming: bool,
 
     /// On SIGTERM/SIGINT, running streams may finish for this long (ms); the

@@ -49,8 +49,11 @@ impl BufPool {
 }
 
 impl Default for BufPool {
+    /// At most 256 buffers of at most 32 KiB (8 MiB) stay pooled after a
+    /// burst; larger ones (a big `/metrics` answer, a backlog of pipelined
+    /// answers) are freed.
     fn default() -> BufPool {
-        BufPool::new(4096, 4096, 256 * 1024)
+        BufPool::new(256, 4096, 32 * 1024)
     }
 }
 

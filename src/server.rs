@@ -45,6 +45,8 @@ const SINK_CAPACITY: usize = 256;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Listen backlog; the kernel caps it at `somaxconn`.
 const BACKLOG: i32 = 8192;
+/// Reads of [`SCRATCH`] bytes one connection gets per turn.
+const READ_BUDGET: usize = 4;
 
 struct Conn {
     sock: TcpStream,
@@ -243,6 +245,8 @@ pub struct Server {
     shutdown_flag: Arc<AtomicBool>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     drain: Option<Drain>,
+    /// Connections with bytes left to read after their read budget.
+    reread: Vec<(usize, u32)>,
 }
 
 impl Server {
@@ -328,6 +332,7 @@ impl Server {
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             signals: None,
             drain: None,
+            reread: Vec::new(),
         })
     }
 
@@ -365,7 +370,11 @@ impl Server {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.poll_timeout();
+            let timeout = if self.reread.is_empty() {
+                self.poll_timeout()
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -391,6 +400,7 @@ impl Server {
                 }
             }
             self.fire_timers();
+            self.serve_rereads();
             if let Some(at) = self.accept_retry_at {
                 if Instant::now() >= at {
                     self.accept_retry_at = None;
@@ -545,6 +555,17 @@ impl Server {
         }
     }
 
+    /// Gives each connection left with unread bytes another turn.
+    fn serve_rereads(&mut self) {
+        let list = std::mem::take(&mut self.reread);
+        for (key, serial) in list {
+            if self.conns.get(key).is_some_and(|c| c.serial == serial) {
+                self.read(key, false);
+                self.after(key);
+            }
+        }
+    }
+
     fn drain_ready(&mut self) {
         let mut list = std::mem::take(&mut self.ready_list);
         self.shared.ready.take(&mut list);
@@ -578,7 +599,7 @@ impl Server {
             conn.blocked = false;
         }
         if ev.is_error() {
-            return self.with_session(key, |s, cx| s.handle_eof(cx));
+            return self.with_session(key, |s, cx| s.handle_reset(cx));
         }
         if ev.is_readable() || ev.is_read_closed() {
             self.read(key, ev.is_read_closed());
@@ -586,27 +607,30 @@ impl Server {
         self.after(key);
     }
 
-    /// Drains the socket into the session until `WouldBlock`.
+    /// Reads the socket into the session until `WouldBlock`, at most
+    /// [`READ_BUDGET`] reads at a time: a client that sends faster than it
+    /// is answered must not keep the loop from every other connection. A
+    /// connection with more to read goes on [`Server::reread`], served on the
+    /// next pass of the loop.
     fn read(&mut self, key: usize, read_closed: bool) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let now = Instant::now();
         self.shared.slot = key;
         self.shared.peer = Some(conn.peer);
         let mut cx = Cx {
-            now,
+            now: Instant::now(),
             cfg: &self.cfg,
             bufs: &mut self.bufs,
             metrics: &self.metrics,
             svc: &mut self.shared,
         };
         conn.read_paused = false;
-        loop {
+        for _ in 0..READ_BUDGET {
             if conn.session.is_closed() {
                 return;
             }
-            if !conn.session.wants_read() {
+            if !conn.session.wants_read(&self.cfg) {
                 conn.read_paused = true;
                 if read_closed {
                     conn.session.handle_eof(&mut cx);
@@ -618,9 +642,10 @@ impl Server {
                 Ok(n) => conn.session.handle_read(&mut cx, &self.scratch[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return conn.session.handle_eof(&mut cx),
+                Err(_) => return conn.session.handle_reset(&mut cx),
             }
         }
+        self.reread.push((key, conn.serial));
     }
 
     /// Runs `f` on a connection's session, then flushes and re-arms it.
@@ -657,55 +682,31 @@ impl Server {
             metrics: &self.metrics,
             svc: &mut self.shared,
         };
-        loop {
-            // Flush: one write carries every frame that is ready.
-            while !conn.blocked && !conn.session.is_closed() {
-                let pending = conn.session.pending();
-                if pending.is_empty() {
-                    break;
-                }
-                match conn.sock.write(pending) {
-                    Ok(0) => conn.session.handle_eof(&mut cx),
-                    Ok(n) => conn.session.handle_written(&mut cx, n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        conn.blocked = true;
-                        conn.session.handle_write_blocked(now);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => conn.session.handle_eof(&mut cx),
-                }
+        // Flush: one write carries every frame that is ready.
+        while !conn.blocked && !conn.session.is_closed() {
+            let pending = conn.session.pending();
+            if pending.is_empty() {
+                break;
             }
-            if conn.session.wants_half_close() {
-                let _ = conn.sock.shutdown(Shutdown::Write);
-                conn.session.half_closed(now);
-            }
-            // Input held back while a stream ran may now be read.
-            if conn.read_paused && conn.session.wants_read() && !conn.session.is_closed() {
-                conn.read_paused = false;
-                loop {
-                    match conn.sock.read(&mut self.scratch) {
-                        Ok(0) => {
-                            conn.session.handle_eof(&mut cx);
-                            break;
-                        }
-                        Ok(n) => {
-                            conn.session.handle_read(&mut cx, &self.scratch[..n]);
-                            if !conn.session.wants_read() {
-                                conn.read_paused = true;
-                                break;
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => {
-                            conn.session.handle_eof(&mut cx);
-                            break;
-                        }
-                    }
+            match conn.sock.write(pending) {
+                Ok(0) => conn.session.handle_reset(&mut cx),
+                Ok(n) => conn.session.handle_written(&mut cx, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.blocked = true;
+                    conn.session.handle_write_blocked(now);
                 }
-                continue;
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => conn.session.handle_reset(&mut cx),
             }
-            break;
+        }
+        if conn.session.wants_half_close() {
+            let _ = conn.sock.shutdown(Shutdown::Write);
+            conn.session.half_closed(now);
+        }
+        // Input held back (a stream ran, or answers piled up) may be read now.
+        if conn.read_paused && !conn.session.is_closed() && conn.session.wants_read(&self.cfg) {
+            conn.read_paused = false;
+            self.reread.push((key, conn.serial));
         }
         if conn.session.is_closed() {
             self.close(key);

@@ -174,6 +174,8 @@ struct Stream {
     version: Version,
     keep_alive: bool,
     mode: Mode,
+    /// The most tokens relayed: a backend that goes on is cut off here.
+    max_tokens: u32,
     prod: Prod,
     prompt_tokens: Option<u32>,
     parsed_at: Instant,
@@ -214,6 +216,8 @@ pub struct Session {
     ttft_mark: Option<(u64, Instant, u64)>,
     /// Stopped keeping pipelined input (over the limit) while streaming.
     input_full: bool,
+    /// The client closed its side after sending what it wanted answered.
+    peer_closed: bool,
     /// The request being answered (not a stream), for the access log.
     current: Option<Box<(ReqLine, Instant)>>,
     /// `Access-Control-Allow-Origin` for the current request, when allowed.
@@ -235,6 +239,7 @@ impl Session {
             blocked_since: None,
             ttft_mark: None,
             input_full: false,
+            peer_closed: false,
             current: None,
             cors: None,
             openai: false,
@@ -265,8 +270,13 @@ impl Session {
     }
 
     /// Whether the server should keep reading the socket.
-    pub fn wants_read(&self) -> bool {
-        !self.input_full && !self.is_closed()
+    pub fn wants_read(&self, cfg: &Config) -> bool {
+        // Pipelined requests are not parsed faster than their answers leave:
+        // past the high-water mark the client's bytes wait in TCP.
+        !self.input_full
+            && !self.peer_closed
+            && !self.is_closed()
+            && self.out.len() < cfg.high_water()
     }
 
     /// Everything is written and the connection should be half-closed now
@@ -284,11 +294,14 @@ impl Session {
     pub fn next_deadline(&self, cfg: &Config) -> Option<Instant> {
         let write_deadline = self.blocked_since.map(|t| t + cfg.write_timeout());
         match &self.state {
-            State::Reading => Some(match self.head_started {
-                Some(t) => t + cfg.header_timeout(),
-                None if self.served == 0 => self.read_since + cfg.header_timeout(),
-                None => self.read_since + cfg.idle_timeout(),
-            }),
+            State::Reading => {
+                let d = match self.head_started {
+                    Some(t) => t + cfg.header_timeout(),
+                    None if self.served == 0 => self.read_since + cfg.header_timeout(),
+                    None => self.read_since + cfg.idle_timeout(),
+                };
+                Some(write_deadline.map_or(d, |w| w.min(d)))
+            }
             State::Streaming(st) => {
                 let mut d = st.parsed_at + cfg.max_stream();
                 if matches!(st.mode, Mode::Sse) {
@@ -318,12 +331,12 @@ impl Session {
                 self.process_input(cx, data);
             }
             State::Streaming(_) => {
-                // A pipelined request waits for the stream to end, bounded.
-                // Bytes already read are kept (one read's worth over the
-                // cap at most); then the server stops reading.
+                // A pipelined request waits for the stream to end. Bytes
+                // already read are kept; past one head's worth the server
+                // stops reading and TCP holds the rest (a client that
+                // leaves is still noticed from the read-closed event).
                 self.inbuf.extend_from_slice(data);
-                let cap = cx.cfg.max_head_bytes + cx.cfg.max_body_bytes;
-                if self.inbuf.len() >= cap {
+                if self.inbuf.len() >= cx.cfg.max_head_bytes.min(16 * 1024) {
                     self.input_full = true;
                 }
             }
@@ -331,12 +344,30 @@ impl Session {
         }
     }
 
-    /// The client closed its side or reset the connection: it left.
+    /// The client closed its side (a read of 0 bytes). During a stream
+    /// that means it left: the generation is cancelled. Otherwise answers
+    /// already queued are still written before the connection closes.
     pub fn handle_eof(&mut self, cx: &mut Cx) {
+        self.peer_closed = true;
+        match self.state {
+            State::Streaming(_) => self.handle_reset(cx),
+            State::Reading | State::Closing { .. } if !self.out.is_empty() => {
+                self.inbuf = Vec::new();
+                self.state = State::Closing {
+                    until: cx.now + cx.cfg.write_timeout(),
+                };
+            }
+            _ => self.close(cx),
+        }
+    }
+
+    /// The connection failed (a reset, a failed write): nothing more can
+    /// be sent; a running stream's generation is cancelled.
+    pub fn handle_reset(&mut self, cx: &mut Cx) {
         if let State::Streaming(st) = &self.state {
             log::debug!("stream {:x}: client left", st.id);
         }
-        self.end_stream(cx, End::Disconnected);
+        self.end_stream(cx, End::Disconnected, false);
         self.close(cx);
     }
 
@@ -359,9 +390,14 @@ impl Session {
                 }
             }
         }
-        // Room again: take what the producer has been holding back.
+        // Room again: take what the producer has been holding back, or
+        // answer pipelined requests that waited for the answers before.
         if self.out.len() < cx.cfg.high_water() / 2 {
-            self.pump(cx);
+            match self.state {
+                State::Streaming(_) => self.pump(cx),
+                State::Reading if !self.inbuf.is_empty() => self.process_input(cx, &[]),
+                _ => {}
+            }
         }
     }
 
@@ -374,8 +410,12 @@ impl Session {
 
     /// The server half-closed the socket after [`Session::wants_half_close`].
     pub fn half_closed(&mut self, now: Instant) {
-        self.state = State::Lingering {
-            until: now + LINGER,
+        self.state = if self.peer_closed {
+            State::Closed
+        } else {
+            State::Lingering {
+                until: now + LINGER,
+            }
         };
     }
 
@@ -390,7 +430,7 @@ impl Session {
     pub fn shut_down(&mut self, cx: &mut Cx) {
         if self.is_streaming() {
             let e = StreamError::new(ErrorCode::ShuttingDown, "the server is shutting down");
-            self.end_stream(cx, End::Error(e));
+            self.end_stream(cx, End::Error(e), false);
         }
     }
 
@@ -405,6 +445,16 @@ impl Session {
         let cfg = cx.cfg;
         match &mut self.state {
             State::Reading => {
+                if self
+                    .blocked_since
+                    .is_some_and(|t| now >= t + cfg.write_timeout())
+                {
+                    // Answers the client does not read.
+                    cx.metrics
+                        .connections_timed_out
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return self.close(cx);
+                }
                 if let Some(d) = self.next_deadline(cfg) {
                     if now >= d {
                         cx.metrics
@@ -447,6 +497,7 @@ impl Session {
                     return self.end_stream(
                         cx,
                         End::Error(StreamError::new(ErrorCode::SlowConsumer, msg)),
+                        false,
                     );
                 }
                 if now >= st.parsed_at + cfg.max_stream() {
@@ -454,6 +505,7 @@ impl Session {
                     return self.end_stream(
                         cx,
                         End::Error(StreamError::new(ErrorCode::DeadlineExceeded, msg)),
+                        false,
                     );
                 }
                 self.pump(cx);
@@ -492,7 +544,7 @@ impl Session {
     // ---------------------------------------------------------- internals
 
     fn close(&mut self, cx: &mut Cx) {
-        self.end_stream(cx, End::Disconnected);
+        self.end_stream(cx, End::Disconnected, false);
         self.state = State::Closed;
         self.out.clear(cx.bufs);
         self.inbuf = Vec::new();
@@ -512,9 +564,12 @@ impl Session {
         let input: &[u8] = if from_data { data } else { &owned };
         let limits = cx.cfg.limits();
         let mut at = 0;
-        while matches!(self.state, State::Reading) && at < input.len() {
+        let hwm = cx.cfg.high_water();
+        let mut waiting_for_bytes = false;
+        while matches!(self.state, State::Reading) && at < input.len() && self.out.len() < hwm {
             match self.reader.poll(&input[at..], &limits) {
                 Ok(ReadStatus::Partial { send_continue }) => {
+                    waiting_for_bytes = true;
                     if send_continue {
                         self.out.append(cx.bufs, |b| {
                             b.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -558,7 +613,8 @@ impl Session {
             }
         }
         let rest = &input[at.min(input.len())..];
-        if !rest.is_empty() && self.head_started.is_none() && matches!(self.state, State::Reading) {
+        if waiting_for_bytes && self.head_started.is_none() && matches!(self.state, State::Reading)
+        {
             // The start of the next request came with the previous one.
             self.head_started = Some(cx.now);
         }
@@ -787,6 +843,7 @@ impl Session {
             request_id,
             line,
             flavor,
+            max_tokens: gen.max_tokens,
             version: v,
             keep_alive: ka,
             mode: if streaming {
@@ -824,6 +881,9 @@ impl Session {
         let metrics = cx.metrics;
         let mut end = None;
         let tokens_before = st.tokens;
+        let max_tokens = st.max_tokens;
+        let mut taken = tokens_before;
+        let mut cut = false;
         let first_before = tokens_before == 0;
         let chunked = st.chunked();
         let Stream {
@@ -872,7 +932,19 @@ impl Session {
                 }
                 Prod::Pool(sink) => sink.take(|piece| match piece {
                     Piece::Token(t) => {
+                        if taken >= max_tokens {
+                            // The backend goes on past max_tokens: the
+                            // answer ends here (this token is not sent).
+                            cut = true;
+                            end = Some(End::Done {
+                                reason: "length".into(),
+                                prompt_tokens: None,
+                                completion_tokens: None,
+                            });
+                            return false;
+                        }
                         on_token(b, &t);
+                        taken += 1;
                         b.len() - start < budget
                     }
                     Piece::Done(f) => {
@@ -899,14 +971,21 @@ impl Session {
             }
             self.ttft_mark = Some((self.out.appended_total(), st.parsed_at, st.id));
         }
+        if cut {
+            if let Prod::Pool(sink) = &st.prod {
+                sink.cancel();
+            }
+        }
         if let Some(end) = end {
-            self.end_stream(cx, end);
+            self.end_stream(cx, end, true);
         }
     }
 
     /// Ends the running stream (if any) with its terminal event, and moves
     /// the connection on: back to reading, or closing.
-    fn end_stream(&mut self, cx: &mut Cx, end: End) {
+    /// `from_producer`: the end came from the generation itself (its last
+    /// token, its own error); otherwise the generation is cancelled.
+    fn end_stream(&mut self, cx: &mut Cx, end: End, from_producer: bool) {
         let State::Streaming(st) = &self.state else {
             return;
         };
@@ -916,14 +995,10 @@ impl Session {
             End::Error(e) => Outcome::Errored(e.code),
             End::Disconnected => Outcome::Disconnected,
         };
-        if let Prod::Pool(sink) = &st.prod {
-            if !matches!(outcome, Outcome::Completed) && !sink.is_cancelled() {
+        if !from_producer {
+            if let Prod::Pool(sink) = &st.prod {
                 sink.cancel();
-                cx.metrics
-                    .generations_cancelled
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-        } else if outcome == Outcome::Disconnected || matches!(outcome, Outcome::Errored(_)) {
             cx.metrics
                 .generations_cancelled
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -24,7 +24,12 @@ pub struct Message {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenRequest {
     pub messages: Vec<Message>,
+    /// The most tokens the stream relays (the request's, or the limit).
     pub max_tokens: u32,
+    /// The client asked for `max_tokens` itself (only then is it sent
+    /// upstream: a default as large as the limit could exceed a small
+    /// model's context and be refused).
+    pub max_tokens_set: bool,
     pub temperature: Option<f64>,
     pub stop: Vec<String>,
     pub model: Option<String>,

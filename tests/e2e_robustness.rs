@@ -1,0 +1,197 @@
+//! Clients that push the server: half-closing after a request, pipelining
+//! without reading, flooding requests. The real binary runs so that its
+//! memory can be read from /proc.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Bin {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Bin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Bin {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["--listen", "127.0.0.1:0", "--log-level", "error"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLUICE_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("starting sluice");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "sluice exited");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.trim().parse().unwrap();
+        }
+    };
+    // Keep draining stderr so the server never blocks on it.
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = err.read_to_end(&mut sink);
+    });
+    Bin { child, addr }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn healthz_within(addr: SocketAddr, limit: Duration) -> Duration {
+    let t = Instant::now();
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(limit)).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut s = String::new();
+    let _ = c.read_to_string(&mut s);
+    assert!(
+        s.starts_with("HTTP/1.1 200"),
+        "no /healthz answer within {limit:?}: {s:?}"
+    );
+    t.elapsed()
+}
+
+#[test]
+fn a_request_followed_by_a_half_close_is_answered() {
+    let bin = spawn(&[], &[]);
+    for i in 0..100 {
+        let mut c = TcpStream::connect(bin.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req: &[u8] = if i % 2 == 0 {
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        } else {
+            b"GARBAGE\r\n\r\n"
+        };
+        c.write_all(req).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        let want = if i % 2 == 0 {
+            "HTTP/1.1 200"
+        } else {
+            "HTTP/1.1 400"
+        };
+        assert!(s.starts_with(want), "attempt {i}: {s:?}");
+    }
+}
+
+#[test]
+fn a_pipelining_client_that_never_reads_does_not_grow_memory() {
+    let bin = spawn(&[], &[]);
+    let pid = bin.child.id();
+    let before = rss_kib(pid);
+    let mut c = TcpStream::connect(bin.addr).unwrap();
+    c.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // Each answer is about 100 times its request: 20 MB of requests would be
+    // 2 GB of answers if the server kept answering.
+    let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    let t = Instant::now();
+    let mut sent = 0usize;
+    while sent < 20 << 20 && t.elapsed() < Duration::from_secs(5) {
+        match c.write(&req) {
+            Ok(n) => sent += n,
+            Err(_) => break, // TCP is full: the server stopped reading
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let during = rss_kib(pid);
+    assert!(
+        during < before + 64 * 1024,
+        "RSS {before} KiB -> {during} KiB after {sent} bytes of pipelined requests"
+    );
+    // Everyone else is still served.
+    healthz_within(bin.addr, Duration::from_secs(2));
+}
+
+#[test]
+fn clients_flooding_requests_do_not_starve_the_others() {
+    let bin = spawn(&[], &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for _ in 0..2 {
+        let stop = stop.clone();
+        let addr = bin.addr;
+        threads.push(std::thread::spawn(move || {
+            let c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut r = c.try_clone().unwrap();
+            let reader_stop = stop.clone();
+            let reader = std::thread::spawn(move || {
+                let mut buf = vec![0; 1 << 16];
+                while !reader_stop.load(Ordering::Relaxed) {
+                    let _ = r.read(&mut buf);
+                }
+            });
+            let mut w = c;
+            let req = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+            w.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let _ = w.write(&req);
+            }
+            reader.join().unwrap();
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        worst = worst.max(healthz_within(bin.addr, Duration::from_secs(2)));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    eprintln!("worst /healthz latency while two clients flood: {worst:?}");
+}
+
+#[test]
+fn boolean_env_vars_take_one() {
+    let bin = spawn(
+        &["--sim-ttft-ms", "0", "--sim-itl-ms", "0"],
+        &[("SLUICE_NO_STREAMING", "1")],
+    );
+    let mut c = TcpStream::connect(bin.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body = r#"{"prompt":"hi","max_tokens":3}"#;
+    write!(
+        c,
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert!(s.contains("Content-Type: application/json"), "{s}");
+    assert!(s.contains("\"text\":"), "{s}");
+}
