@@ -163,9 +163,13 @@ fn clients_flooding_requests_do_not_starve_the_others() {
         }));
     }
     std::thread::sleep(Duration::from_millis(300));
+    // Before reads were budgeted per turn, a probe got no answer at all
+    // while the flood lasted. The bound is loose on purpose: this is a
+    // check that the others are served, not a latency figure (debug build,
+    // four client threads and the server share two cores).
     let mut worst = Duration::ZERO;
-    for _ in 0..10 {
-        worst = worst.max(healthz_within(bin.addr, Duration::from_secs(2)));
+    for _ in 0..3 {
+        worst = worst.max(healthz_within(bin.addr, Duration::from_secs(10)));
         std::thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, Ordering::Relaxed);
