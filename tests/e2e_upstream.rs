@@ -878,3 +878,54 @@ fn done_is_sent_when_the_upstream_sends_done_not_when_its_body_ends() {
         "done came after {took:?}"
     );
 }
+
+/// A loopback listener whose accept queue is full, so a connect to it hangs
+/// (the kernel drops the SYNs) until the connect timeout.
+fn unanswering_listener() -> (socket2::Socket, Vec<socket2::Socket>, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let fill = (0..3)
+        .map(|_| {
+            let c = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            c.set_nonblocking(true).unwrap();
+            let _ = c.connect(&addr.into());
+            c
+        })
+        .collect();
+    (l, fill, addr)
+}
+
+#[test]
+fn a_client_leaving_while_the_upstream_connect_hangs_frees_the_worker() {
+    let (_listener, _fill, addr) = unanswering_listener();
+    let url = format!("http://{addr}/v1");
+    let srv = sluice_at(
+        &url,
+        &["--workers", "1", "--upstream-connect-timeout-ms", "30000"],
+    );
+    let mut first = srv.connect();
+    first.send(&ask("one"));
+    assert_eq!(first.read_head().status, 200);
+    eventually(
+        &srv.metrics,
+        Duration::from_secs(3),
+        "first started",
+        || srv.metrics.queue_wait.count() == 1,
+    );
+    drop(first);
+    // The only worker was blocked in connect: it must give up within
+    // milliseconds, not after the 30 s connect timeout, and take the next job.
+    let mut second = srv.connect();
+    second.send(&ask("two"));
+    assert_eq!(second.read_head().status, 200);
+    eventually(
+        &srv.metrics,
+        Duration::from_secs(3),
+        "second started",
+        || srv.metrics.queue_wait.count() == 2,
+    );
+}

@@ -169,14 +169,17 @@ impl OpenAiBackend {
         Value::Object(body)
     }
 
-    fn connect(&self) -> Result<Conn, StreamError> {
+    fn connect(&self, sink: &TokenSink) -> Result<Conn, StreamError> {
         let addrs: Vec<SocketAddr> = (self.target.host.as_str(), self.target.port)
             .to_socket_addrs()
             .map_err(|e| unavailable(format!("cannot resolve {}: {e}", self.target.host)))?
             .collect();
         let mut last = None;
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, self.cfg.connect_timeout) {
+            if sink.is_cancelled() {
+                return Err(cancelled());
+            }
+            match connect_cancellable(addr, self.cfg.connect_timeout, sink) {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
                     let transport = match &self.target.tls {
@@ -239,7 +242,7 @@ impl OpenAiBackend {
             let fresh = reused.is_none();
             let mut conn = match reused.take() {
                 Some(c) => c,
-                None => self.connect()?,
+                None => self.connect(sink)?,
             };
             sink.set_upstream(conn.tcp.try_clone().ok());
             if sink.is_cancelled() {
@@ -359,6 +362,59 @@ fn spawn_probe(host: String, port: u16, timeout: Duration, reachable: Arc<Atomic
             }
             std::thread::sleep(Duration::from_secs(2));
         });
+}
+
+/// Connects like `TcpStream::connect_timeout`, but gives up within ~20 ms
+/// of the stream being cancelled: a client that leaves while the upstream
+/// is slow to accept does not hold a worker for the whole connect timeout.
+fn connect_cancellable(
+    addr: SocketAddr,
+    timeout: Duration,
+    sink: &TokenSink,
+) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::AsRawFd;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                if sink.is_cancelled() {
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+                }
+                let mut pfd = libc::pollfd {
+                    fd: socket.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                let wait = left.min(Duration::from_millis(20)).as_millis() as libc::c_int;
+                // SAFETY: one valid pollfd for the duration of the call.
+                let n = unsafe { libc::poll(&mut pfd, 1, wait.max(1)) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                if n > 0 {
+                    if let Some(e) = socket.take_error()? {
+                        return Err(e);
+                    }
+                    break;
+                }
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    socket.set_nonblocking(false)?;
+    Ok(socket.into())
 }
 
 /// Whether an error on a reused connection means it was already closed.
