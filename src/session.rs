@@ -445,14 +445,8 @@ impl Session {
         let cfg = cx.cfg;
         match &mut self.state {
             State::Reading => {
-                if self
-                    .blocked_since
-                    .is_some_and(|t| now >= t + cfg.write_timeout())
-                {
+                if write_stalled(self.blocked_since, cx) {
                     // Answers the client does not read.
-                    cx.metrics
-                        .connections_timed_out
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return self.close(cx);
                 }
                 if let Some(d) = self.next_deadline(cfg) {
@@ -483,13 +477,7 @@ impl Session {
                 }
             }
             State::Streaming(st) => {
-                if self
-                    .blocked_since
-                    .is_some_and(|t| now >= t + cfg.write_timeout())
-                {
-                    cx.metrics
-                        .connections_timed_out
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if write_stalled(self.blocked_since, cx) {
                     let msg = format!(
                         "the client accepted no bytes for {} ms",
                         cfg.write_timeout_ms
@@ -1278,6 +1266,18 @@ impl Session {
             extra,
         );
     }
+}
+
+/// The client has accepted no byte for `--write-timeout-ms` since
+/// `blocked_since` (counted as a timed-out connection).
+fn write_stalled(blocked_since: Option<Instant>, cx: &Cx) -> bool {
+    let stalled = blocked_since.is_some_and(|t| cx.now >= t + cx.cfg.write_timeout());
+    if stalled {
+        cx.metrics
+            .connections_timed_out
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    stalled
 }
 
 /// The demo page served at `GET /`.
