@@ -12,7 +12,10 @@ fn tls_upstream() -> (u16, std::path::PathBuf) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
     let cert = params.self_signed(&key).unwrap();
-    let dir = std::env::temp_dir().join(format!("sluice-tls-{}", std::process::id()));
+    // One folder per call: the tests run in parallel and each has its own CA.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sluice-tls-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, cert.pem()).unwrap();

@@ -11,6 +11,7 @@
 //! the stream's [`TokenSink`]). Connections are kept alive and reused
 //! across generations.
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -498,14 +499,46 @@ pub enum Flow {
     Done,
 }
 
+/// The parts of a `chat.completion.chunk` the relay reads; the content
+/// borrows from the event's bytes unless it has escapes.
+#[derive(serde::Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<Choice<'a>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Usage {
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+}
+
 impl Relay {
     fn on_data(&mut self, data: &[u8], sink: &TokenSink) -> Result<Flow, StreamError> {
         if data == b"[DONE]" {
             return Ok(Flow::Done);
         }
-        let v: Value = serde_json::from_slice(data)
+        let chunk: Chunk = serde_json::from_slice(data)
             .map_err(|e| upstream_error(format!("malformed JSON in the upstream stream: {e}")))?;
-        if let Some(e) = v.get("error") {
+        if let Some(e) = chunk.error.filter(|e| !e.is_null()) {
             let msg = e
                 .get("message")
                 .and_then(Value::as_str)
@@ -513,27 +546,22 @@ impl Relay {
                 .unwrap_or("the upstream reported an error");
             return Err(upstream_error(msg.to_string()));
         }
-        if let Some(choice) = v.get("choices").and_then(|c| c.get(0)) {
-            if let Some(text) = choice
-                .get("delta")
-                .and_then(|d| d.get("content"))
-                .and_then(Value::as_str)
-            {
+        if let Some(choice) = chunk.choices.into_iter().next() {
+            if let Some(text) = choice.delta.and_then(|d| d.content) {
                 if !text.is_empty() {
-                    if sink.push_token(text).is_err() {
+                    if sink.push_token(&text).is_err() {
                         return Err(cancelled());
                     }
                     self.relayed += 1;
                 }
             }
-            if let Some(r) = choice.get("finish_reason").and_then(Value::as_str) {
-                self.finish_reason = Some(r.to_string());
+            if let Some(r) = choice.finish_reason {
+                self.finish_reason = Some(r.into_owned());
             }
         }
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            let n = |k: &str| u.get(k).and_then(Value::as_u64).map(|n| n as u32);
-            self.prompt_tokens = n("prompt_tokens").or(self.prompt_tokens);
-            self.completion_tokens = n("completion_tokens").or(self.completion_tokens);
+        if let Some(u) = chunk.usage {
+            self.prompt_tokens = u.prompt_tokens.or(self.prompt_tokens);
+            self.completion_tokens = u.completion_tokens.or(self.completion_tokens);
         }
         Ok(Flow::Continue)
     }
