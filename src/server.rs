@@ -632,7 +632,10 @@ impl Server {
             }
             if !conn.session.wants_read(&self.cfg) {
                 conn.read_paused = true;
-                if read_closed {
+                // A client that leaves during a stream is noticed even with
+                // reading paused. Otherwise its FIN is read in turn, after
+                // the requests it sent before it.
+                if read_closed && conn.session.is_streaming() {
                     conn.session.handle_eof(&mut cx);
                 }
                 return;

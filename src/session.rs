@@ -218,12 +218,16 @@ pub struct Session {
     input_full: bool,
     /// The client closed its side after sending what it wanted answered.
     peer_closed: bool,
+    /// Complete requests wait in `inbuf` until answers already queued leave.
+    input_blocked: bool,
     /// The request being answered (not a stream), for the access log.
     current: Option<Box<(ReqLine, Instant)>>,
     /// `Access-Control-Allow-Origin` for the current request, when allowed.
     cors: Option<Box<str>>,
     /// The current request is on the OpenAI endpoint: errors in its shape.
     openai: bool,
+    /// `--cors-origin` names origins (not `*`): answers vary by `Origin`.
+    vary_origin: bool,
 }
 
 impl Session {
@@ -240,9 +244,11 @@ impl Session {
             ttft_mark: None,
             input_full: false,
             peer_closed: false,
+            input_blocked: false,
             current: None,
             cors: None,
             openai: false,
+            vary_origin: false,
         }
     }
 
@@ -351,13 +357,29 @@ impl Session {
         self.peer_closed = true;
         match self.state {
             State::Streaming(_) => self.handle_reset(cx),
-            State::Reading | State::Closing { .. } if !self.out.is_empty() => {
-                self.inbuf = Vec::new();
-                self.state = State::Closing {
-                    until: cx.now + cx.cfg.write_timeout(),
-                };
-            }
+            // Requests that came before the FIN are still answered.
+            State::Reading => self.settle_if_peer_closed(cx),
+            // Keep the deadline already set (a slow consumer's short grace).
+            State::Closing { .. } if !self.out.is_empty() => {}
             _ => self.close(cx),
+        }
+    }
+
+    /// After the client's FIN, once every complete request it sent is
+    /// answered (or queued to be), the connection closes when the answers
+    /// are written.
+    fn settle_if_peer_closed(&mut self, cx: &mut Cx) {
+        if !self.peer_closed || !matches!(self.state, State::Reading) || self.input_blocked {
+            return;
+        }
+        // What is left can only be an incomplete request: it never will be.
+        self.inbuf = Vec::new();
+        if self.out.is_empty() {
+            self.close(cx);
+        } else {
+            self.state = State::Closing {
+                until: cx.now + cx.cfg.write_timeout(),
+            };
         }
     }
 
@@ -601,6 +623,10 @@ impl Session {
             }
         }
         let rest = &input[at.min(input.len())..];
+        self.input_blocked = !rest.is_empty()
+            && !waiting_for_bytes
+            && matches!(self.state, State::Reading)
+            && self.out.len() >= hwm;
         if waiting_for_bytes && self.head_started.is_none() && matches!(self.state, State::Reading)
         {
             // The start of the next request came with the previous one.
@@ -614,6 +640,7 @@ impl Session {
             owned.drain(..at);
             owned
         };
+        self.settle_if_peer_closed(cx);
     }
 
     fn dispatch(&mut self, cx: &mut Cx, req: Request) {
@@ -634,6 +661,8 @@ impl Session {
             cx.now,
         )));
         self.cors = cors_origin(cx.cfg, &req);
+        self.vary_origin =
+            !cx.cfg.cors_origin.is_empty() && !cx.cfg.cors_origin.iter().any(|o| o == "*");
         let path = req.path.as_str();
         self.openai = path.starts_with("/v1/") && path != "/v1/chat/stream";
         if req.method == Method::Options && !cx.cfg.cors_origin.is_empty() {
@@ -685,14 +714,23 @@ impl Session {
     /// A CORS preflight: 204, with the CORS headers only for an allowed origin.
     fn preflight(&mut self, cx: &mut Cx, request_id: &str, req: &Request) {
         let (v, ka) = (req.version, req.keep_alive);
+        // Allow the headers the browser asks for (SDKs send their own, such
+        // as x-stainless-*) when they are plain header names.
+        let asked = req
+            .header("access-control-request-headers")
+            .filter(|h| {
+                h.len() <= 1024
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_, ".contains(&b))
+            })
+            .filter(|h| !h.trim().is_empty())
+            .unwrap_or("Content-Type, Authorization, X-Request-Id, Last-Event-ID, Cache-Control");
         let extra: &[(&str, &str)] = if self.cors.is_some() {
             &[
                 ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-                (
-                    "Access-Control-Allow-Headers",
-                    "Content-Type, Authorization, X-Request-Id, Last-Event-ID, Cache-Control",
-                ),
+                ("Access-Control-Allow-Headers", asked),
                 ("Access-Control-Max-Age", "600"),
+                ("Vary", "Access-Control-Request-Headers"),
             ]
         } else {
             &[]
@@ -962,6 +1000,9 @@ impl Session {
         if cut {
             if let Prod::Pool(sink) = &st.prod {
                 sink.cancel();
+                cx.metrics
+                    .generations_cancelled
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
         if let Some(end) = end {
@@ -1163,6 +1204,7 @@ impl Session {
                 ("Vary", "Origin".into()),
                 ("Access-Control-Expose-Headers", "X-Request-Id".into()),
             ],
+            None if self.vary_origin => vec![("Vary", "Origin".into())],
             None => Vec::new(),
         }
     }
@@ -1177,8 +1219,8 @@ impl Session {
         if keep_alive {
             self.state = State::Reading;
             if !self.inbuf.is_empty() {
-                let now = cx.now;
-                self.head_started = Some(now);
+                // process_input starts the header timeout only for a
+                // request that is really incomplete.
                 self.process_input(cx, &[]);
             }
         } else {

@@ -199,3 +199,104 @@ fn boolean_env_vars_take_one() {
     assert!(s.contains("Content-Type: application/json"), "{s}");
     assert!(s.contains("\"text\":"), "{s}");
 }
+
+fn read_all(c: &mut TcpStream) -> String {
+    let mut s = Vec::new();
+    let _ = c.read_to_end(&mut s);
+    String::from_utf8_lossy(&s).into_owned()
+}
+
+#[test]
+fn pipelined_requests_then_a_half_close_are_all_answered() {
+    let bin = spawn(&[], &[]);
+    let mut c = TcpStream::connect(bin.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // 500 answers are far past the output high-water mark: most of the
+    // requests wait (in the server or in TCP) when the FIN arrives.
+    c.write_all(&b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(500))
+        .unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let all = read_all(&mut c);
+    assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 500);
+}
+
+#[test]
+fn a_pipelined_request_waiting_behind_a_slowly_read_answer_gets_no_408() {
+    let bin = spawn(
+        &[
+            "--header-timeout-ms",
+            "300",
+            "--sim-ttft-ms",
+            "0",
+            "--sim-itl-ms",
+            "0",
+            "--sim-tokens",
+            "20000",
+            "--max-tokens-limit",
+            "20000",
+        ],
+        &[],
+    );
+    // A small receive buffer: the answer drains at the client's pace.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&bin.addr.into()).unwrap();
+    let mut c: TcpStream = sock.into();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = r#"{"prompt":"big","max_tokens":20000,"stream":false}"#;
+    let mut req = format!(
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    c.write_all(&req).unwrap();
+    // Read slowly: the answer takes well over the header timeout to drain.
+    let mut all = Vec::new();
+    let mut buf = [0u8; 8 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    let all = String::from_utf8_lossy(&all);
+    assert_eq!(
+        all.matches("HTTP/1.1 200 OK").count(),
+        2,
+        "{}",
+        &all[all.len().saturating_sub(300)..]
+    );
+    assert!(!all.contains("408"), "spurious 408");
+}
+
+#[test]
+fn cors_preflight_allows_the_headers_asked_for_and_answers_vary_by_origin() {
+    let bin = spawn(&["--cors-origin", "http://a.example"], &[]);
+    let mut c = TcpStream::connect(bin.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(
+        b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: http://a.example\r\n\
+          Access-Control-Request-Method: POST\r\n\
+          Access-Control-Request-Headers: content-type, x-stainless-os, authorization\r\n\
+          Connection: close\r\n\r\n",
+    )
+    .unwrap();
+    let head = read_all(&mut c);
+    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+    assert!(
+        head.contains(
+            "Access-Control-Allow-Headers: content-type, x-stainless-os, authorization\r\n"
+        ),
+        "{head}"
+    );
+    // No Origin: no CORS headers, but the answer says it varies by Origin.
+    let mut c = TcpStream::connect(bin.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let head = read_all(&mut c);
+    assert!(head.contains("Vary: Origin\r\n"), "{head}");
+    assert!(!head.contains("Access-Control-Allow-Origin"), "{head}");
+}
