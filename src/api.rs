@@ -78,7 +78,7 @@ fn from_object(obj: Map<String, Value>, max_tokens_limit: u32) -> Result<NativeR
             },
             "max_tokens" => {
                 gen.max_tokens = max_tokens(&k, &v, max_tokens_limit)?;
-                gen.max_tokens_set = true;
+                gen.max_tokens_field = Some("max_tokens");
             }
             "temperature" => gen.temperature = Some(temperature(&v)?),
             "stop" => gen.stop = stop(v)?,

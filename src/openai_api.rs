@@ -44,7 +44,11 @@ pub fn parse(body: &[u8], max_tokens_limit: u32) -> Result<ChatRequest, String> 
             },
             "max_tokens" | "max_completion_tokens" if !v.is_null() => {
                 gen.max_tokens = api::max_tokens(&k, &v, max_tokens_limit)?;
-                gen.max_tokens_set = true;
+                gen.max_tokens_field = Some(if k == "max_tokens" {
+                    "max_tokens"
+                } else {
+                    "max_completion_tokens"
+                });
             }
             "temperature" if !v.is_null() => gen.temperature = Some(api::temperature(&v)?),
             "stop" => gen.stop = api::stop(v)?,

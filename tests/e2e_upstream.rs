@@ -770,8 +770,10 @@ fn a_silent_upstream_on_a_reused_connection_times_out_without_resending() {
             .map(|r| (r.conn, r.last_message()))
             .collect::<Vec<_>>()
     );
+    // The resend is caught by the count above; the time is only bounded
+    // (loosely: a loaded 2-core machine must not make this flake).
     assert!(
-        took < Duration::from_millis(550),
+        took < Duration::from_secs(3),
         "a 300 ms read timeout took {took:?}"
     );
 }
@@ -873,8 +875,9 @@ fn done_is_sent_when_the_upstream_sends_done_not_when_its_body_ends() {
     let (head, events) = stream_events(srv.addr, &ask("hi"));
     let took = t0.elapsed();
     assert_done(&head, &events, &expected(2, 0));
+    // The upstream ends its body 2 s after [DONE]: done must not wait for it.
     assert!(
-        took < Duration::from_millis(1000),
+        took < Duration::from_millis(1800),
         "done came after {took:?}"
     );
 }

@@ -26,10 +26,11 @@ pub struct GenRequest {
     pub messages: Vec<Message>,
     /// The most tokens the stream relays (the request's, or the limit).
     pub max_tokens: u32,
-    /// The client asked for `max_tokens` itself (only then is it sent
-    /// upstream: a default as large as the limit could exceed a small
-    /// model's context and be refused).
-    pub max_tokens_set: bool,
+    /// The field the client gave it in (`max_tokens`, or OpenAI's
+    /// `max_completion_tokens`), forwarded upstream under that name; none
+    /// when the client left it out (a default as large as the limit could
+    /// exceed a small model's context and be refused).
+    pub max_tokens_field: Option<&'static str>,
     pub temperature: Option<f64>,
     pub stop: Vec<String>,
     pub model: Option<String>,

@@ -158,8 +158,8 @@ impl OpenAiBackend {
         body.insert("messages".into(), Value::Array(messages));
         body.insert("stream".into(), json!(true));
         body.insert("stream_options".into(), json!({"include_usage": true}));
-        if req.max_tokens_set {
-            body.insert("max_tokens".into(), json!(req.max_tokens));
+        if let Some(field) = req.max_tokens_field {
+            body.insert(field.into(), json!(req.max_tokens));
         }
         if let Some(t) = req.temperature {
             body.insert("temperature".into(), json!(t));
@@ -1025,7 +1025,7 @@ mod tests {
                 content: "hi".into(),
             }],
             max_tokens: 5,
-            max_tokens_set: true,
+            max_tokens_field: Some("max_tokens"),
             temperature: Some(0.0),
             stop: vec!["x".into()],
             model: Some("ignored".into()),
