@@ -140,5 +140,36 @@ fn session(c: &mut Criterion) {
     let _ = Duration::ZERO;
 }
 
-criterion_group!(benches, framing, parsing, wheel, session);
+/// The worker → loop hand-off: a worker pushes 64 tokens into a stream's
+/// sink (one ready-list entry, one wake-up), the loop takes them all.
+fn handoff(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let w = wakes.clone();
+    let ready = Arc::new(sluice::pool::ReadyList::new(move || {
+        w.fetch_add(1, Ordering::Relaxed);
+    }));
+    let sink = sluice::pool::TokenSink::new(0, 1, 256, ready.clone());
+    let mut list = Vec::new();
+    let mut g = c.benchmark_group("pool");
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("push_take_64_tokens", |b| {
+        b.iter(|| {
+            for _ in 0..64 {
+                sink.push_token(black_box(" word")).unwrap();
+            }
+            ready.take(&mut list);
+            let mut n = 0;
+            sink.take(|_| {
+                n += 1;
+                true
+            });
+            black_box(n);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, framing, parsing, wheel, session, handoff);
 criterion_main!(benches);
