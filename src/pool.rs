@@ -108,10 +108,6 @@ impl TokenSink {
         }
     }
 
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
     // ---- worker side ----
 
     /// Hands one piece of text to the stream; blocks while the queue is full.
@@ -309,11 +305,6 @@ impl Pool {
         drop(q);
         self.shared.available.notify_one();
         Ok(())
-    }
-
-    /// Jobs waiting for a worker.
-    pub fn queued(&self) -> usize {
-        lock(&self.shared.queue).jobs.len()
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {

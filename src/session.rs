@@ -597,8 +597,7 @@ impl Session {
                     // answer should be in that endpoint's shape, readable by
                     // an allowed browser.
                     if let Some((line, origin)) = peek_head(&input[at..]) {
-                        self.openai =
-                            line.path.starts_with("/v1/") && line.path != "/v1/chat/stream";
+                        self.openai = openai_shaped(&line.path);
                         self.cors = origin.and_then(|o| allowed_origin(cx.cfg, &o));
                         self.current = Some(Box::new((line, cx.now)));
                     }
@@ -664,7 +663,7 @@ impl Session {
         self.vary_origin =
             !cx.cfg.cors_origin.is_empty() && !cx.cfg.cors_origin.iter().any(|o| o == "*");
         let path = req.path.as_str();
-        self.openai = path.starts_with("/v1/") && path != "/v1/chat/stream";
+        self.openai = openai_shaped(path);
         if req.method == Method::Options && !cx.cfg.cors_origin.is_empty() {
             return self.preflight(cx, &request_id, &req);
         }
@@ -1324,6 +1323,11 @@ fn write_stalled(blocked_since: Option<Instant>, cx: &Cx) -> bool {
 
 /// The demo page served at `GET /`.
 const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// Whether refusals on `path` take OpenAI's error shape.
+fn openai_shaped(path: &str) -> bool {
+    path.starts_with("/v1/") && path != "/v1/chat/stream"
+}
 
 /// The model name `/v1/models` lists and responses carry by default.
 fn served_model(cfg: &Config) -> String {

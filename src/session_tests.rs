@@ -108,10 +108,6 @@ impl Backend for Script {
         }
         self.end.clone()
     }
-
-    fn name(&self) -> &str {
-        "script"
-    }
 }
 
 fn script_pool(script: Script) -> Pool {

@@ -55,9 +55,6 @@ pub trait Backend: Send + Sync + 'static {
     /// `sink` reports the stream cancelled (then the result is ignored).
     fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError>;
 
-    /// Name for logs and `/v1/models`.
-    fn name(&self) -> &str;
-
     /// Whether the backend looks reachable (for `/readyz`); must not block.
     fn ready(&self) -> bool {
         true

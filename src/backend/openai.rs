@@ -336,10 +336,6 @@ impl Backend for OpenAiBackend {
         })
     }
 
-    fn name(&self) -> &str {
-        self.cfg.model.as_deref().unwrap_or("upstream")
-    }
-
     fn ready(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
     }

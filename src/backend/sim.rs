@@ -165,10 +165,6 @@ impl Backend for SimPoolBackend {
             completion_tokens: None,
         })
     }
-
-    fn name(&self) -> &str {
-        "sim"
-    }
 }
 
 #[cfg(test)]

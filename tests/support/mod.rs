@@ -854,8 +854,4 @@ impl Backend for TestBackend {
         }
         r
     }
-
-    fn name(&self) -> &str {
-        "test"
-    }
 }
