@@ -1,19 +1,23 @@
-//! Criterion benches of the hot paths: framing a token, batching frames into
-//! one chunk, parsing a request, the timer wheel, and a whole simulated
-//! stream through the session state machine (no sockets).
+//! Criterion benches of the hot paths: framing a token, each encoder,
+//! batching frames into one chunk, parsing a request, the timer wheel, the
+//! worker hand-off, and a whole simulated stream through the engine (no
+//! sockets).
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice::backend::GenRequest;
+use sluice::encode::{ChunkFormat, Encoder, NativeSse, OpenAiSse};
+use sluice::engine::{Ended, Engine, Services};
 use sluice::http::{Limits, Request, RequestReader};
 use sluice::metrics::Metrics;
 use sluice::outbuf::{BufPool, OutBuf};
-use sluice::session::{Cx, Ops, Producer, Refusal, Services, Session, StreamSummary};
+use sluice::router::{Ops, Refusal};
+use sluice::stream::{Producer, StreamRef};
 use sluice::timer::TimerWheel;
 use sluice::{sse, Config};
+use std::sync::Arc;
 
 fn framing(c: &mut Criterion) {
     let mut g = c.benchmark_group("sse");
@@ -102,42 +106,67 @@ impl Services for Svc {
         self.0 += 1;
         self.0
     }
-    fn admit(&mut self, _: u64, _: &GenRequest) -> Result<Producer, Refusal> {
+    fn admit(&mut self, _: StreamRef, _: &GenRequest) -> Result<Producer, Refusal> {
         Ok(Producer::Sim)
     }
     fn ops(&mut self, _: Ops, _: &Request) -> (u16, &'static str, Vec<u8>) {
         (200, "text/plain", Vec::new())
     }
-    fn stream_ended(&mut self, _: &StreamSummary) {}
+    fn stream_ended(&mut self, _: &Ended) {}
 }
 
-fn session(c: &mut Criterion) {
-    let cfg = Config::parse_from(["sluice", "--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
-    let metrics = Metrics::default();
-    let mut bufs = BufPool::default();
+/// A whole 64-token simulated stream through the engine: request parsed,
+/// routed, admitted, produced, encoded, written, ended.
+fn engine(c: &mut Criterion) {
+    let cfg = Config::for_tests(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let mut svc = Svc(0);
     let req = b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n{\"prompt\":\"hi\",\"max_tokens\":64}";
     let mut g = c.benchmark_group("session");
     g.throughput(Throughput::Elements(64));
     g.bench_function("sim_stream_64_tokens", |b| {
         let now = Instant::now();
-        let mut s = Session::new(now);
+        let mut e: Engine<()> =
+            Engine::new(Arc::new(cfg.clone()), Arc::new(Metrics::default()), now);
+        let key = e.open((), None, now);
+        let mut dirty = Vec::new();
         b.iter(|| {
-            let mut cx = Cx {
-                now,
-                cfg: &cfg,
-                bufs: &mut bufs,
-                metrics: &metrics,
-                svc: &mut svc,
-            };
-            s.handle_read(&mut cx, req);
-            let n = s.pending().len();
-            s.handle_written(&mut cx, n);
+            e.handle_read(&mut svc, key, req, now);
+            let n = e.pending(key).len();
+            e.handle_written(&mut svc, key, n, now);
+            e.take_dirty(&mut dirty);
             black_box(n);
         })
     });
     g.finish();
-    let _ = Duration::ZERO;
+}
+
+/// Each encoder's token event, into a reused buffer.
+fn encoders(c: &mut Criterion) {
+    let mut g = c.benchmark_group("encode");
+    g.throughput(Throughput::Elements(1));
+    let mut buf = Vec::with_capacity(4096);
+    let mut shapes: Vec<(&str, Box<dyn Encoder>)> = vec![
+        ("native_sse", Box::new(NativeSse)),
+        (
+            "openai_sse",
+            Box::new(OpenAiSse(ChunkFormat::new(
+                "1000",
+                "sluice-sim",
+                1_700_000_000,
+                false,
+            ))),
+        ),
+    ];
+    for (name, enc) in shapes.iter_mut() {
+        g.bench_function(format!("{name}_token"), |b| {
+            b.iter(|| {
+                buf.clear();
+                enc.token(&mut buf, black_box(" hello"));
+                black_box(&buf);
+            })
+        });
+    }
+    g.finish();
 }
 
 /// The worker → loop hand-off: a worker pushes 64 tokens into a stream's
@@ -171,5 +200,5 @@ fn handoff(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, framing, parsing, wheel, session, handoff);
+criterion_group!(benches, framing, parsing, wheel, engine, encoders, handoff);
 criterion_main!(benches);

@@ -178,6 +178,16 @@ impl Config {
         Config::parse_from(["sluice"])
     }
 
+    /// A config from explicit flags that never reads the environment (tests).
+    pub fn for_tests(flags: &[&str]) -> Config {
+        use clap::{CommandFactory, FromArgMatches};
+        let cmd = Config::command().mut_args(|a| a.env(None::<&str>));
+        let m = cmd
+            .try_get_matches_from(std::iter::once("sluice").chain(flags.iter().copied()))
+            .expect("test flags parse");
+        Config::from_arg_matches(&m).expect("test flags parse")
+    }
+
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
     }

@@ -1,25 +1,40 @@
 //! sluice: a small, fast HTTP/1.1 server that streams LLM tokens to clients
 //! over Server-Sent Events.
 //!
-//! One `mio` event loop owns every socket, every stream's state and a hashed
-//! timer wheel; the simulated model is paced inside the loop, and blocking
-//! backends run on a small worker pool that hands tokens back through a
-//! per-stream queue and one waker.
+//! One `mio` event loop owns every socket; a sans-IO engine beside it owns
+//! every connection machine, every stream and a hashed timer wheel. The
+//! simulated model is paced inside the loop; blocking backends run on a
+//! small worker pool that hands tokens back through a per-stream queue and
+//! one waker. A stream is not its connection: the connection attaches to it
+//! as its subscriber, so a stream can outlive the socket that asked for it.
 //!
 //! # Layout
 //!
-//! The data's path: bytes in → request → admission → worker → token queue →
-//! frame → socket.
+//! The data's path: bytes in → [`conn`] (a request) → [`router`] (which
+//! answer) → admission ([`server`]'s services) → [`stream`] (producer,
+//! stages, `seq`, the terminal event) → [`encode`] (the wire shape) →
+//! [`conn`] (the body's chunks) → socket.
 //!
 //! - [`config`]: every flag, default and limit.
-//! - [`server`]: the mio loop: accept, readiness, timers, waker; the only
-//!   code that touches a socket.
-//! - [`session`]: the per-connection state machine, free of I/O: bytes,
-//!   pieces and time in; bytes, deadlines and "close" out.
+//! - [`server`]: the mio loop: accept, readiness, waker, signals, drain;
+//!   the only code that touches a socket.
+//! - [`engine`]: the sans-IO core of a loop: the connection slab, the
+//!   stream table and the timer wheel, and the routing of bytes and events
+//!   between them.
+//! - [`conn`]: the HTTP/1.1 connection machine (requests in, responses and
+//!   body chunks out; keep-alive, pipelining, half-close, timeouts). It
+//!   names no endpoint and no event format.
+//! - [`router`]: request → answer; refusals in each endpoint's shape; CORS.
+//! - [`errors`]: the one map from an error to its HTTP status, OpenAI type
+//!   and body.
+//! - [`stream`]: one generation and the loop's stream table; its stages;
+//!   `stream/LIFECYCLE.md` draws its states.
+//! - [`encode`]: one encoder per wire shape (native SSE, native JSON, OpenAI
+//!   chunks, OpenAI JSON, OpenAI all-at-once).
 //! - [`http`]: request parsing and limits (httparse), response heads.
 //! - [`api`]: the native endpoint's JSON body and query string.
-//! - [`openai_api`]: `/v1/chat/completions` requests, chunks and errors.
-//! - [`sse`]: event framing.
+//! - [`openai_api`]: `/v1/chat/completions` request bodies, `/v1/models`.
+//! - [`sse`]: native event framing; the stream error codes.
 //! - [`outbuf`]: the output buffer and the per-loop pool of allocations.
 //! - [`timer`]: the hashed timer wheel.
 //! - [`backend`]: the `Backend` trait and the simulated model.
@@ -30,15 +45,20 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod conn;
+pub mod encode;
+pub mod engine;
+pub mod errors;
 pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod openai_api;
 pub mod outbuf;
 pub mod pool;
+pub mod router;
 pub mod server;
-pub mod session;
 pub mod sse;
+pub mod stream;
 pub mod timer;
 
 pub use config::Config;

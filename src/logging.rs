@@ -91,3 +91,9 @@ pub fn init(level: LevelFilter) {
 pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
+
+/// Marks the calling thread as the event loop's (placeholder until batching lands).
+pub fn mark_loop_thread() {}
+
+/// The loop's writes for this turn are done (placeholder until batching lands).
+pub fn end_of_turn() {}

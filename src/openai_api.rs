@@ -1,17 +1,14 @@
-//! The OpenAI-compatible face: `POST /v1/chat/completions` requests in,
-//! `chat.completion.chunk` events, `chat.completion` objects and OpenAI-shaped
-//! errors out, so existing SDKs and tools work unchanged.
+//! The OpenAI-compatible face's requests: `POST /v1/chat/completions`
+//! bodies in, a validated [`GenRequest`] out (its answers are written by
+//! [`crate::encode`]), and the `/v1/models` list.
 //!
 //! Every OpenAI field is accepted; the ones the server does not use itself
 //! are kept in [`GenRequest::extra`] and forwarded to an upstream unchanged.
-
-use std::io::Write;
 
 use serde_json::Value;
 
 use crate::api;
 use crate::backend::{GenRequest, Message};
-use crate::sse::{ErrorCode, StreamError};
 
 /// A validated chat completions request.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,152 +122,6 @@ fn parse_messages(v: Value) -> Result<Vec<Message>, String> {
         .collect()
 }
 
-/// `{"error":{"message","type","code"}}`.
-pub fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
-    let kind = match status {
-        401 => "authentication_error",
-        404 => "not_found_error",
-        408 | 429 | 503 => "rate_limit_error",
-        s if s >= 500 => "server_error",
-        _ => "invalid_request_error",
-    };
-    serde_json::to_vec(&serde_json::json!({
-        "error": {"message": message, "type": kind, "code": code, "param": null}
-    }))
-    .unwrap_or_default()
-}
-
-/// Per-stream constants of the chunk events.
-#[derive(Debug, Clone)]
-pub struct ChunkFormat {
-    /// `{"id":…,"object":"chat.completion.chunk","created":…,"model":…,"choices":`
-    prefix: String,
-    pub include_usage: bool,
-    pub model: String,
-    pub id: String,
-    pub created: u64,
-}
-
-impl ChunkFormat {
-    pub fn new(stream_id: u64, model: &str, created: u64, include_usage: bool) -> ChunkFormat {
-        let id = format!("chatcmpl-{stream_id:x}");
-        let mut prefix = format!("{{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":");
-        prefix.push_str(&serde_json::to_string(model).unwrap_or_else(|_| "\"\"".into()));
-        prefix.push_str(",\"choices\":");
-        ChunkFormat {
-            prefix,
-            include_usage,
-            model: model.to_string(),
-            id,
-            created,
-        }
-    }
-
-    /// The first chunk: the assistant's role.
-    pub fn role(&self, buf: &mut Vec<u8>) {
-        buf.extend_from_slice(b"data: ");
-        buf.extend_from_slice(self.prefix.as_bytes());
-        buf.extend_from_slice(
-            b"[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
-        );
-    }
-
-    /// A content delta.
-    pub fn content(&self, buf: &mut Vec<u8>, text: &str) {
-        buf.extend_from_slice(b"data: ");
-        buf.extend_from_slice(self.prefix.as_bytes());
-        buf.extend_from_slice(b"[{\"index\":0,\"delta\":{\"content\":");
-        let _ = serde_json::to_writer(&mut *buf, text);
-        buf.extend_from_slice(b"},\"finish_reason\":null}]}\n\n");
-    }
-
-    /// The whole answer in one chunk (`--no-streaming` with `stream: true`).
-    pub fn whole(&self, buf: &mut Vec<u8>, text: &str, finish_reason: &str) {
-        buf.extend_from_slice(b"data: ");
-        buf.extend_from_slice(self.prefix.as_bytes());
-        buf.extend_from_slice(b"[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":");
-        let _ = serde_json::to_writer(&mut *buf, text);
-        buf.extend_from_slice(b"},\"finish_reason\":");
-        let _ = serde_json::to_writer(&mut *buf, finish_reason);
-        buf.extend_from_slice(b"}]}\n\n");
-    }
-
-    /// The chunk with `finish_reason`, the usage chunk when asked for, and `[DONE]`.
-    pub fn finish(
-        &self,
-        buf: &mut Vec<u8>,
-        finish_reason: &str,
-        prompt: Option<u32>,
-        completion: u32,
-    ) {
-        buf.extend_from_slice(b"data: ");
-        buf.extend_from_slice(self.prefix.as_bytes());
-        buf.extend_from_slice(b"[{\"index\":0,\"delta\":{},\"finish_reason\":");
-        let _ = serde_json::to_writer(&mut *buf, finish_reason);
-        buf.extend_from_slice(b"}]}\n\n");
-        self.usage_and_done(buf, prompt, completion);
-    }
-
-    /// The usage chunk when asked for, then `[DONE]`.
-    pub fn usage_and_done(&self, buf: &mut Vec<u8>, prompt: Option<u32>, completion: u32) {
-        if self.include_usage {
-            buf.extend_from_slice(b"data: ");
-            buf.extend_from_slice(self.prefix.as_bytes());
-            buf.extend_from_slice(b"[],\"usage\":");
-            usage(buf, prompt, completion);
-            buf.extend_from_slice(b"}\n\n");
-        }
-        buf.extend_from_slice(b"data: [DONE]\n\n");
-    }
-
-    /// A failure mid-stream: a final data event with an `error` object, no `[DONE]`.
-    pub fn error(&self, buf: &mut Vec<u8>, err: &StreamError) {
-        buf.extend_from_slice(b"data: ");
-        let status = match err.code {
-            ErrorCode::Overloaded | ErrorCode::ShuttingDown => 503,
-            ErrorCode::UpstreamError => err.upstream_status.unwrap_or(502),
-            _ => 500,
-        };
-        buf.extend_from_slice(&error_body(status, err.code.as_str(), &err.message));
-        buf.extend_from_slice(b"\n\n");
-    }
-
-    /// A whole `chat.completion` object.
-    pub fn completion(
-        &self,
-        buf: &mut Vec<u8>,
-        text: &str,
-        finish_reason: &str,
-        prompt: Option<u32>,
-        completion: u32,
-    ) {
-        let _ = write!(
-            buf,
-            "{{\"id\":\"{}\",\"object\":\"chat.completion\",\"created\":{},\"model\":",
-            self.id, self.created
-        );
-        let _ = serde_json::to_writer(&mut *buf, &self.model);
-        buf.extend_from_slice(
-            b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
-        );
-        let _ = serde_json::to_writer(&mut *buf, text);
-        buf.extend_from_slice(b"},\"finish_reason\":");
-        let _ = serde_json::to_writer(&mut *buf, finish_reason);
-        buf.extend_from_slice(b"}],\"usage\":");
-        usage(buf, prompt, completion);
-        buf.push(b'}');
-    }
-}
-
-fn usage(buf: &mut Vec<u8>, prompt: Option<u32>, completion: u32) {
-    let p = prompt.unwrap_or(0);
-    let _ = write!(
-        buf,
-        "{{\"prompt_tokens\":{p},\"completion_tokens\":{completion},\"total_tokens\":{}}}",
-        p + completion
-    );
-}
-
 /// `GET /v1/models`.
 pub fn models_body(model: &str, created: u64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -304,40 +155,5 @@ mod tests {
         )
         .is_err());
         assert!(parse(br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, 10).is_err());
-    }
-
-    #[test]
-    fn chunks_are_valid_json() {
-        let f = ChunkFormat::new(0xabc, "sim", 1700000000, true);
-        let mut b = Vec::new();
-        f.role(&mut b);
-        f.content(&mut b, "he said \"hi\"\n");
-        f.finish(&mut b, "stop", Some(3), 1);
-        let text = String::from_utf8(b).unwrap();
-        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
-        assert_eq!(events.len(), 5, "{text}");
-        assert_eq!(events[4], "data: [DONE]");
-        for e in &events[..4] {
-            let v: Value = serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
-            assert_eq!(v["id"], "chatcmpl-abc");
-            assert_eq!(v["object"], "chat.completion.chunk");
-        }
-        let v: Value = serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
-        assert_eq!(v["choices"][0]["delta"]["content"], "he said \"hi\"\n");
-        let v: Value = serde_json::from_str(events[3].strip_prefix("data: ").unwrap()).unwrap();
-        assert_eq!(v["usage"]["total_tokens"], 4);
-        assert_eq!(v["choices"], serde_json::json!([]));
-    }
-
-    #[test]
-    fn completion_object() {
-        let f = ChunkFormat::new(1, "sim", 5, false);
-        let mut b = Vec::new();
-        f.completion(&mut b, "hello", "length", None, 1);
-        let v: Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v["object"], "chat.completion");
-        assert_eq!(v["choices"][0]["message"]["content"], "hello");
-        assert_eq!(v["choices"][0]["finish_reason"], "length");
-        assert_eq!(v["usage"]["completion_tokens"], 1);
     }
 }

@@ -1,12 +1,14 @@
-//! The mio event loop: accept, dispatch readiness by token, timers, the
-//! workers' waker. It owns every socket; each connection's protocol lives in
-//! its [`Session`], which this module only feeds bytes, time and wake-ups.
+//! The mio event loop: accept, readiness, the workers' waker, signals. It
+//! owns every socket and is the only code that touches one; everything a
+//! connection or a stream decides lives in the sans-IO [`Engine`], which
+//! this shell feeds bytes, time and wake-ups, and whose output it writes.
 //!
 //! Rules it keeps (edge-triggered epoll): accept, read and write are drained
 //! until `WouldBlock`; a write is tried as soon as there is something to
 //! write, and WRITABLE is only awaited after a `WouldBlock`; spurious events
-//! are harmless; the poll timeout comes from the timer wheel, so an idle
-//! server sleeps.
+//! are harmless; the poll timeout comes from the engine's timer wheel, so an
+//! idle server sleeps. Log lines are handed to the log thread once per turn,
+//! after the writes (see [`crate::logging`]).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -17,20 +19,17 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
 
 use crate::backend::openai::{OpenAiBackend, UpstreamConfig};
 use crate::backend::sim::SimPoolBackend;
 use crate::backend::{Backend, GenRequest};
 use crate::config::{BackendKind, Config};
+use crate::engine::{Access, Ended, Engine, Services};
 use crate::http::Request;
 use crate::metrics::Metrics;
-use crate::outbuf::BufPool;
 use crate::pool::{Pool, ReadyList, TokenSink};
-use crate::session::{
-    Access, Cx, Ops, Outcome, Producer, Refusal, Services, Session, StreamSummary,
-};
-use crate::timer::{TimerId, TimerWheel};
+use crate::router::{Ops, Refusal};
+use crate::stream::{Outcome, Producer, StreamRef};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -48,20 +47,16 @@ const BACKLOG: i32 = 8192;
 /// Reads of [`SCRATCH`] bytes one connection gets per turn.
 const READ_BUDGET: usize = 4;
 
-struct Conn {
+/// A connection's socket and its readiness.
+struct Sock {
     sock: TcpStream,
-    peer: SocketAddr,
-    session: Session,
-    /// The armed wheel entry and the tick it fires at.
-    timer: Option<(TimerId, u64)>,
     /// The last write would block: wait for WRITABLE.
     blocked: bool,
-    /// Reading stopped because the session would not take more input.
+    /// Reading stopped because the connection would not take more input.
     read_paused: bool,
-    serial: u32,
 }
 
-/// What the sessions need from the server (see [`Services`]).
+/// What the engine needs from the server (see [`Services`]).
 struct Shared {
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
@@ -70,9 +65,6 @@ struct Shared {
     next_id: u64,
     streams_open: usize,
     max_streams: usize,
-    /// The slot and peer of the connection being served, for sinks and logs.
-    slot: usize,
-    peer: Option<SocketAddr>,
     /// SIGTERM/SIGINT arrived: refuse new streams, readiness 503.
     draining: bool,
 }
@@ -83,7 +75,7 @@ impl Services for Shared {
         self.next_id
     }
 
-    fn admit(&mut self, id: u64, gen: &GenRequest) -> Result<Producer, Refusal> {
+    fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal> {
         if self.draining {
             return Err(Refusal {
                 status: 503,
@@ -105,8 +97,8 @@ impl Services for Shared {
             None => Producer::Sim,
             Some(pool) => {
                 let sink = Arc::new(TokenSink::new(
-                    self.slot,
-                    id,
+                    r.key,
+                    r.id,
                     SINK_CAPACITY,
                     self.ready.clone(),
                 ));
@@ -157,7 +149,7 @@ impl Services for Shared {
     }
 
     fn responded(&mut self, a: &Access) {
-        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        let peer = a.peer.map(|p| p.to_string()).unwrap_or_default();
         let (method, path) = a
             .line
             .map_or(("-", "-"), |l| (l.method.as_str(), l.path.as_str()));
@@ -169,7 +161,8 @@ impl Services for Shared {
         );
     }
 
-    fn stream_ended(&mut self, s: &StreamSummary) {
+    fn stream_ended(&mut self, e: &Ended) {
+        let s = e.summary;
         self.streams_open = self.streams_open.saturating_sub(1);
         let m = &self.metrics;
         m.streams_open.fetch_sub(1, Relaxed);
@@ -187,12 +180,13 @@ impl Services for Shared {
                 "disconnected"
             }
         };
-        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        let peer = e.peer.map(|p| p.to_string()).unwrap_or_default();
         let ttft = s.ttft.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
         log::info!(
-            "{} {} 200 request_id={} peer={peer} stream={:x} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
+            "{} {} {} request_id={} peer={peer} stream={:x} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
             s.line.method,
             s.line.path,
+            e.status,
             s.request_id,
             s.id,
             s.tokens,
@@ -227,31 +221,27 @@ pub struct Server {
     poll: Poll,
     listener: TcpListener,
     local_addr: SocketAddr,
-    conns: Slab<Conn>,
-    wheel: TimerWheel,
-    epoch: Instant,
+    engine: Engine<Sock>,
     cfg: Arc<Config>,
-    bufs: BufPool,
     metrics: Arc<Metrics>,
     shared: Shared,
     scratch: Vec<u8>,
     ready_list: Vec<(usize, u64)>,
-    expired: Vec<u64>,
+    dirty: Vec<usize>,
     max_conns: usize,
     accept_paused: bool,
     accept_retry_at: Option<Instant>,
-    next_serial: u32,
     waker: Arc<Waker>,
     shutdown_flag: Arc<AtomicBool>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     drain: Option<Drain>,
-    /// Connections with bytes left to read after their read budget.
+    /// Connections (key, serial) left with unread input by their read budget.
     reread: Vec<(usize, u32)>,
 }
 
 impl Server {
-    /// Binds `cfg.listen`. `backend` overrides `--backend` with a blocking
-    /// backend run on the worker pool (tests use it).
+    /// Binds `cfg.listen`. `backend` overrides `--backend` (tests use it to
+    /// run a scripted backend on the pool).
     pub fn bind(cfg: Config, backend: Option<Arc<dyn Backend>>) -> io::Result<Server> {
         let cfg = Arc::new(cfg);
         let poll = Poll::new()?;
@@ -298,15 +288,11 @@ impl Server {
         let pool =
             backend.map(|b| Pool::new(cfg.workers as usize, cfg.queue_depth, b, metrics.clone()));
         let max_conns = cfg.effective_max_connections();
-        let epoch = Instant::now();
         Ok(Server {
             poll,
             listener,
             local_addr,
-            conns: Slab::new(),
-            wheel: TimerWheel::new(0),
-            epoch,
-            bufs: BufPool::default(),
+            engine: Engine::new(cfg.clone(), metrics.clone(), Instant::now()),
             metrics: metrics.clone(),
             shared: Shared {
                 cfg: cfg.clone(),
@@ -316,18 +302,15 @@ impl Server {
                 next_id: (std::process::id() as u64 & 0xfff) << 32,
                 streams_open: 0,
                 max_streams: cfg.effective_max_streams(),
-                slot: 0,
-                peer: None,
                 draining: false,
             },
             cfg,
             scratch: vec![0; SCRATCH],
             ready_list: Vec::new(),
-            expired: Vec::new(),
+            dirty: Vec::new(),
             max_conns,
             accept_paused: false,
             accept_retry_at: None,
-            next_serial: 0,
             waker,
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             signals: None,
@@ -368,6 +351,7 @@ impl Server {
     /// Runs the loop until a graceful shutdown completes (`Ok`) or polling
     /// fails.
     pub fn run(mut self) -> io::Result<()> {
+        crate::logging::mark_loop_thread();
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.reread.is_empty() {
@@ -399,7 +383,9 @@ impl Server {
                     Token(key) => self.conn_event(key, ev),
                 }
             }
-            self.fire_timers();
+            self.engine
+                .handle_timeouts(&mut self.shared, Instant::now());
+            self.service_dirty();
             self.serve_rereads();
             if let Some(at) = self.accept_retry_at {
                 if Instant::now() >= at {
@@ -407,8 +393,11 @@ impl Server {
                     self.accept();
                 }
             }
+            // The turn's writes are done: now the log lines may go.
+            crate::logging::end_of_turn();
             if self.drain.is_some() && self.drained(Instant::now()) {
                 log::info!("shutdown complete");
+                crate::logging::end_of_turn();
                 return Ok(());
             }
         }
@@ -444,21 +433,11 @@ impl Server {
         };
         if now >= d.deadline && d.final_at.is_none() {
             d.final_at = Some(now + FINAL_FLUSH);
-            let running: Vec<usize> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.session.is_streaming())
-                .map(|(k, _)| k)
-                .collect();
-            if !running.is_empty() {
-                log::info!(
-                    "drain time over: ending {} streams with shutting_down",
-                    running.len()
-                );
+            let ended = self.engine.shut_down(&mut self.shared, now);
+            if ended > 0 {
+                log::info!("drain time over: ended {ended} streams with shutting_down");
             }
-            for key in running {
-                self.with_session(key, |s, cx| s.shut_down(cx));
-            }
+            self.service_dirty();
         }
         let Some(d) = &self.drain else {
             return false;
@@ -466,19 +445,12 @@ impl Server {
         if d.final_at.is_some_and(|f| now >= f) {
             return true;
         }
-        self.shared.streams_open == 0 && !self.conns.iter().any(|(_, c)| c.session.has_pending())
-    }
-
-    fn now_ms(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.epoch).as_millis() as u64
+        self.shared.streams_open == 0 && !self.engine.any_pending()
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        let mut t = self
-            .wheel
-            .next_timeout_ms(self.now_ms(now))
-            .map(Duration::from_millis);
+        let mut t = self.engine.next_timeout(now);
         let drain_at = self
             .drain
             .as_ref()
@@ -498,11 +470,11 @@ impl Server {
 
     fn accept(&mut self) {
         loop {
-            if self.conns.len() >= self.max_conns {
+            if self.engine.connections() >= self.max_conns {
                 if !self.accept_paused {
                     log::warn!(
                         "{} connections open (--max-connections): accepting paused",
-                        self.conns.len()
+                        self.engine.connections()
                     );
                 }
                 self.accept_paused = true;
@@ -512,8 +484,7 @@ impl Server {
                 Ok((mut sock, peer)) => {
                     let _ = sock.set_nodelay(true);
                     set_notsent_lowat(&sock);
-                    let entry = self.conns.vacant_entry();
-                    let key = entry.key();
+                    let key = self.engine.vacant_key();
                     if let Err(e) = self.poll.registry().register(
                         &mut sock,
                         Token(key),
@@ -522,19 +493,12 @@ impl Server {
                         log::warn!("cannot register a connection from {peer}: {e}");
                         continue;
                     }
-                    self.next_serial = self.next_serial.wrapping_add(1);
-                    entry.insert(Conn {
+                    let io = Sock {
                         sock,
-                        peer,
-                        session: Session::new(Instant::now()),
-                        timer: None,
                         blocked: false,
                         read_paused: false,
-                        serial: self.next_serial,
-                    });
-                    self.metrics.connections_open.fetch_add(1, Relaxed);
-                    self.metrics.connections_accepted.fetch_add(1, Relaxed);
-                    self.rearm(key);
+                    };
+                    self.engine.open(io, Some(peer), Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
@@ -559,9 +523,9 @@ impl Server {
     fn serve_rereads(&mut self) {
         let list = std::mem::take(&mut self.reread);
         for (key, serial) in list {
-            if self.conns.get(key).is_some_and(|c| c.serial == serial) {
+            if self.engine.serial(key) == Some(serial) {
                 self.read(key, false);
-                self.after(key);
+                self.service_dirty();
             }
         }
     }
@@ -569,199 +533,146 @@ impl Server {
     fn drain_ready(&mut self) {
         let mut list = std::mem::take(&mut self.ready_list);
         self.shared.ready.take(&mut list);
+        let now = Instant::now();
         for &(key, id) in &list {
-            self.with_session(key, |s, cx| s.handle_ready(cx, id));
+            self.engine
+                .handle_ready(&mut self.shared, StreamRef { key, id }, now);
         }
         self.ready_list = list;
-    }
-
-    fn fire_timers(&mut self) {
-        let now_ms = self.now_ms(Instant::now());
-        let mut expired = std::mem::take(&mut self.expired);
-        expired.clear();
-        self.wheel.poll(now_ms, &mut expired);
-        for &k in &expired {
-            let (key, serial) = ((k & 0xffff_ffff) as usize, (k >> 32) as u32);
-            match self.conns.get_mut(key) {
-                Some(c) if c.serial == serial => c.timer = None,
-                _ => continue,
-            }
-            self.with_session(key, |s, cx| s.handle_timeout(cx));
-        }
-        self.expired = expired;
+        self.service_dirty();
     }
 
     fn conn_event(&mut self, key: usize, ev: &mio::event::Event) {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(io) = self.engine.io_mut(key) else {
             return;
         };
         if ev.is_writable() {
-            conn.blocked = false;
+            io.blocked = false;
         }
         if ev.is_error() {
-            return self.with_session(key, |s, cx| s.handle_reset(cx));
-        }
-        if ev.is_readable() || ev.is_read_closed() {
+            self.engine
+                .handle_reset(&mut self.shared, key, Instant::now());
+        } else if ev.is_readable() || ev.is_read_closed() {
             self.read(key, ev.is_read_closed());
         }
-        self.after(key);
+        // Writable alone: the flush below writes what waits.
+        self.service(key);
+        self.service_dirty();
     }
 
-    /// Reads the socket into the session until `WouldBlock`, at most
+    /// Reads the socket into the engine until `WouldBlock`, at most
     /// [`READ_BUDGET`] reads at a time: a client that sends faster than it
     /// is answered must not keep the loop from every other connection. A
     /// connection with more to read goes on [`Server::reread`], served on the
     /// next pass of the loop.
     fn read(&mut self, key: usize, read_closed: bool) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        self.shared.slot = key;
-        self.shared.peer = Some(conn.peer);
-        let mut cx = Cx {
-            now: Instant::now(),
-            cfg: &self.cfg,
-            bufs: &mut self.bufs,
-            metrics: &self.metrics,
-            svc: &mut self.shared,
-        };
-        conn.read_paused = false;
         for _ in 0..READ_BUDGET {
-            if conn.session.is_closed() {
+            let now = Instant::now();
+            let wants = self.engine.wants_read(key);
+            let Some(io) = self.engine.io_mut(key) else {
+                return;
+            };
+            io.read_paused = false;
+            if self.engine.conn(key).is_none_or(|c| c.is_closed()) {
                 return;
             }
-            if !conn.session.wants_read(&self.cfg) {
-                conn.read_paused = true;
+            if !wants {
+                if let Some(io) = self.engine.io_mut(key) {
+                    io.read_paused = true;
+                }
                 // A client that leaves during a stream is noticed even with
                 // reading paused. Otherwise its FIN is read in turn, after
                 // the requests it sent before it.
-                if read_closed && conn.session.is_streaming() {
-                    conn.session.handle_eof(&mut cx);
+                if read_closed && self.engine.is_attached(key) {
+                    self.engine.handle_eof(&mut self.shared, key, now);
                 }
                 return;
             }
-            match conn.sock.read(&mut self.scratch) {
-                Ok(0) => return conn.session.handle_eof(&mut cx),
-                Ok(n) => conn.session.handle_read(&mut cx, &self.scratch[..n]),
+            let Some(io) = self.engine.io_mut(key) else {
+                return;
+            };
+            match io.sock.read(&mut self.scratch) {
+                Ok(0) => return self.engine.handle_eof(&mut self.shared, key, now),
+                Ok(n) => self
+                    .engine
+                    .handle_read(&mut self.shared, key, &self.scratch[..n], now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return conn.session.handle_reset(&mut cx),
+                Err(_) => return self.engine.handle_reset(&mut self.shared, key, now),
             }
         }
-        self.reread.push((key, conn.serial));
+        if let Some(serial) = self.engine.serial(key) {
+            self.reread.push((key, serial));
+        }
     }
 
-    /// Runs `f` on a connection's session, then flushes and re-arms it.
-    fn with_session(&mut self, key: usize, f: impl FnOnce(&mut Session, &mut Cx)) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        self.shared.slot = key;
-        self.shared.peer = Some(conn.peer);
-        let mut cx = Cx {
-            now: Instant::now(),
-            cfg: &self.cfg,
-            bufs: &mut self.bufs,
-            metrics: &self.metrics,
-            svc: &mut self.shared,
-        };
-        f(&mut conn.session, &mut cx);
-        self.after(key);
+    /// Services every connection the engine touched.
+    fn service_dirty(&mut self) {
+        loop {
+            let mut dirty = std::mem::take(&mut self.dirty);
+            self.engine.take_dirty(&mut dirty);
+            if dirty.is_empty() {
+                self.dirty = dirty;
+                return;
+            }
+            for &key in &dirty {
+                self.service(key);
+            }
+            self.dirty = dirty;
+        }
     }
 
-    /// After any input: write what is pending, half-close or close as the
-    /// session says, and re-arm its timer.
-    fn after(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
+    /// Writes what is pending for `key`, half-closes or closes as its
+    /// connection says, and resumes reading held-back input.
+    fn service(&mut self, key: usize) {
         let now = Instant::now();
-        self.shared.slot = key;
-        self.shared.peer = Some(conn.peer);
-        let mut cx = Cx {
-            now,
-            cfg: &self.cfg,
-            bufs: &mut self.bufs,
-            metrics: &self.metrics,
-            svc: &mut self.shared,
-        };
+        let sh = &mut self.shared;
         // Flush: one write carries every frame that is ready.
-        while !conn.blocked && !conn.session.is_closed() {
-            let pending = conn.session.pending();
-            if pending.is_empty() {
+        loop {
+            let Some((io, pending)) = self.engine.io_and_pending(key) else {
+                return;
+            };
+            if io.blocked || pending.is_empty() {
                 break;
             }
-            match conn.sock.write(pending) {
-                Ok(0) => conn.session.handle_reset(&mut cx),
-                Ok(n) => conn.session.handle_written(&mut cx, n),
+            match io.sock.write(pending) {
+                Ok(0) => self.engine.handle_reset(sh, key, now),
+                Ok(n) => self.engine.handle_written(sh, key, n, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    conn.blocked = true;
-                    conn.session.handle_write_blocked(now);
+                    io.blocked = true;
+                    self.engine.handle_write_blocked(key, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => conn.session.handle_reset(&mut cx),
+                Err(_) => self.engine.handle_reset(sh, key, now),
             }
         }
-        if conn.session.wants_half_close() {
-            let _ = conn.sock.shutdown(Shutdown::Write);
-            conn.session.half_closed(now);
+        if self.engine.conn(key).is_some_and(|c| c.wants_half_close()) {
+            if let Some(io) = self.engine.io_mut(key) {
+                let _ = io.sock.shutdown(Shutdown::Write);
+            }
+            self.engine.half_closed(key, now);
         }
-        // Input held back (a stream ran, or answers piled up) may be read now.
-        if conn.read_paused && !conn.session.is_closed() && conn.session.wants_read(&self.cfg) {
-            conn.read_paused = false;
-            self.reread.push((key, conn.serial));
-        }
-        if conn.session.is_closed() {
-            self.close(key);
-        } else {
-            self.rearm(key);
-        }
-    }
-
-    fn rearm(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let closed = self.engine.conn(key).is_none_or(|c| c.is_closed());
+        let wants = self.engine.wants_read(key);
+        let serial = self.engine.serial(key);
+        let Some(io) = self.engine.io_mut(key) else {
             return;
         };
-        let deadline = conn.session.next_deadline(&self.cfg);
-        let want = deadline.map(|d| {
-            let d = d.saturating_duration_since(self.epoch);
-            // Round up: firing early would only re-arm, firing late never happens.
-            d.as_millis() as u64 + u64::from(d.subsec_nanos() % 1_000_000 != 0)
-        });
-        match (want, conn.timer) {
-            (None, Some((id, _))) => {
-                self.wheel.cancel(id);
-                conn.timer = None;
+        // Input held back (a stream ran, or answers piled up) may be read now.
+        if io.read_paused && !closed && wants {
+            io.read_paused = false;
+            if let Some(serial) = serial {
+                self.reread.push((key, serial));
             }
-            (Some(at), Some((id, armed))) if at < armed => {
-                self.wheel.cancel(id);
-                let tid = self.wheel.insert(at, timer_key(key, conn.serial));
-                conn.timer = Some((tid, at));
+        }
+        if closed {
+            if let Some(mut io) = self.engine.remove(key) {
+                let _ = self.poll.registry().deregister(&mut io.sock);
             }
-            (Some(at), None) => {
-                let tid = self.wheel.insert(at, timer_key(key, conn.serial));
-                conn.timer = Some((tid, at));
+            if self.accept_paused && self.engine.connections() < self.max_conns {
+                self.accept_paused = false;
+                self.accept();
             }
-            // Armed at or before the deadline: it fires, finds the real
-            // deadline later, and re-arms then (lazy re-arming).
-            _ => {}
-        }
-    }
-
-    fn close(&mut self, key: usize) {
-        if !self.conns.contains(key) {
-            return;
-        }
-        let mut conn = self.conns.remove(key);
-        if let Some((id, _)) = conn.timer.take() {
-            self.wheel.cancel(id);
-        }
-        let _ = self.poll.registry().deregister(&mut conn.sock);
-        self.metrics.connections_open.fetch_sub(1, Relaxed);
-        drop(conn);
-        if self.accept_paused && self.conns.len() < self.max_conns {
-            self.accept_paused = false;
-            self.accept();
         }
     }
 }
@@ -789,10 +700,6 @@ fn set_notsent_lowat(sock: &TcpStream) {
     if rc != 0 {
         log::debug!("TCP_NOTSENT_LOWAT: {}", io::Error::last_os_error());
     }
-}
-
-fn timer_key(key: usize, serial: u32) -> u64 {
-    (u64::from(serial) << 32) | key as u64
 }
 
 /// A non-blocking listener with an explicit backlog, so bursts of

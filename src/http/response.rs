@@ -125,12 +125,6 @@ pub fn write_full(buf: &mut Vec<u8>, head: Head, body: &[u8]) {
     buf.extend_from_slice(body);
 }
 
-/// `{"error":{"code":…,"message":…}}`.
-pub fn error_body(code: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({"error": {"code": code, "message": message}}))
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,7 +157,11 @@ mod tests {
             request_id: "r1",
             extra: &[("Retry-After", "1")],
         };
-        write_full(&mut b, head, &error_body("overloaded", "busy"));
+        write_full(
+            &mut b,
+            head,
+            &crate::errors::native_body("overloaded", "busy"),
+        );
         assert_eq!(
             String::from_utf8(b).unwrap(),
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 48\r\nConnection: keep-alive\r\nX-Request-Id: r1\r\nRetry-After: 1\r\n\r\n{\"error\":{\"code\":\"overloaded\",\"message\":\"busy\"}}"

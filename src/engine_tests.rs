@@ -1,15 +1,17 @@
-//! State-machine tests of [`Session`], driven by a simulated clock: no
-//! sockets, no real time (except the few tests that use a real worker pool
-//! to deliver `done`/`error` pieces, which only a worker can push).
+//! State-machine tests of the [`Engine`] with one connection, driven by a
+//! simulated clock: no sockets, no real time (except the few tests that use
+//! a real worker pool to deliver `done`/`error` pieces, which only a worker
+//! can push).
 
 use super::*;
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use clap::Parser;
-
+use crate::backend::sim::SimText;
 use crate::backend::{Backend, Finish, Message};
-use crate::pool::{Pool, ReadyList};
+use crate::pool::{Pool, ReadyList, TokenSink};
+use crate::sse::StreamError;
+use crate::stream::Outcome;
 
 // ------------------------------------------------------------------ fakes
 
@@ -33,6 +35,8 @@ struct Fake {
     ended: Vec<StreamSummary>,
     /// Each ops call, with how many streams had ended by then.
     ops_calls: Vec<(Ops, usize)>,
+    /// Access-log entries: (status, path).
+    access: Vec<(u16, String)>,
 }
 
 impl Fake {
@@ -45,6 +49,7 @@ impl Fake {
             admitted: Vec::new(),
             ended: Vec::new(),
             ops_calls: Vec::new(),
+            access: Vec::new(),
         }
     }
 }
@@ -56,21 +61,21 @@ impl Services for Fake {
         id
     }
 
-    fn admit(&mut self, id: u64, gen: &GenRequest) -> Result<Producer, Refusal> {
-        if let Some(r) = &self.refuse {
-            return Err(r.clone());
+    fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal> {
+        if let Some(rf) = &self.refuse {
+            return Err(rf.clone());
         }
-        self.admitted.push((id, gen.clone()));
+        self.admitted.push((r.id, gen.clone()));
         let ready = || Arc::new(ReadyList::new(|| {}));
         match &self.mode {
             Mode2::Sim => Ok(Producer::Sim),
             Mode2::Sink { capacity } => {
-                let sink = Arc::new(TokenSink::new(0, id, *capacity, ready()));
+                let sink = Arc::new(TokenSink::new(r.key, r.id, *capacity, ready()));
                 self.sinks.push(sink.clone());
                 Ok(Producer::Pool(sink))
             }
             Mode2::Pool(pool) => {
-                let sink = Arc::new(TokenSink::new(0, id, 16, ready()));
+                let sink = Arc::new(TokenSink::new(r.key, r.id, 16, ready()));
                 pool.submit(gen.clone(), sink.clone())
                     .expect("the test pool has room");
                 self.sinks.push(sink.clone());
@@ -84,8 +89,14 @@ impl Services for Fake {
         (200, "text/plain", b"ok".to_vec())
     }
 
-    fn stream_ended(&mut self, summary: &StreamSummary) {
-        self.ended.push(summary.clone());
+    fn stream_ended(&mut self, e: &Ended) {
+        self.access.push((e.status, e.summary.line.path.clone()));
+        self.ended.push(e.summary.clone());
+    }
+
+    fn responded(&mut self, a: &Access) {
+        self.access
+            .push((a.status, a.line.map(|l| l.path.clone()).unwrap_or_default()));
     }
 }
 
@@ -120,30 +131,19 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// A session, everything around it, a simulated clock and a transcript of
-/// what the "socket" accepted.
+/// An engine with one connection (key `K`), a simulated clock and a
+/// transcript of what the "socket" accepted.
 struct H {
     cfg: Config,
-    bufs: BufPool,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     svc: Fake,
-    s: Session,
+    e: Engine<()>,
     t0: Instant,
     now: Instant,
     out: Vec<u8>,
 }
 
-macro_rules! cx {
-    ($h:ident) => {
-        Cx {
-            now: $h.now,
-            cfg: &$h.cfg,
-            bufs: &mut $h.bufs,
-            metrics: &$h.metrics,
-            svc: &mut $h.svc,
-        }
-    };
-}
+const K: usize = 0;
 
 impl H {
     fn new(flags: &[&str]) -> H {
@@ -151,14 +151,16 @@ impl H {
     }
 
     fn with(flags: &[&str], mode: Mode2) -> H {
-        let cfg = Config::parse_from(std::iter::once("sluice").chain(flags.iter().copied()));
+        let cfg = Config::for_tests(flags);
         let t0 = Instant::now();
+        let metrics = Arc::new(Metrics::default());
+        let mut e = Engine::new(Arc::new(cfg.clone()), metrics.clone(), t0);
+        assert_eq!(e.open((), None, t0), K);
         H {
             cfg,
-            bufs: BufPool::default(),
-            metrics: Metrics::default(),
+            metrics,
             svc: Fake::new(mode),
-            s: Session::new(t0),
+            e,
             t0,
             now: t0,
             out: Vec::new(),
@@ -172,37 +174,76 @@ impl H {
     }
 
     fn read(&mut self, data: &[u8]) {
-        let mut cx = cx!(self);
-        self.s.handle_read(&mut cx, data);
+        self.e.handle_read(&mut self.svc, K, data, self.now);
     }
 
+    /// Runs every timer due by now.
     fn timeout(&mut self) {
-        let mut cx = cx!(self);
-        self.s.handle_timeout(&mut cx);
+        self.e.handle_timeouts(&mut self.svc, self.now);
     }
 
     fn eof(&mut self) {
-        let mut cx = cx!(self);
-        self.s.handle_eof(&mut cx);
+        self.e.handle_eof(&mut self.svc, K, self.now);
     }
 
     fn ready(&mut self, id: u64) {
-        let mut cx = cx!(self);
-        self.s.handle_ready(&mut cx, id);
+        let key = self.e.attached(K).map_or(0, |r| r.key);
+        self.e
+            .handle_ready(&mut self.svc, StreamRef { key, id }, self.now);
+    }
+
+    fn write_blocked(&mut self) {
+        self.e.handle_write_blocked(K, self.now);
+    }
+
+    fn half_closed(&mut self) {
+        self.e.half_closed(K, self.now);
+    }
+
+    fn conn(&self) -> &Conn {
+        self.e.conn(K).expect("the connection")
+    }
+
+    fn is_streaming(&self) -> bool {
+        self.e.is_attached(K)
+    }
+
+    /// The attached stream's id.
+    fn stream_id(&self) -> Option<u64> {
+        self.e.attached(K).map(|r| r.id)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.conn().is_closed()
+    }
+
+    fn wants_read(&self) -> bool {
+        self.e.wants_read(K)
+    }
+
+    fn wants_half_close(&self) -> bool {
+        self.conn().wants_half_close()
+    }
+
+    fn holds_output_buffer(&self) -> bool {
+        self.conn().holds_output_buffer()
+    }
+
+    fn pending_bytes(&self) -> &[u8] {
+        self.e.pending(K)
     }
 
     /// The socket takes the first `n` pending bytes.
     fn write(&mut self, n: usize) {
-        self.out.extend_from_slice(&self.s.pending()[..n]);
-        let mut cx = cx!(self);
-        self.s.handle_written(&mut cx, n);
+        self.out.extend_from_slice(&self.e.pending(K)[..n]);
+        self.e.handle_written(&mut self.svc, K, n, self.now);
     }
 
     /// The socket takes everything (and whatever that makes pending); returns it.
     fn flush(&mut self) -> String {
         let start = self.out.len();
         loop {
-            let n = self.s.pending().len();
+            let n = self.e.pending(K).len();
             if n == 0 {
                 break;
             }
@@ -212,12 +253,12 @@ impl H {
     }
 
     fn pending(&self) -> String {
-        String::from_utf8(self.s.pending().to_vec()).unwrap()
+        String::from_utf8(self.e.pending(K).to_vec()).unwrap()
     }
 
     /// The next deadline, as an offset from `t0`.
     fn deadline(&self) -> Option<Duration> {
-        self.s.next_deadline(&self.cfg).map(|d| d - self.t0)
+        self.e.deadline(K).map(|d| d - self.t0)
     }
 
     /// Moves the clock from deadline to deadline up to `t0 + limit` ms,
@@ -239,7 +280,7 @@ impl H {
     /// With a real pool: takes pieces as they come until the stream ends.
     fn pump_pool_until_ended(&mut self, id: u64) {
         let give_up = Instant::now() + Duration::from_secs(10);
-        while self.s.is_streaming() {
+        while self.is_streaming() {
             assert!(Instant::now() < give_up, "the stream never ended");
             self.ready(id);
             self.flush();
@@ -358,8 +399,8 @@ fn sim_stream_is_paced_by_the_clock() {
     let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
     let words = sim_words("hello world", 5, 64);
     h.read(post(r#"{"prompt":"hello world","max_tokens":5}"#).as_bytes());
-    assert!(h.s.is_streaming());
-    assert_eq!(h.s.stream_id(), Some(0x1000));
+    assert!(h.is_streaming());
+    assert_eq!(h.stream_id(), Some(0x1000));
     // The head at once, before any token.
     assert_eq!(h.pending(), sse_head("1000"));
     assert_eq!(h.flush(), sse_head("1000"));
@@ -388,11 +429,11 @@ fn sim_stream_is_paced_by_the_clock() {
     );
 
     // Back to reading the next request on the same connection.
-    assert!(!h.s.is_streaming());
-    assert!(!h.s.is_closed());
-    assert!(h.s.wants_read(&h.cfg));
-    assert!(!h.s.wants_half_close());
-    assert!(!h.s.holds_output_buffer());
+    assert!(!h.is_streaming());
+    assert!(!h.is_closed());
+    assert!(h.wants_read());
+    assert!(!h.wants_half_close());
+    assert!(!h.holds_output_buffer());
     assert_eq!(h.deadline(), Some(ms(130) + h.cfg.idle_timeout()));
     let s = h.summary();
     assert_eq!(s.id, 0x1000);
@@ -411,7 +452,7 @@ fn zero_delay_sim_sends_every_event_in_one_write() {
     let words = sim_words("hi", 8, 64);
     h.read(post(r#"{"prompt":"hi","max_tokens":8}"#).as_bytes());
     // One call: the stream is over already.
-    assert!(!h.s.is_streaming());
+    assert!(!h.is_streaming());
     let all = h.pending();
     let body = all.strip_prefix(&sse_head("1000")).expect("the SSE head");
     let (chunks, after) = dechunk(body);
@@ -524,7 +565,7 @@ fn pool_backpressure_stops_at_high_water_and_loses_nothing() {
     }
     let frame = tok("w000").len();
     h.ready(0x1000);
-    let first = h.s.pending().len();
+    let first = h.pending_bytes().len();
     assert!(
         (256..256 + frame + 8).contains(&first),
         "pending {first} near the high-water mark"
@@ -532,28 +573,28 @@ fn pool_backpressure_stops_at_high_water_and_loses_nothing() {
     assert!(sink.has_pieces(), "the rest waits in the sink");
     // Over the mark: another notification takes nothing.
     h.ready(0x1000);
-    assert_eq!(h.s.pending().len(), first);
+    assert_eq!(h.pending_bytes().len(), first);
     // Above half the mark after a write: still nothing taken.
     h.write(first - 200);
-    assert_eq!(h.s.pending().len(), 200);
+    assert_eq!(h.pending_bytes().len(), 200);
     // Below half: more is taken, again up to about the mark.
     h.write(100);
-    let second = h.s.pending().len();
+    let second = h.pending_bytes().len();
     assert!(
         (256..256 + frame + 8).contains(&second),
         "pending {second} after refill"
     );
     // Drain in small writes; the buffer never grows past the mark (+ one frame).
     let mut rounds = 0;
-    while !h.s.pending().is_empty() {
-        assert!(h.s.pending().len() < 256 + frame + 8);
-        let n = h.s.pending().len().min(97);
+    while !h.pending_bytes().is_empty() {
+        assert!(h.pending_bytes().len() < 256 + frame + 8);
+        let n = h.pending_bytes().len().min(97);
         h.write(n);
         rounds += 1;
         assert!(rounds < 10_000);
     }
     assert!(!sink.has_pieces());
-    assert!(h.s.is_streaming());
+    assert!(h.is_streaming());
     let t = h.transcript();
     let (chunks, after) = dechunk(&format!(
         "{}{LAST}",
@@ -578,21 +619,26 @@ fn sim_backpressure_holds_tokens_without_busy_deadlines() {
     ]);
     let words = sim_words("a b c", 64, 64);
     h.read(post(r#"{"prompt":"a b c","max_tokens":64}"#).as_bytes());
-    assert!(h.s.is_streaming(), "64 tokens do not fit under 256 bytes");
-    let first = h.s.pending().len();
+    assert!(h.is_streaming(), "64 tokens do not fit under 256 bytes");
+    let first = h.pending_bytes().len();
     assert!((256..256 + 64).contains(&first), "pending {first}");
     // Over the mark the sim's (past) due time is not a deadline: no spinning.
     assert!(h.deadline().unwrap() >= h.cfg.heartbeat().min(h.cfg.max_stream()));
     let mut rounds = 0;
-    while h.s.is_streaming() || !h.s.pending().is_empty() {
+    while h.is_streaming() || !h.pending_bytes().is_empty() {
         if h.deadline().is_some_and(|d| d <= ms(0)) {
             h.timeout();
         }
-        let n = h.s.pending().len().min(100);
+        let n = h.pending_bytes().len().min(100);
         if n > 0 {
             h.write(n);
         }
-        assert!(h.s.pending().len() < 256 + 64);
+        assert!(
+            h.pending_bytes().len() < 256 + 64,
+            "{} {:?}",
+            h.pending_bytes().len(),
+            h.pending()
+        );
         rounds += 1;
         assert!(rounds < 10_000);
     }
@@ -616,12 +662,12 @@ fn client_leaving_mid_stream_cancels_and_frees_everything() {
     sink.push_token("b").unwrap();
     h.at(10);
     h.ready(0x1000);
-    assert!(h.s.holds_output_buffer(), "two tokens not yet written");
+    assert!(h.holds_output_buffer(), "two tokens not yet written");
     h.at(20).eof();
-    assert!(h.s.is_closed());
-    assert!(!h.s.wants_read(&h.cfg));
+    assert!(h.is_closed());
+    assert!(!h.wants_read());
     assert!(sink.is_cancelled());
-    assert!(!h.s.holds_output_buffer());
+    assert!(!h.holds_output_buffer());
     assert_eq!(h.pending(), "");
     assert_eq!(h.deadline(), None);
     let s = h.summary();
@@ -641,7 +687,7 @@ fn client_leaving_a_sim_stream() {
     h.read(post(r#"{"prompt":"x"}"#).as_bytes());
     h.run_until(30);
     h.eof();
-    assert!(h.s.is_closed());
+    assert!(h.is_closed());
     assert_eq!(h.summary().outcome, Outcome::Disconnected);
     assert_eq!(h.summary().tokens, 3);
     assert_eq!(h.deadline(), None);
@@ -656,7 +702,7 @@ fn write_timeout_ends_the_stream_with_slow_consumer() {
     let mut h = H::new(&["--sim-ttft-ms", "100000", "--write-timeout-ms", "500"]);
     h.read(post(r#"{"prompt":"x"}"#).as_bytes());
     // The socket takes nothing.
-    h.s.handle_write_blocked(h.now);
+    h.write_blocked();
     assert_eq!(h.deadline(), Some(ms(500)));
     h.at(499).timeout();
     assert_eq!(h.pending(), sse_head("1000"));
@@ -670,9 +716,9 @@ fn write_timeout_ends_the_stream_with_slow_consumer() {
         h.pending(),
         format!("{}{}{LAST}", sse_head("1000"), chunk(&err))
     );
-    assert!(!h.s.is_streaming());
-    assert!(!h.s.is_closed());
-    assert!(!h.s.wants_half_close(), "bytes still pending");
+    assert!(!h.is_streaming());
+    assert!(!h.is_closed());
+    assert!(!h.wants_half_close(), "bytes still pending");
     assert_eq!(
         h.summary().outcome,
         Outcome::Errored(ErrorCode::SlowConsumer)
@@ -681,29 +727,29 @@ fn write_timeout_ends_the_stream_with_slow_consumer() {
     // A grace period for the error to leave, then closed.
     assert_eq!(h.deadline(), Some(ms(1500)));
     h.at(1499).timeout();
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
     h.at(1500).timeout();
-    assert!(h.s.is_closed());
-    assert!(!h.s.holds_output_buffer());
+    assert!(h.is_closed());
+    assert!(!h.holds_output_buffer());
 }
 
 #[test]
 fn a_write_resets_the_write_timeout() {
     let mut h = H::new(&["--sim-ttft-ms", "100000", "--write-timeout-ms", "500"]);
     h.read(post(r#"{"prompt":"x"}"#).as_bytes());
-    h.s.handle_write_blocked(h.now);
+    h.write_blocked();
     h.at(300).write(10);
     assert_eq!(h.deadline(), Some(h.cfg.heartbeat()));
     h.at(400);
-    h.s.handle_write_blocked(h.now);
+    h.write_blocked();
     // Repeated "would block" does not move the start.
     h.at(450);
-    h.s.handle_write_blocked(h.now);
+    h.write_blocked();
     assert_eq!(h.deadline(), Some(ms(900)));
     h.at(899).timeout();
-    assert!(h.s.is_streaming());
+    assert!(h.is_streaming());
     h.at(900).timeout();
-    assert!(!h.s.is_streaming());
+    assert!(!h.is_streaming());
     assert_eq!(
         h.summary().outcome,
         Outcome::Errored(ErrorCode::SlowConsumer)
@@ -723,7 +769,7 @@ fn max_stream_duration_ends_with_deadline_exceeded() {
     let words = sim_words("x", 64, 64);
     h.read(post(r#"{"prompt":"x"}"#).as_bytes());
     h.run_until(99);
-    assert!(h.s.is_streaming());
+    assert!(h.is_streaming());
     assert_eq!(h.deadline(), Some(ms(100)));
     h.at(100).timeout();
     let err = error_frame(
@@ -747,9 +793,9 @@ fn max_stream_duration_ends_with_deadline_exceeded() {
     );
     assert_eq!(h.summary().tokens, 2);
     // Not a transport failure: the connection stays.
-    assert!(!h.s.is_closed());
-    assert!(!h.s.is_streaming());
-    assert!(h.s.wants_read(&h.cfg));
+    assert!(!h.is_closed());
+    assert!(!h.is_streaming());
+    assert!(h.wants_read());
 }
 
 #[test]
@@ -757,7 +803,7 @@ fn header_timeout_gives_408_then_closes() {
     let mut h = H::new(&["--header-timeout-ms", "1000"]);
     h.at(10).read(b"POST /v1/chat/stream HTTP/1.1\r\nHost");
     assert_eq!(h.pending(), "");
-    assert!(!h.s.holds_output_buffer());
+    assert!(!h.holds_output_buffer());
     assert_eq!(h.deadline(), Some(ms(1010)));
     h.at(1009).timeout();
     assert_eq!(h.pending(), "");
@@ -774,15 +820,15 @@ fn header_timeout_gives_408_then_closes() {
             &body
         )
     );
-    assert!(!h.s.wants_half_close(), "not written yet");
-    assert!(!h.s.is_closed());
+    assert!(!h.wants_half_close(), "not written yet");
+    assert!(!h.is_closed());
     h.flush();
-    assert!(h.s.wants_half_close());
-    h.s.half_closed(h.now);
-    assert!(!h.s.wants_half_close());
-    assert!(!h.s.is_closed());
+    assert!(h.wants_half_close());
+    h.half_closed();
+    assert!(!h.wants_half_close());
+    assert!(!h.is_closed());
     h.eof();
-    assert!(h.s.is_closed());
+    assert!(h.is_closed());
     assert_eq!(h.svc.ended.len(), 0, "no stream was started");
 }
 
@@ -794,12 +840,12 @@ fn idle_keep_alive_connection_closes_without_a_response() {
         h.flush(),
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Request-Id: 1000\r\n\r\nok"
     );
-    assert!(!h.s.holds_output_buffer());
+    assert!(!h.holds_output_buffer());
     assert_eq!(h.deadline(), Some(ms(5100)));
     h.at(5099).timeout();
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
     h.at(5100).timeout();
-    assert!(h.s.is_closed());
+    assert!(h.is_closed());
     assert_eq!(h.pending(), "");
     assert_eq!(h.metrics.connections_timed_out.load(Relaxed), 1);
 }
@@ -811,7 +857,7 @@ fn pipelined_request_is_answered_after_the_stream() {
     let mut input = post(r#"{"prompt":"x","max_tokens":3}"#);
     input.push_str("GET /healthz HTTP/1.1\r\n\r\n");
     h.read(input.as_bytes());
-    assert!(h.s.is_streaming());
+    assert!(h.is_streaming());
     assert_eq!(h.pending(), sse_head("1000"));
     assert!(h.svc.ops_calls.is_empty(), "healthz waits for the stream");
     h.run_until(1000);
@@ -828,7 +874,7 @@ fn pipelined_request_is_answered_after_the_stream() {
         after,
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Request-Id: 1001\r\n\r\nok"
     );
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
 }
 
 #[test]
@@ -839,7 +885,7 @@ fn pipelined_request_arriving_during_the_stream_waits_too() {
     // Arrives in two reads while the stream runs.
     h.at(10).read(b"GET /readyz HTT");
     h.at(20).read(b"P/1.1\r\n\r\n");
-    assert!(h.s.wants_read(&h.cfg));
+    assert!(h.wants_read());
     assert!(h.svc.ops_calls.is_empty());
     h.run_until(1000);
     assert_eq!(h.svc.ops_calls, vec![(Ops::Readyz, 1)]);
@@ -865,9 +911,9 @@ fn refused_admission_gets_503_with_retry_after_and_keeps_the_connection() {
             &error_body("overloaded", "too many streams")
         )
     );
-    assert!(!h.s.is_streaming());
-    assert!(!h.s.is_closed());
-    assert!(!h.s.wants_half_close());
+    assert!(!h.is_streaming());
+    assert!(!h.is_closed());
+    assert!(!h.wants_half_close());
     assert!(h.svc.ended.is_empty());
     assert_eq!(h.metrics.refused_count(503), 1);
     // The same connection carries the next request.
@@ -896,13 +942,13 @@ fn bad_json_gets_400_and_keeps_the_connection() {
         .as_str()
         .unwrap()
         .contains("not valid JSON"));
-    assert!(!h.s.is_closed());
-    assert!(!h.s.wants_half_close());
+    assert!(!h.is_closed());
+    assert!(!h.wants_half_close());
     assert!(h.svc.admitted.is_empty());
     // An unknown field is a 400 too, still on the same connection.
     h.read(post(r#"{"prompt":"x","foo":1}"#).as_bytes());
     assert!(h.flush().starts_with("HTTP/1.1 400 Bad Request\r\n"));
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
 }
 
 #[test]
@@ -918,18 +964,18 @@ fn malformed_head_gets_400_and_closes() {
         )
     );
     assert!(h.svc.ops_calls.is_empty(), "nothing after it is served");
-    assert!(!h.s.wants_half_close());
+    assert!(!h.wants_half_close());
     h.flush();
-    assert!(h.s.wants_half_close());
+    assert!(h.wants_half_close());
     // More input is ignored.
     h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
     assert_eq!(h.pending(), "");
-    h.s.half_closed(h.now);
+    h.half_closed();
     assert_eq!(h.deadline(), Some(Duration::from_secs(2)));
     h.at(1999).timeout();
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
     h.at(2000).timeout();
-    assert!(h.s.is_closed());
+    assert!(h.is_closed());
 }
 
 #[test]
@@ -968,7 +1014,7 @@ fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
             )
         )
     );
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
     assert!(h.svc.ops_calls.is_empty());
 }
 
@@ -981,8 +1027,8 @@ fn get_with_last_event_id_gets_204_without_a_length() {
         "HTTP/1.1 204 No Content\r\nX-Request-Id: 1000\r\n\r\n"
     );
     assert!(h.svc.admitted.is_empty(), "the prompt is not run again");
-    assert!(!h.s.is_closed());
-    assert!(!h.s.is_streaming());
+    assert!(!h.is_closed());
+    assert!(!h.is_streaming());
 }
 
 #[test]
@@ -1037,19 +1083,19 @@ fn http10_stream_is_close_delimited_then_lingers() {
     }
     assert!(evs[3].starts_with("id: 1000:4\nevent: done\n"));
     assert!(!rest.ends_with(LAST));
-    assert!(!h.s.is_streaming());
-    assert!(!h.s.is_closed());
-    assert!(!h.s.wants_half_close(), "bytes still pending");
+    assert!(!h.is_streaming());
+    assert!(!h.is_closed());
+    assert!(!h.wants_half_close(), "bytes still pending");
     h.flush();
-    assert!(h.s.wants_half_close());
+    assert!(h.wants_half_close());
     h.at(10);
-    h.s.half_closed(h.now);
-    assert!(!h.s.wants_half_close());
+    h.half_closed();
+    assert!(!h.wants_half_close());
     assert_eq!(h.deadline(), Some(ms(2010)));
     h.at(2009).timeout();
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
     h.at(2010).timeout();
-    assert!(h.s.is_closed());
+    assert!(h.is_closed());
     assert_eq!(h.summary().outcome, Outcome::Completed);
 }
 
@@ -1058,10 +1104,10 @@ fn http10_lingering_ends_on_the_clients_fin() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     h.read(b"GET /v1/chat/stream?prompt=x&max_tokens=1 HTTP/1.0\r\n\r\n");
     h.flush();
-    assert!(h.s.wants_half_close());
-    h.s.half_closed(h.now);
+    assert!(h.wants_half_close());
+    h.half_closed();
     h.at(1).eof();
-    assert!(h.s.is_closed());
+    assert!(h.is_closed());
     assert_eq!(h.summary().outcome, Outcome::Completed, "not a disconnect");
 }
 
@@ -1077,7 +1123,7 @@ fn stream_false_answers_one_json_document_at_the_end() {
     ]);
     let words = sim_words("hello world", 3, 64);
     h.read(post(r#"{"prompt":"hello world","max_tokens":3,"stream":false}"#).as_bytes());
-    assert!(h.s.is_streaming());
+    assert!(h.is_streaming());
     assert_eq!(h.pending(), "", "no head before the answer");
     // No heartbeats without SSE: the first deadline is the first token.
     assert_eq!(h.deadline(), Some(ms(50)));
@@ -1095,7 +1141,7 @@ fn stream_false_answers_one_json_document_at_the_end() {
         h.flush(),
         full_response("200 OK", "X-Request-Id: 1000\r\n", &body)
     );
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
     assert_eq!(h.summary().outcome, Outcome::Completed);
     assert_eq!(h.summary().tokens, 3);
     assert_eq!(h.metrics.heartbeats_sent.load(Relaxed), 0);
@@ -1129,7 +1175,7 @@ fn stream_false_error_becomes_an_http_error() {
             &error_body("deadline_exceeded", "the stream ran longer than 100 ms")
         )
     );
-    assert!(!h.s.is_closed());
+    assert!(!h.is_closed());
 }
 
 #[test]
@@ -1166,7 +1212,7 @@ fn error_piece_mid_stream_ends_with_an_error_event() {
         Outcome::Errored(ErrorCode::UpstreamError)
     );
     assert_eq!(h.summary().tokens, 3);
-    assert!(!h.s.is_closed(), "keep-alive after an upstream error");
+    assert!(!h.is_closed(), "keep-alive after an upstream error");
 }
 
 #[test]
@@ -1210,7 +1256,7 @@ fn expect_100_continue_before_the_body() {
     h.read(head.as_bytes());
     assert_eq!(h.pending(), "HTTP/1.1 100 Continue\r\n\r\n");
     h.flush();
-    assert!(!h.s.holds_output_buffer());
+    assert!(!h.holds_output_buffer());
     // Part of the body: no second 100.
     h.at(5).read(&body.as_bytes()[..5]);
     assert_eq!(h.pending(), "");
@@ -1224,26 +1270,23 @@ fn expect_100_continue_before_the_body() {
 #[test]
 fn idle_session_holds_no_output_buffer() {
     let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
-    assert!(!h.s.holds_output_buffer());
+    assert!(!h.holds_output_buffer());
     h.read(b"POST /v1/chat/stream HTTP/1.1\r\nContent-Le");
-    assert!(
-        !h.s.holds_output_buffer(),
-        "a partial request writes nothing"
-    );
+    assert!(!h.holds_output_buffer(), "a partial request writes nothing");
     h.read(b"ngth: 29\r\n\r\n{\"prompt\":\"x\",\"max_tokens\":2}");
-    assert!(h.s.is_streaming());
-    assert!(h.s.holds_output_buffer());
+    assert!(h.is_streaming());
+    assert!(h.holds_output_buffer());
     h.flush();
     assert!(
-        !h.s.holds_output_buffer(),
+        !h.holds_output_buffer(),
         "a stream waiting for its first token"
     );
     h.run_until(1000);
-    assert!(!h.s.holds_output_buffer(), "between requests");
+    assert!(!h.holds_output_buffer(), "between requests");
     h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
     h.flush();
-    assert!(!h.s.holds_output_buffer());
-    assert_eq!(h.bufs.pooled(), 1, "one allocation, reused");
+    assert!(!h.holds_output_buffer());
+    assert_eq!(h.e.pooled_buffers(), 1, "one allocation, reused");
 }
 
 #[test]
@@ -1251,7 +1294,7 @@ fn a_request_in_many_small_reads() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let req = post(r#"{"prompt":"x","max_tokens":2}"#);
     for (i, b) in req.as_bytes().iter().enumerate() {
-        assert!(!h.s.is_streaming());
+        assert!(!h.is_streaming());
         h.at(i as u64).read(std::slice::from_ref(b));
     }
     let out = h.flush();
@@ -1277,7 +1320,7 @@ fn connection_close_on_http11_stream_closes_after_done() {
         "{out}"
     );
     assert!(out.ends_with(LAST), "the chunked body still ends properly");
-    assert!(h.s.wants_half_close());
+    assert!(h.wants_half_close());
 }
 
 #[test]
@@ -1289,14 +1332,14 @@ fn http10_plain_responses_follow_the_keep_alive_header() {
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\
          Connection: keep-alive\r\nX-Request-Id: 1000\r\n\r\nok"
     );
-    assert!(!h.s.wants_half_close());
+    assert!(!h.wants_half_close());
     h.read(b"GET /healthz HTTP/1.0\r\n\r\n");
     assert_eq!(
         h.flush(),
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\
          Connection: close\r\nX-Request-Id: 1001\r\n\r\nok"
     );
-    assert!(h.s.wants_half_close());
+    assert!(h.wants_half_close());
 }
 
 #[test]
@@ -1383,7 +1426,7 @@ fn timeouts_cancel_the_worker_job() {
 
     let mut h = H::with(&["--write-timeout-ms", "50"], Mode2::Sink { capacity: 8 });
     h.read(post(r#"{"prompt":"x"}"#).as_bytes());
-    h.s.handle_write_blocked(h.now);
+    h.write_blocked();
     h.at(50).timeout();
     assert!(h.svc.sinks[0].is_cancelled());
     assert_eq!(
@@ -1426,7 +1469,7 @@ fn pipelined_input_over_the_limit_is_not_lost() {
     // Past one head's worth (256 bytes here) reading pauses while the
     // stream runs, but what was already read is kept.
     h.at(1).read(one.repeat(16).as_bytes());
-    assert!(!h.s.wants_read(&h.cfg));
+    assert!(!h.wants_read());
     h.at(2).read(one.repeat(5).as_bytes());
     // Reading may pause, but what was read must not be thrown away.
     h.run_until(1000);
@@ -1458,7 +1501,7 @@ fn ttft_of_one_stream_is_not_given_to_the_next() {
     for t in [50, 70] {
         h.at(t).timeout();
     }
-    assert_eq!(h.s.stream_id(), Some(0x1001));
+    assert_eq!(h.stream_id(), Some(0x1001));
     // Stream 1's bytes leave now; stream 2 has not produced anything.
     h.at(80).flush();
     // The client of stream 2 leaves before its first token.

@@ -1,0 +1,872 @@
+//! The sans-IO core of one event loop: its connections, its stream table
+//! and its timer wheel, and the routing of bytes and events between them.
+//!
+//! The server ([`crate::server`]) is a thin shell: it reads sockets into
+//! [`Engine::handle_read`], writes [`Engine::pending`] bytes and reports
+//! how many left ([`Engine::handle_written`]), hands the workers' ready list
+//! to [`Engine::handle_ready`] and the clock to [`Engine::handle_timeouts`],
+//! and after each call services the connections [`Engine::take_dirty`]
+//! names. The engine decides everything else: a request goes to the
+//! [`crate::router`]; a stream is created in the [`StreamTable`] and its
+//! connection attached as its subscriber; a stream's encoded events go to
+//! whichever connection is attached now; a connection that leaves detaches.
+//! Tests drive an `Engine<()>` with a simulated clock and scripted
+//! producers, and assert on exact bytes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use crate::backend::GenRequest;
+use crate::config::Config;
+use crate::conn::{Conn, Expired, Parsed, ReqLine, Response};
+use crate::encode::Encoder;
+use crate::errors;
+use crate::http::Request;
+use crate::metrics::Metrics;
+use crate::outbuf::BufPool;
+use crate::router::{self, Answer, Meta, Ops, Refusal, Reply};
+use crate::sse::{ErrorCode, StreamError};
+use crate::stream::{
+    Detach, End, Producer, Stream, StreamCx, StreamRef, StreamSummary, StreamTable, Subscriber,
+};
+use crate::timer::{TimerId, TimerWheel};
+
+/// One answered request that started no stream, for metrics and the access log.
+#[derive(Debug, Clone)]
+pub struct Access<'a> {
+    pub line: Option<&'a ReqLine>,
+    pub status: u16,
+    pub request_id: &'a str,
+    pub duration: Duration,
+    pub peer: Option<SocketAddr>,
+}
+
+/// One ended stream, for metrics and the access log.
+#[derive(Debug, Clone)]
+pub struct Ended<'a> {
+    pub summary: &'a StreamSummary,
+    /// The response's status (200 for a streamed answer).
+    pub status: u16,
+    pub peer: Option<SocketAddr>,
+}
+
+/// What the engine needs from the server around it.
+pub trait Services {
+    /// A fresh id, never reused (request ids of refused requests use one too).
+    fn next_id(&mut self) -> u64;
+    /// Admits stream `r`, or refuses it.
+    fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal>;
+    /// Status, content type and body of an operational endpoint.
+    fn ops(&mut self, which: Ops, req: &Request) -> (u16, &'static str, Vec<u8>);
+    /// A stream ended; `streams_open` goes down here.
+    fn stream_ended(&mut self, ended: &Ended);
+    /// A request was answered without a stream.
+    fn responded(&mut self, _access: &Access) {}
+}
+
+/// A connection and what the engine knows about it.
+struct Link<S> {
+    io: S,
+    conn: Conn,
+    serial: u32,
+    peer: Option<SocketAddr>,
+    /// The stream whose events this connection receives.
+    sub: Option<StreamRef>,
+    /// How the response being sent goes out (set while a stream is attached).
+    meta: Option<Box<Meta>>,
+    /// `(appended mark, parse time, stream)` of a first token not yet written.
+    ttft_mark: Option<(u64, Instant, StreamRef)>,
+    timer: Option<(TimerId, u64)>,
+    dirty: bool,
+}
+
+/// The wheel key of a stream entry has this bit set.
+const STREAM_TIMER: u64 = 1 << 63;
+
+/// One loop's connections, streams and timers.
+pub struct Engine<S> {
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    bufs: BufPool,
+    conns: Slab<Link<S>>,
+    streams: StreamTable,
+    /// The wheel entry of each stream, by stream key.
+    stream_timers: Slab<Option<(TimerId, u64)>>,
+    wheel: TimerWheel,
+    epoch: Instant,
+    expired: Vec<u64>,
+    next_serial: u32,
+    dirty: Vec<usize>,
+}
+
+impl<S> Engine<S> {
+    pub fn new(cfg: Arc<Config>, metrics: Arc<Metrics>, now: Instant) -> Engine<S> {
+        Engine {
+            cfg,
+            metrics,
+            bufs: BufPool::default(),
+            conns: Slab::new(),
+            streams: StreamTable::default(),
+            stream_timers: Slab::new(),
+            wheel: TimerWheel::new(0),
+            epoch: now,
+            expired: Vec::new(),
+            next_serial: 0,
+            dirty: Vec::new(),
+        }
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    // -------------------------------------------------------- connections
+
+    /// The key the next [`Engine::open`] will use.
+    pub fn vacant_key(&self) -> usize {
+        self.conns.vacant_key()
+    }
+
+    /// A new connection carrying `io`.
+    pub fn open(&mut self, io: S, peer: Option<SocketAddr>, now: Instant) -> usize {
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let key = self.conns.insert(Link {
+            io,
+            conn: Conn::new(now),
+            serial: self.next_serial,
+            peer,
+            sub: None,
+            meta: None,
+            ttft_mark: None,
+            timer: None,
+            dirty: false,
+        });
+        self.metrics.connections_open.fetch_add(1, Relaxed);
+        self.metrics.connections_accepted.fetch_add(1, Relaxed);
+        self.touch(key);
+        key
+    }
+
+    /// Takes a closed connection out; its `io` is the caller's to drop.
+    pub fn remove(&mut self, key: usize) -> Option<S> {
+        let link = self.conns.try_remove(key)?;
+        if let Some((id, _)) = link.timer {
+            self.wheel.cancel(id);
+        }
+        self.metrics.connections_open.fetch_sub(1, Relaxed);
+        Some(link.io)
+    }
+
+    pub fn io_mut(&mut self, key: usize) -> Option<&mut S> {
+        self.conns.get_mut(key).map(|l| &mut l.io)
+    }
+
+    /// `key`'s io and the bytes waiting for it, to write them.
+    pub fn io_and_pending(&mut self, key: usize) -> Option<(&mut S, &[u8])> {
+        self.conns
+            .get_mut(key)
+            .map(|l| (&mut l.io, l.conn.pending()))
+    }
+
+    pub fn conn(&self, key: usize) -> Option<&Conn> {
+        self.conns.get(key).map(|l| &l.conn)
+    }
+
+    /// The connection's serial: keys are reused, serials tell them apart.
+    pub fn serial(&self, key: usize) -> Option<u32> {
+        self.conns.get(key).map(|l| l.serial)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Bytes waiting for `key`'s socket.
+    pub fn pending(&self, key: usize) -> &[u8] {
+        self.conns.get(key).map_or(&[], |l| l.conn.pending())
+    }
+
+    /// Whether any connection has bytes waiting.
+    pub fn any_pending(&self) -> bool {
+        self.conns.iter().any(|(_, l)| l.conn.pending_len() > 0)
+    }
+
+    /// Whether the server should read `key`'s socket now.
+    pub fn wants_read(&self, key: usize) -> bool {
+        self.conns
+            .get(key)
+            .is_some_and(|l| l.conn.wants_read(&self.cfg))
+    }
+
+    /// Whether `key` has a stream attached (its FIN means it left).
+    pub fn is_attached(&self, key: usize) -> bool {
+        self.conns.get(key).is_some_and(|l| l.sub.is_some())
+    }
+
+    /// Output allocations kept for reuse.
+    pub fn pooled_buffers(&self) -> usize {
+        self.bufs.pooled()
+    }
+
+    /// The stream attached to `key`.
+    pub fn attached(&self, key: usize) -> Option<StreamRef> {
+        self.conns.get(key).and_then(|l| l.sub)
+    }
+
+    /// Connections with new output or a new state since the last call.
+    pub fn take_dirty(&mut self, into: &mut Vec<usize>) {
+        into.clear();
+        std::mem::swap(&mut self.dirty, into);
+        for &k in into.iter() {
+            if let Some(l) = self.conns.get_mut(k) {
+                l.dirty = false;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- inputs
+
+    /// Bytes from `key`'s client.
+    pub fn handle_read(&mut self, svc: &mut dyn Services, key: usize, data: &[u8], now: Instant) {
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        link.conn.note_bytes(now, data);
+        if link.conn.is_responding() {
+            link.conn.keep_input(&self.cfg, data);
+        } else if link.conn.is_reading() {
+            self.process(svc, key, data, now);
+        }
+        self.touch(key);
+    }
+
+    /// `key`'s client closed its side.
+    pub fn handle_eof(&mut self, svc: &mut dyn Services, key: usize, now: Instant) {
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        link.conn.handle_eof(&mut self.bufs, now, &self.cfg);
+        self.after_conn_change(svc, key, now);
+    }
+
+    /// `key`'s connection failed: nothing more can be sent.
+    pub fn handle_reset(&mut self, svc: &mut dyn Services, key: usize, now: Instant) {
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(s) = link.sub {
+            log::debug!("stream {:x}: client left", s.id);
+        }
+        link.conn.handle_reset(&mut self.bufs);
+        self.after_conn_change(svc, key, now);
+    }
+
+    /// `key`'s socket took `n` bytes.
+    pub fn handle_written(&mut self, svc: &mut dyn Services, key: usize, n: usize, now: Instant) {
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        link.conn.handle_written(&mut self.bufs, n);
+        self.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+        if let Some((mark, t0, r)) = link.ttft_mark {
+            if link.conn.written_total() >= mark {
+                link.ttft_mark = None;
+                let ttft = now - t0;
+                self.metrics.ttft.observe(ttft);
+                if let Some(s) = self.streams.get_mut(r) {
+                    s.set_ttft(ttft);
+                }
+            }
+        }
+        // Room again: take what the producer has been holding back, or
+        // answer pipelined requests that waited for the answers before.
+        if link.conn.pending_len() < self.cfg.high_water() / 2 {
+            if let Some(r) = link.sub {
+                self.pump(svc, r, now);
+            } else if link.conn.has_waiting_input() {
+                self.process(svc, key, &[], now);
+            }
+        }
+        self.touch(key);
+    }
+
+    /// `key`'s socket would block with bytes pending.
+    pub fn handle_write_blocked(&mut self, key: usize, now: Instant) {
+        if let Some(link) = self.conns.get_mut(key) {
+            link.conn.handle_write_blocked(now);
+            self.touch(key);
+        }
+    }
+
+    /// The server half-closed `key`'s socket after `wants_half_close`.
+    pub fn half_closed(&mut self, key: usize, now: Instant) {
+        if let Some(link) = self.conns.get_mut(key) {
+            link.conn.half_closed(now);
+            self.touch(key);
+        }
+    }
+
+    /// A worker pushed pieces for stream `r`.
+    pub fn handle_ready(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+        self.pump(svc, r, now);
+    }
+
+    /// Runs every timer that is due.
+    pub fn handle_timeouts(&mut self, svc: &mut dyn Services, now: Instant) {
+        let mut expired = std::mem::take(&mut self.expired);
+        expired.clear();
+        self.wheel.poll(self.now_ms(now), &mut expired);
+        // Connections first: a client that stopped reading ends its
+        // stream as a slow consumer before the stream's own timers run.
+        expired.sort_unstable();
+        for &k in &expired {
+            if k & STREAM_TIMER == 0 {
+                let (key, serial) = ((k & 0xffff_ffff) as usize, (k >> 32) as u32);
+                match self.conns.get_mut(key) {
+                    Some(l) if l.serial == serial => l.timer = None,
+                    _ => continue,
+                }
+                self.conn_timeout(svc, key, now);
+            } else {
+                let key = (k & 0xffff_ffff) as usize;
+                let id32 = ((k >> 32) & 0x7fff_ffff) as u32;
+                let Some(s) = self.streams.by_key(key) else {
+                    continue;
+                };
+                if (s.id() & 0x7fff_ffff) as u32 != id32 {
+                    continue;
+                }
+                let r = StreamRef { key, id: s.id() };
+                if let Some(t) = self.stream_timers.get_mut(key) {
+                    *t = None;
+                }
+                self.stream_timeout(svc, r, now);
+            }
+        }
+        self.expired = expired;
+    }
+
+    /// Milliseconds until the next timer, for the poll timeout.
+    pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        self.wheel
+            .next_timeout_ms(self.now_ms(now))
+            .map(Duration::from_millis)
+    }
+
+    /// The drain time is over: every stream ends with `shutting_down`.
+    pub fn shut_down(&mut self, svc: &mut dyn Services, now: Instant) -> usize {
+        let refs = self.streams.refs();
+        for &r in &refs {
+            let e = StreamError::new(ErrorCode::ShuttingDown, "the server is shutting down");
+            self.end_stream(svc, r, End::Error(e), false, now);
+        }
+        refs.len()
+    }
+
+    /// Streams in the table.
+    pub fn streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The earliest deadline of `key` and its stream (for tests).
+    pub fn deadline(&self, key: usize) -> Option<Instant> {
+        let link = self.conns.get(key)?;
+        let c = link.conn.next_deadline(&self.cfg);
+        let s = link.sub.and_then(|r| self.stream_deadline(r));
+        match (c, s) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // ---------------------------------------------------------- internals
+
+    fn now_ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn stream_scx(&self, now: Instant) -> StreamCx<'_> {
+        StreamCx {
+            now,
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+        }
+    }
+
+    /// After a connection's state changed: a closed one's stream is detached.
+    fn after_conn_change(&mut self, svc: &mut dyn Services, key: usize, now: Instant) {
+        if let Some(link) = self.conns.get_mut(key) {
+            if link.conn.is_closed() {
+                link.ttft_mark = None;
+                if let Some(r) = link.sub.take() {
+                    link.meta = None;
+                    self.detach(svc, r, now);
+                }
+            }
+        }
+        self.touch(key);
+    }
+
+    /// The connection has news for the server, and maybe a new deadline.
+    fn touch(&mut self, key: usize) {
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !link.dirty {
+            link.dirty = true;
+            self.dirty.push(key);
+        }
+        let want = link
+            .conn
+            .next_deadline(&self.cfg)
+            .map(|d| tick_of(self.epoch, d));
+        let wheel_key = (u64::from(link.serial) << 32) | key as u64;
+        match (want, link.timer) {
+            (None, Some((id, _))) => {
+                self.wheel.cancel(id);
+                link.timer = None;
+            }
+            (Some(at), Some((id, armed))) if at < armed => {
+                self.wheel.cancel(id);
+                link.timer = Some((self.wheel.insert(at, wheel_key), at));
+            }
+            (Some(at), None) => link.timer = Some((self.wheel.insert(at, wheel_key), at)),
+            // Armed at or before the deadline: it fires, finds the real
+            // deadline later, and re-arms then (lazy re-arming).
+            _ => {}
+        }
+        // The attached stream's simulated tokens wait for room here.
+        if let Some(r) = link.sub {
+            self.touch_stream(r);
+        }
+    }
+
+    fn stream_deadline(&self, r: StreamRef) -> Option<Instant> {
+        let s = self.streams.get(r)?;
+        let room = match s.subscriber() {
+            Some(sub) => self
+                .conns
+                .get(sub.conn.0)
+                .is_some_and(|l| l.conn.pending_len() < self.cfg.high_water()),
+            None => true,
+        };
+        s.next_deadline(&self.cfg, room)
+    }
+
+    fn touch_stream(&mut self, r: StreamRef) {
+        let want = self.stream_deadline(r).map(|d| tick_of(self.epoch, d));
+        let Some(slot) = self.stream_timers.get_mut(r.key) else {
+            return;
+        };
+        let wheel_key = STREAM_TIMER | ((r.id & 0x7fff_ffff) << 32) | r.key as u64;
+        match (want, *slot) {
+            (None, Some((id, _))) => {
+                self.wheel.cancel(id);
+                *slot = None;
+            }
+            (Some(at), Some((id, armed))) if at < armed => {
+                self.wheel.cancel(id);
+                *slot = Some((self.wheel.insert(at, wheel_key), at));
+            }
+            (Some(at), None) => *slot = Some((self.wheel.insert(at, wheel_key), at)),
+            _ => {}
+        }
+    }
+
+    /// Parses and dispatches every complete request in the kept input and
+    /// `data`, as long as the connection is reading.
+    fn process(&mut self, svc: &mut dyn Services, key: usize, data: &[u8], now: Instant) {
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        // Parse straight from the caller's (scratch) buffer when nothing is
+        // kept; copy only what is left incomplete.
+        let owned = link.conn.take_input(data);
+        let input: &[u8] = if owned.is_empty() { data } else { &owned };
+        let mut at = 0;
+        loop {
+            let Some(link) = self.conns.get_mut(key) else {
+                return;
+            };
+            let parsed = link
+                .conn
+                .parse(now, &mut self.bufs, &self.cfg, input, &mut at);
+            match parsed {
+                None => break,
+                Some(Parsed::Request(req)) => self.dispatch(svc, key, req, now),
+                Some(Parsed::Bad { err, line, origin }) => {
+                    self.metrics.requests.fetch_add(1, Relaxed);
+                    let rid = format!("{:x}", svc.next_id());
+                    let path = line.as_ref().map(|l| l.path.as_str());
+                    let limits = self.cfg.limits();
+                    let (meta, reply) =
+                        router::bad_request(&self.cfg, rid, &err, path, origin.as_deref(), &limits);
+                    self.reply(svc, key, &meta, &reply, now);
+                }
+            }
+        }
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        link.conn.keep_rest(&self.cfg, owned, data, at);
+        link.conn
+            .settle_if_peer_closed(&mut self.bufs, now, &self.cfg);
+    }
+
+    fn dispatch(&mut self, svc: &mut dyn Services, key: usize, req: Request, now: Instant) {
+        self.metrics.requests.fetch_add(1, Relaxed);
+        let id = svc.next_id();
+        let sid = format!("{id:x}");
+        let (meta, answer) = router::route(&self.cfg, id, &sid, &req);
+        match answer {
+            Answer::Reply(reply) => self.reply(svc, key, &meta, &reply, now),
+            Answer::Ops(which) => {
+                let (status, content_type, body) = svc.ops(which, &req);
+                let reply = Reply {
+                    status,
+                    content_type,
+                    body,
+                    headers: Vec::new(),
+                    close: false,
+                };
+                self.reply(svc, key, &meta, &reply, now);
+            }
+            Answer::Stream { gen, encoder } => {
+                self.start_stream(svc, key, id, meta, &gen, encoder, now)
+            }
+        }
+    }
+
+    /// Writes a whole response to `key` and logs it.
+    fn reply(&mut self, svc: &mut dyn Services, key: usize, meta: &Meta, r: &Reply, now: Instant) {
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        if r.status >= 400 {
+            self.metrics.refused(r.status);
+        }
+        let current = link.conn.take_current();
+        svc.responded(&Access {
+            line: current.as_ref().map(|c| &c.0),
+            status: r.status,
+            request_id: &meta.request_id,
+            duration: current.as_ref().map_or(Duration::ZERO, |c| now - c.1),
+            peer: link.peer,
+        });
+        let headers: Vec<(&str, &str)> = meta
+            .cors
+            .iter()
+            .chain(r.headers.iter())
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        link.conn.respond(
+            &mut self.bufs,
+            now,
+            &self.cfg,
+            &Response {
+                status: r.status,
+                content_type: r.content_type,
+                body: &r.body,
+                request_id: &meta.request_id,
+                headers: &headers,
+                version: meta.version,
+                keep_alive: meta.keep_alive && !r.close,
+            },
+        );
+    }
+
+    /// Admits a stream, attaches `key` to it and sends its head (when
+    /// streaming), or refuses it.
+    #[allow(clippy::too_many_arguments)]
+    fn start_stream(
+        &mut self,
+        svc: &mut dyn Services,
+        key: usize,
+        id: u64,
+        meta: Meta,
+        gen: &GenRequest,
+        encoder: Box<dyn Encoder>,
+        now: Instant,
+    ) {
+        let r = StreamRef {
+            key: self.streams.vacant_key(),
+            id,
+        };
+        let producer = match svc.admit(r, gen) {
+            Ok(p) => p,
+            Err(refusal) => {
+                let reply = router::refused(&meta, &refusal);
+                return self.reply(svc, key, &meta, &reply, now);
+            }
+        };
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
+        let streaming = encoder.streaming();
+        let sub = Subscriber {
+            conn: (key, link.serial),
+            encoder,
+        };
+        let scx = StreamCx {
+            now,
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+        };
+        let mut stream = Stream::new(&scx, id, meta.request_id.clone(), line, gen, producer, sub);
+        stream.set_peer(link.peer);
+        let headers: Vec<(&str, &str)> = meta.cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let head = streaming.then_some((meta.request_id.as_str(), headers.as_slice()));
+        link.conn
+            .begin_body(&mut self.bufs, head, meta.version, meta.keep_alive);
+        if streaming {
+            link.conn.append_body(&mut self.bufs, |b| stream.open(b));
+        }
+        let inserted = self.streams.insert(stream);
+        debug_assert_eq!(inserted, r);
+        let slot = self.stream_timers.insert(None);
+        debug_assert_eq!(slot, r.key);
+        link.sub = Some(r);
+        link.meta = Some(Box::new(meta));
+        self.pump(svc, r, now);
+        self.touch_stream(r);
+    }
+
+    /// Moves what stream `r` has ready to its subscriber, up to the
+    /// high-water mark, and ends it when its producer is done.
+    fn pump(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+        let hwm = self.cfg.high_water();
+        let scx = StreamCx {
+            now,
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+        };
+        let Some(stream) = self.streams.get_mut(r) else {
+            return;
+        };
+        let Some((key, serial)) = stream.subscriber().map(|s| s.conn) else {
+            return;
+        };
+        let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) else {
+            return;
+        };
+        let pending = link.conn.pending_len();
+        if pending >= hwm {
+            return;
+        }
+        let mut progress = Default::default();
+        link.conn.append_body(&mut self.bufs, |b| {
+            progress = stream.pump(&scx, b, hwm - pending);
+        });
+        if progress.first_token {
+            if let Some((_, t0, _)) = link.ttft_mark {
+                // A pipelined stream's first token is still unwritten: count
+                // it now (a slight underestimate) rather than lose it.
+                self.metrics.ttft.observe(now - t0);
+            }
+            link.ttft_mark = Some((link.conn.appended_total(), stream.parsed_at(), r));
+        }
+        if let Some(end) = progress.end {
+            self.end_stream(svc, r, end, true, now);
+        } else {
+            self.touch_stream(r);
+        }
+        self.touch(key);
+    }
+
+    fn stream_timeout(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+        let scx = self.stream_scx(now);
+        let Some(stream) = self.streams.get(r) else {
+            return;
+        };
+        if let Some(end) = stream.expired(&scx) {
+            return self.end_stream(svc, r, end, false, now);
+        }
+        self.pump(svc, r, now);
+        let scx = StreamCx {
+            now,
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+        };
+        let Some(stream) = self.streams.get_mut(r) else {
+            return;
+        };
+        if let Some((key, serial)) = stream.subscriber().map(|s| s.conn) {
+            if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
+                link.conn
+                    .append_body(&mut self.bufs, |b| stream.heartbeat_if_due(&scx, b));
+                self.touch(key);
+            }
+        }
+        self.touch_stream(r);
+    }
+
+    fn conn_timeout(&mut self, svc: &mut dyn Services, key: usize, now: Instant) {
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        match link.conn.handle_timeout(&mut self.bufs, now, &self.cfg) {
+            Expired::Nothing => {}
+            Expired::Idle => {
+                self.metrics.connections_timed_out.fetch_add(1, Relaxed);
+            }
+            Expired::RequestTimeout => {
+                self.metrics.connections_timed_out.fetch_add(1, Relaxed);
+                log::debug!("request head not received in time: 408");
+                let rid = format!("{:x}", svc.next_id());
+                let (meta, reply) = router::request_timeout(&self.cfg, rid);
+                self.reply(svc, key, &meta, &reply, now);
+            }
+            Expired::WriteStalled => {
+                self.metrics.connections_timed_out.fetch_add(1, Relaxed);
+                if let Some(r) = link.sub {
+                    let msg = format!(
+                        "the client accepted no bytes for {} ms",
+                        self.cfg.write_timeout_ms
+                    );
+                    let e = StreamError::new(ErrorCode::SlowConsumer, msg);
+                    self.end_stream(svc, r, End::Error(e), false, now);
+                }
+            }
+        }
+        self.after_conn_change(svc, key, now);
+    }
+
+    /// The subscriber of `r` left; the stream's policy decides what follows.
+    fn detach(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+        let Some(stream) = self.streams.get_mut(r) else {
+            return;
+        };
+        match stream.handle_detach(now) {
+            Detach::Cancel => self.end_stream(svc, r, End::Disconnected, false, now),
+        }
+    }
+
+    /// Ends stream `r` with its terminal event, moves its connection on
+    /// (back to reading, or closing), and takes it out of the table.
+    fn end_stream(
+        &mut self,
+        svc: &mut dyn Services,
+        r: StreamRef,
+        end: End,
+        from_producer: bool,
+        now: Instant,
+    ) {
+        let scx = StreamCx {
+            now,
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+        };
+        let Some(stream) = self.streams.get_mut(r) else {
+            return;
+        };
+        let sub = stream.subscriber().map(|s| s.conn);
+        let streaming = stream.is_streaming();
+        let link = sub.and_then(|(key, serial)| {
+            self.conns
+                .get_mut(key)
+                .filter(|l| l.serial == serial && l.sub == Some(r))
+        });
+        let mut summary = None;
+        let mut status = 200;
+        match link {
+            Some(link) if streaming => {
+                let conn = &mut link.conn;
+                conn.append_body(&mut self.bufs, |b| {
+                    summary = stream.finish(&scx, end.clone(), from_producer, b);
+                });
+                match &end {
+                    End::Error(e) if e.code == ErrorCode::SlowConsumer => {
+                        // Best effort: the client is not reading.
+                        conn.end_body_slow(&mut self.bufs, now)
+                    }
+                    End::Error(e) if e.code == ErrorCode::ShuttingDown => {
+                        conn.end_body(&mut self.bufs, now, &self.cfg, true)
+                    }
+                    End::Disconnected => conn.abort_body(&mut self.bufs),
+                    _ => conn.end_body(&mut self.bufs, now, &self.cfg, false),
+                }
+            }
+            Some(link) => {
+                let mut body = Vec::new();
+                summary = stream.finish(&scx, end.clone(), from_producer, &mut body);
+                let meta = link.meta.take();
+                let content_type = stream
+                    .subscriber()
+                    .map_or("application/json", |s| s.encoder.content_type());
+                let (ct, close) = match &end {
+                    End::Done(_) => (content_type, false),
+                    End::Error(e) => {
+                        status = errors::stream_error_status(e);
+                        ("application/json", e.code == ErrorCode::SlowConsumer)
+                    }
+                    End::Disconnected => ("", true),
+                };
+                if matches!(end, End::Disconnected) {
+                    link.conn.abort_body(&mut self.bufs);
+                } else if let Some(meta) = meta {
+                    if status >= 400 {
+                        self.metrics.refused(status);
+                    }
+                    let headers: Vec<(&str, &str)> =
+                        meta.cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    link.conn.respond(
+                        &mut self.bufs,
+                        now,
+                        &self.cfg,
+                        &Response {
+                            status,
+                            content_type: ct,
+                            body: &body,
+                            request_id: &meta.request_id,
+                            headers: &headers,
+                            version: meta.version,
+                            keep_alive: meta.keep_alive && !close,
+                        },
+                    );
+                }
+            }
+            None => summary = stream.finish(&scx, end, from_producer, &mut Vec::new()),
+        }
+        let peer = stream.peer();
+        self.streams.remove(r);
+        if let Some(Some((id, _))) = self.stream_timers.try_remove(r.key) {
+            self.wheel.cancel(id);
+        }
+        if let Some(summary) = &summary {
+            svc.stream_ended(&Ended {
+                summary,
+                status,
+                peer,
+            });
+        }
+        if let Some((key, serial)) = sub {
+            if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
+                if link.sub == Some(r) {
+                    link.sub = None;
+                    link.meta = None;
+                }
+                // Pipelined requests waited for this answer.
+                if link.conn.has_waiting_input() {
+                    self.process(svc, key, &[], now);
+                }
+            }
+            self.touch(key);
+        }
+    }
+}
+
+/// Rounds a deadline up to the wheel's millisecond tick: firing early would
+/// only re-arm, firing late never happens.
+fn tick_of(epoch: Instant, d: Instant) -> u64 {
+    let d = d.saturating_duration_since(epoch);
+    d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000))
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -1,0 +1,344 @@
+//! Which answer a request gets.
+//!
+//! The router maps a parsed request to an [`Answer`]: a whole response (the
+//! demo page, `/v1/models`, CORS preflights, refusals), an operational
+//! endpoint for the server to fill in, or a new stream with the encoder of
+//! its wire shape. It also shapes every refusal: bad HTTP from the reader,
+//! a request timeout, an admission refused — each in its endpoint's error
+//! shape (statuses and OpenAI types come from [`crate::errors`]) and with
+//! the CORS headers its origin is allowed. It does no I/O and holds no
+//! state.
+
+use crate::api::{self, NativeRequest};
+use crate::backend::GenRequest;
+use crate::config::{BackendKind, Config};
+use crate::encode::{Encoder, NativeJson, NativeSse, OpenAiAtOnce, OpenAiJson, OpenAiSse};
+use crate::errors::Shape;
+use crate::http::{HttpError, Limits, Method, Request, Version};
+use crate::openai_api;
+
+/// The demo page served at `GET /`.
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// The operational endpoints, answered by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ops {
+    Healthz,
+    Readyz,
+    Metrics,
+}
+
+/// How a response to one request is sent, whatever its body.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub request_id: String,
+    pub version: Version,
+    pub keep_alive: bool,
+    /// Error bodies of this request take this shape.
+    pub shape: Shape,
+    /// CORS headers for this request's responses.
+    pub cors: Vec<(&'static str, String)>,
+}
+
+/// A whole response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    /// Besides the CORS headers of [`Meta`].
+    pub headers: Vec<(&'static str, String)>,
+    /// The connection must close after it (the request could not be read).
+    pub close: bool,
+}
+
+/// What answers a request.
+pub enum Answer {
+    Reply(Reply),
+    Ops(Ops),
+    /// Admit a stream for `gen`, encoded by `encoder`.
+    Stream {
+        gen: GenRequest,
+        encoder: Box<dyn Encoder>,
+    },
+}
+
+/// A request the server will not start now (admission).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Routes `req`; `id` is the stream id a stream would get (it also names
+/// the request when the client sent no `X-Request-Id`).
+pub fn route(cfg: &Config, id: u64, sid: &str, req: &Request) -> (Meta, Answer) {
+    let meta = Meta {
+        request_id: match req.client_request_id() {
+            Some(r) => r.to_string(),
+            None => format!("{id:x}"),
+        },
+        version: req.version,
+        keep_alive: req.keep_alive,
+        shape: Shape::for_path(&req.path),
+        cors: cors_headers(cfg, req.header("origin")),
+    };
+    let answer = answer(cfg, sid, req, &meta);
+    (meta, answer)
+}
+
+fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
+    let path = req.path.as_str();
+    if req.method == Method::Options && !cfg.cors_origin.is_empty() {
+        return preflight(req, meta);
+    }
+    let get = |body: Answer| match req.method {
+        Method::Get => body,
+        _ => method_not_allowed(req, meta, "GET"),
+    };
+    match path {
+        "/v1/chat/stream" => match req.method {
+            Method::Get | Method::Post => stream_request(cfg, req, meta),
+            _ => method_not_allowed(req, meta, "GET, POST"),
+        },
+        "/v1/chat/completions" => match req.method {
+            Method::Post => chat_request(cfg, sid, req, meta),
+            _ => method_not_allowed(req, meta, "POST"),
+        },
+        "/v1/models" => get(ok(
+            "application/json",
+            openai_api::models_body(&served_model(cfg), unix_now()),
+        )),
+        "/" | "/index.html" => get(ok(
+            "text/html; charset=utf-8",
+            DEMO_PAGE.as_bytes().to_vec(),
+        )),
+        "/healthz" => get(Answer::Ops(Ops::Healthz)),
+        "/readyz" => get(Answer::Ops(Ops::Readyz)),
+        "/metrics" => get(Answer::Ops(Ops::Metrics)),
+        _ => error(meta, 404, "not_found", &format!("no such endpoint: {path}")),
+    }
+}
+
+fn ok(content_type: &'static str, body: Vec<u8>) -> Answer {
+    Answer::Reply(Reply {
+        status: 200,
+        content_type,
+        body,
+        headers: Vec::new(),
+        close: false,
+    })
+}
+
+/// An error reply in the request's shape.
+fn error(meta: &Meta, status: u16, code: &str, message: &str) -> Answer {
+    Answer::Reply(error_reply(meta.shape, status, code, message))
+}
+
+fn error_reply(shape: Shape, status: u16, code: &str, message: &str) -> Reply {
+    Reply {
+        status,
+        content_type: "application/json",
+        body: shape.body(status, code, message),
+        headers: Vec::new(),
+        close: false,
+    }
+}
+
+/// A CORS preflight: 204, with the CORS headers only for an allowed origin.
+fn preflight(req: &Request, meta: &Meta) -> Answer {
+    // Allow the headers the browser asks for (SDKs send their own, such
+    // as x-stainless-*) when they are plain header names.
+    let asked = req
+        .header("access-control-request-headers")
+        .filter(|h| {
+            h.len() <= 1024
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_, ".contains(&b))
+        })
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or("Content-Type, Authorization, X-Request-Id, Last-Event-ID, Cache-Control");
+    let allowed = meta
+        .cors
+        .iter()
+        .any(|(k, _)| *k == "Access-Control-Allow-Origin");
+    let headers = if allowed {
+        vec![
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS".into()),
+            ("Access-Control-Allow-Headers", asked.to_string()),
+            ("Access-Control-Max-Age", "600".into()),
+            ("Vary", "Access-Control-Request-Headers".into()),
+        ]
+    } else {
+        Vec::new()
+    };
+    Answer::Reply(Reply {
+        status: 204,
+        content_type: "",
+        body: Vec::new(),
+        headers,
+        close: false,
+    })
+}
+
+fn method_not_allowed(req: &Request, meta: &Meta, allow: &'static str) -> Answer {
+    let msg = format!(
+        "{} is not allowed on {}; use {allow}",
+        req.method_str, req.path
+    );
+    let mut reply = error_reply(meta.shape, 405, "method_not_allowed", &msg);
+    reply.headers.push(("Allow", allow.into()));
+    Answer::Reply(reply)
+}
+
+fn stream_request(cfg: &Config, req: &Request, meta: &Meta) -> Answer {
+    if req.method == Method::Get && req.header("last-event-id").is_some() {
+        // Nothing to resume: stop an EventSource from running the same prompt again.
+        return Answer::Reply(Reply {
+            status: 204,
+            content_type: "",
+            body: Vec::new(),
+            headers: Vec::new(),
+            close: false,
+        });
+    }
+    let parsed = if req.method == Method::Post {
+        api::parse_body(&req.body, cfg.max_tokens_limit)
+    } else {
+        api::parse_query_request(req.query.as_deref(), cfg.max_tokens_limit)
+    };
+    match parsed {
+        Ok(NativeRequest { gen, stream }) => {
+            let encoder: Box<dyn Encoder> = if stream && !cfg.no_streaming {
+                Box::new(NativeSse)
+            } else {
+                Box::<NativeJson>::default()
+            };
+            Answer::Stream { gen, encoder }
+        }
+        Err(msg) => {
+            log::debug!("request {}: 400 {msg}", meta.request_id);
+            error(meta, 400, "bad_request", &msg)
+        }
+    }
+}
+
+fn chat_request(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
+    let chat = match openai_api::parse(&req.body, cfg.max_tokens_limit) {
+        Ok(c) => c,
+        Err(msg) => return error(meta, 400, "bad_request", &msg),
+    };
+    // --upstream-model replaces the request's model, so name that one.
+    let model = cfg
+        .upstream_model
+        .clone()
+        .or_else(|| chat.gen.model.clone())
+        .unwrap_or_else(|| served_model(cfg));
+    let format = crate::encode::ChunkFormat::new(sid, &model, unix_now(), chat.include_usage);
+    let encoder: Box<dyn Encoder> = match (chat.stream, cfg.no_streaming) {
+        (true, false) => Box::new(OpenAiSse(format)),
+        (true, true) => Box::new(OpenAiAtOnce(OpenAiJson::new(format))),
+        (false, _) => Box::new(OpenAiJson::new(format)),
+    };
+    Answer::Stream {
+        gen: chat.gen,
+        encoder,
+    }
+}
+
+/// The answer to a request the reader refused (always closes). `path`
+/// and `origin` come from the head when it parsed that far.
+pub fn bad_request(
+    cfg: &Config,
+    request_id: String,
+    err: &HttpError,
+    path: Option<&str>,
+    origin: Option<&str>,
+    limits: &Limits,
+) -> (Meta, Reply) {
+    let meta = Meta {
+        request_id,
+        version: Version::Http11,
+        keep_alive: false,
+        shape: path.map_or(Shape::Native, Shape::for_path),
+        cors: cors_headers(cfg, origin),
+    };
+    let msg = err.message(limits);
+    log::debug!("bad request: {} {}", err.status(), msg);
+    let mut reply = error_reply(meta.shape, err.status(), err.code(), &msg);
+    reply.close = true;
+    (meta, reply)
+}
+
+/// The answer when a request head or body did not arrive in time.
+pub fn request_timeout(cfg: &Config, request_id: String) -> (Meta, Reply) {
+    let meta = Meta {
+        request_id,
+        version: Version::Http11,
+        keep_alive: false,
+        shape: Shape::Native,
+        cors: Vec::new(),
+    };
+    let msg = format!(
+        "the request was not received within {} ms",
+        cfg.header_timeout_ms
+    );
+    let mut reply = error_reply(meta.shape, 408, "request_timeout", &msg);
+    reply.close = true;
+    (meta, reply)
+}
+
+/// The answer to a stream the server would not admit.
+pub fn refused(meta: &Meta, r: &Refusal) -> Reply {
+    log::debug!("request {}: {} {}", meta.request_id, r.status, r.message);
+    let mut reply = error_reply(meta.shape, r.status, r.code, &r.message);
+    if r.status == 503 {
+        reply.headers.push(("Retry-After", "1".into()));
+    }
+    reply
+}
+
+/// The model name `/v1/models` lists and responses carry by default.
+pub fn served_model(cfg: &Config) -> String {
+    match (&cfg.upstream_model, cfg.backend) {
+        (Some(m), _) => m.clone(),
+        (None, BackendKind::Openai) => "upstream".into(),
+        (None, _) => "sluice-sim".into(),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The CORS headers for a request from `origin`: the allowed origin, or
+/// only `Vary: Origin` when answers depend on it; none when CORS is off.
+fn cors_headers(cfg: &Config, origin: Option<&str>) -> Vec<(&'static str, String)> {
+    if cfg.cors_origin.is_empty() {
+        return Vec::new();
+    }
+    let any = cfg.cors_origin.iter().any(|o| o == "*");
+    let allowed = origin.and_then(|origin| {
+        if any {
+            Some("*".to_string())
+        } else {
+            cfg.cors_origin
+                .iter()
+                .any(|o| o.trim_end_matches('/').eq_ignore_ascii_case(origin))
+                .then(|| origin.to_string())
+        }
+    });
+    match allowed {
+        Some(o) => vec![
+            ("Access-Control-Allow-Origin", o),
+            ("Vary", "Origin".into()),
+            ("Access-Control-Expose-Headers", "X-Request-Id".into()),
+        ],
+        // `--cors-origin` names origins (not `*`): answers vary by `Origin`.
+        None if !any => vec![("Vary", "Origin".into())],
+        None => Vec::new(),
+    }
+}
