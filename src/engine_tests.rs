@@ -1145,6 +1145,32 @@ fn stream_false_answers_one_json_document_at_the_end() {
     assert_eq!(h.summary().outcome, Outcome::Completed);
     assert_eq!(h.summary().tokens, 3);
     assert_eq!(h.metrics.heartbeats_sent.load(Relaxed), 0);
+    // One access-log entry for the one request, with its status.
+    assert_eq!(h.svc.access, vec![(200, "/v1/chat/stream".to_string())]);
+}
+
+#[test]
+fn every_request_logs_exactly_one_access_entry() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    h.read(post(r#"{"prompt":"x","max_tokens":2}"#).as_bytes());
+    h.read(post(r#"{"prompt":"x","max_tokens":2,"stream":false}"#).as_bytes());
+    h.read(post(r#"{"prompt":"#).as_bytes());
+    h.flush();
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    h.flush();
+    h.read(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
+    h.flush();
+    let paths: Vec<(u16, &str)> = h.svc.access.iter().map(|(s, p)| (*s, p.as_str())).collect();
+    assert_eq!(
+        paths,
+        vec![
+            (200, "/v1/chat/stream"),
+            (200, "/v1/chat/stream"),
+            (400, "/v1/chat/stream"),
+            (200, "/healthz"),
+            (404, "/nope"),
+        ]
+    );
 }
 
 #[test]

@@ -241,7 +241,8 @@ impl Stream {
             .or_else(|| self.first_token_at.map(|t| t - self.parsed_at))
     }
 
-    /// When [`Stream::handle_timeout`] has something to do. `room`: the
+    /// When the stream's timer has something to do (tokens due, a
+    /// heartbeat, its time limit). `room`: the
     /// subscriber can take more bytes (a simulated token due while it
     /// cannot waits for [`Stream::pump`], not for a deadline).
     pub fn next_deadline(&self, cfg: &Config, room: bool) -> Option<Instant> {
@@ -532,5 +533,113 @@ impl StreamTable {
             .iter()
             .map(|(key, s)| StreamRef { key, id: s.id })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Message;
+    use crate::encode::NativeSse;
+
+    fn gen(prompt: &str, max_tokens: u32) -> GenRequest {
+        GenRequest {
+            messages: vec![Message {
+                role: "user".into(),
+                content: prompt.into(),
+            }],
+            max_tokens,
+            ..GenRequest::default()
+        }
+    }
+
+    fn sim_stream(cx: &StreamCx, max_tokens: u32) -> Stream {
+        let sub = Subscriber {
+            conn: (0, 1),
+            encoder: Box::new(NativeSse),
+        };
+        Stream::new(
+            cx,
+            0xab,
+            "r".into(),
+            ReqLine::default(),
+            &gen("a b", max_tokens),
+            Producer::Sim,
+            sub,
+        )
+    }
+
+    fn texts(bytes: &[u8]) -> Vec<String> {
+        String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .split_terminator("\n\n")
+            .filter_map(|e| e.strip_prefix("event: token\ndata: "))
+            .map(|d| {
+                serde_json::from_str::<serde_json::Value>(d).unwrap()["t"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stages_see_the_text_before_the_encoder_and_flush_at_the_end() {
+        let cfg = Config::for_tests(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+        let metrics = Metrics::default();
+        let cx = StreamCx {
+            now: Instant::now(),
+            cfg: &cfg,
+            metrics: &metrics,
+        };
+        let plain = {
+            let mut s = sim_stream(&cx, 5);
+            let mut b = Vec::new();
+            assert!(s.pump(&cx, &mut b, 1 << 20).end.is_some());
+            texts(&b).concat()
+        };
+        let mut s = sim_stream(&cx, 5);
+        s.push_stage(Box::new(stage::tests::Upper {
+            held: String::new(),
+            n: 1000,
+        }));
+        let mut b = Vec::new();
+        let p = s.pump(&cx, &mut b, 1 << 20);
+        assert!(b.is_empty(), "the stage holds everything back");
+        assert!(!p.first_token);
+        let end = p.end.expect("the sim answer is complete");
+        let summary = s
+            .finish(&cx, end, true, &mut b)
+            .expect("the first end counts");
+        assert_eq!(texts(&b), vec![plain.to_uppercase()]);
+        // seq counts token events sent: one (the flushed text), so done is 2.
+        assert!(String::from_utf8_lossy(&b).contains("id: ab:2\nevent: done"));
+        assert_eq!(summary.tokens, 1);
+        assert_eq!(summary.outcome, Outcome::Completed);
+        // Exactly one terminal event: a second end is ignored.
+        let mut again = Vec::new();
+        assert!(s
+            .finish(&cx, End::Disconnected, false, &mut again)
+            .is_none());
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn a_detached_stream_is_cancelled_and_ends_without_a_word() {
+        let cfg = Config::for_tests(&[]);
+        let metrics = Metrics::default();
+        let cx = StreamCx {
+            now: Instant::now(),
+            cfg: &cfg,
+            metrics: &metrics,
+        };
+        let mut s = sim_stream(&cx, 5);
+        assert_eq!(s.handle_detach(cx.now), Detach::Cancel);
+        assert!(s.subscriber().is_none());
+        let mut b = Vec::new();
+        let summary = s.finish(&cx, End::Disconnected, false, &mut b).unwrap();
+        assert!(b.is_empty());
+        assert_eq!(summary.outcome, Outcome::Disconnected);
+        assert_eq!(metrics.generations_cancelled.load(Relaxed), 1);
     }
 }
