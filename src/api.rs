@@ -38,6 +38,10 @@ pub fn parse_query_request(
 ) -> Result<NativeRequest, String> {
     let mut obj = Map::new();
     for (k, v) in parse_query(query.unwrap_or("")) {
+        if k == "access_token" {
+            // A credential (see `auth`), not a field of the request.
+            continue;
+        }
         let value = match k.as_str() {
             "max_tokens" => match v.parse::<i64>() {
                 Ok(n) => Value::from(n),

@@ -167,6 +167,26 @@ pub struct Config {
     #[arg(long, env = "SLUICE_OUTPUT_HIGH_WATER", default_value_t = 16384, value_parser = clap::value_parser!(u64).range(256..))]
     pub output_high_water: u64,
 
+    /// An API key clients must present (repeatable; none: auth is off).
+    /// Principals `key-1`, `key-2`, … in order. `SLUICE_API_KEY` holds one
+    /// key per line.
+    #[arg(
+        long,
+        env = "SLUICE_API_KEY",
+        value_delimiter = '\n',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<String>,
+
+    /// A file of API keys, `name:key` per line (`#` comments); reloaded on
+    /// SIGHUP (a bad file keeps the old keys).
+    #[arg(long, env = "SLUICE_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+
+    /// A key `/metrics` requires (none: `/metrics` is open).
+    #[arg(long, env = "SLUICE_METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+
     /// Log verbosity (logs go to stderr and never block streaming).
     #[arg(long, env = "SLUICE_LOG_LEVEL", value_enum, default_value = "info")]
     pub log_level: LogLevel,

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use crate::auth::Auth;
 use crate::backend::GenRequest;
 use crate::config::Config;
 use crate::conn::{Conn, Expired, Parsed, ReqLine, Response};
@@ -39,6 +40,8 @@ use crate::timer::{TimerId, TimerWheel};
 #[derive(Debug, Clone)]
 pub struct Access<'a> {
     pub line: Option<&'a ReqLine>,
+    /// Who presented a valid API key.
+    pub principal: Option<&'a str>,
     pub status: u16,
     pub request_id: &'a str,
     pub duration: Duration,
@@ -101,6 +104,7 @@ pub struct Engine<S> {
     expired: Vec<u64>,
     next_serial: u32,
     dirty: Vec<usize>,
+    auth: Auth,
 }
 
 impl<S> Engine<S> {
@@ -117,7 +121,13 @@ impl<S> Engine<S> {
             expired: Vec::new(),
             next_serial: 0,
             dirty: Vec::new(),
+            auth: Auth::default(),
         }
+    }
+
+    /// The API keys requests are checked against (at start, and on reload).
+    pub fn set_auth(&mut self, auth: Auth) {
+        self.auth = auth;
     }
 
     pub fn cfg(&self) -> &Config {
@@ -521,7 +531,7 @@ impl<S> Engine<S> {
         self.metrics.requests.fetch_add(1, Relaxed);
         let id = svc.next_id();
         let sid = format!("{id:x}");
-        let (meta, answer) = router::route(&self.cfg, id, &sid, &req);
+        let (meta, answer) = router::route(&self.cfg, &self.auth, id, &sid, &req);
         match answer {
             Answer::Reply(reply) => self.reply(svc, key, &meta, &reply, now),
             Answer::Ops(which) => {
@@ -554,6 +564,7 @@ impl<S> Engine<S> {
             line: current.as_ref().map(|c| &c.0),
             status: r.status,
             request_id: &meta.request_id,
+            principal: meta.principal.as_deref(),
             duration: current.as_ref().map_or(Duration::ZERO, |c| now - c.1),
             peer: link.peer,
         });
@@ -619,6 +630,7 @@ impl<S> Engine<S> {
         };
         let mut stream = Stream::new(&scx, id, meta.request_id.clone(), line, gen, producer, sub);
         stream.set_peer(link.peer);
+        stream.set_principal(meta.principal.clone());
         let headers: Vec<(&str, &str)> = meta.cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let head = streaming.then_some((meta.request_id.as_str(), headers.as_slice()));
         link.conn

@@ -1537,3 +1537,121 @@ fn ttft_of_one_stream_is_not_given_to_the_next() {
     assert_eq!(s2.tokens, 0);
     assert_eq!(s2.ttft, None, "stream 2 sent no token: {:?}", s2.ttft);
 }
+
+// ---------------------------------------------------------------- API keys
+
+fn with_keys(flags: &[&str]) -> H {
+    let mut h = H::new(flags);
+    let cfg = Config::for_tests(flags);
+    h.e.set_auth(crate::auth::Auth::from_config(&cfg).expect("test keys"));
+    h
+}
+
+#[test]
+fn api_keys_are_checked_before_any_work() {
+    let mut h = with_keys(&["--api-key", "first-key-123", "--api-key", "second-key-456"]);
+    let cases: [(&[u8], &str); 4] = [
+        (
+            b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+            "an API key is required",
+        ),
+        (
+            b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope-nope-nope\r\nContent-Length: 2\r\n\r\n{}",
+            "the API key is not valid",
+        ),
+        (
+            // The query's token is for GET only.
+            b"POST /v1/chat/stream?access_token=first-key-123 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+            "an API key is required",
+        ),
+        (
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Basic Zmlyc3Qta2V5LTEyMw==\r\n\r\n",
+            "an API key is required",
+        ),
+    ];
+    for (req, msg) in cases {
+        h.read(req);
+        let got = h.flush();
+        assert!(got.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{got}");
+        assert!(got.contains("WWW-Authenticate: Bearer\r\n"), "{got}");
+        assert!(got.contains(msg), "{got}");
+        assert!(
+            !got.contains("first-key-123") && !got.contains("nope-nope"),
+            "{got}"
+        );
+        assert!(!h.is_closed(), "401 keeps the connection");
+    }
+    assert!(
+        h.svc.admitted.is_empty(),
+        "no backend work for a refused key"
+    );
+    // The OpenAI endpoints answer in OpenAI's shape.
+    let body = r#"{"messages":[{"role":"user","content":"x"}]}"#;
+    h.read(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let got = h.flush();
+    assert!(got.contains("\"type\":\"authentication_error\""), "{got}");
+    assert!(got.contains("\"code\":\"unauthorized\""), "{got}");
+}
+
+#[test]
+fn a_valid_key_names_its_principal() {
+    let mut h = with_keys(&[
+        "--api-key",
+        "first-key-123",
+        "--api-key",
+        "second-key-456",
+        "--sim-ttft-ms",
+        "0",
+        "--sim-itl-ms",
+        "0",
+    ]);
+    let reqs: [&[u8]; 3] = [
+        b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer second-key-456\r\nContent-Length: 29\r\n\r\n{\"prompt\":\"a\",\"max_tokens\":1}",
+        b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nX-Api-Key: first-key-123\r\nContent-Length: 29\r\n\r\n{\"prompt\":\"a\",\"max_tokens\":1}",
+        b"GET /v1/chat/stream?prompt=a&max_tokens=1&access_token=first-key-123 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    for req in reqs {
+        h.read(req);
+        let got = h.flush();
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(got.contains("event: done"), "{got}");
+    }
+    let principals: Vec<Option<&str>> =
+        h.svc.ended.iter().map(|s| s.principal.as_deref()).collect();
+    assert_eq!(
+        principals,
+        vec![Some("key-2"), Some("key-1"), Some("key-1")]
+    );
+}
+
+#[test]
+fn ops_preflights_and_the_page_need_no_key_unless_metrics_key_is_set() {
+    let mut h = with_keys(&[
+        "--api-key",
+        "first-key-123",
+        "--metrics-key",
+        "scrape-key-789",
+        "--cors-origin",
+        "https://app.example",
+    ]);
+    for path in ["/healthz", "/readyz", "/"] {
+        h.read(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        assert!(h.flush().starts_with("HTTP/1.1 200 OK"), "{path}");
+    }
+    h.read(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\n\r\n");
+    assert!(h.flush().starts_with("HTTP/1.1 204 No Content"));
+    h.read(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(h.flush().starts_with("HTTP/1.1 401 Unauthorized"));
+    // An API key is not the metrics key.
+    h.read(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer first-key-123\r\n\r\n");
+    assert!(h.flush().starts_with("HTTP/1.1 401 Unauthorized"));
+    h.read(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer scrape-key-789\r\n\r\n");
+    assert!(h.flush().starts_with("HTTP/1.1 200 OK"));
+    assert_eq!(h.svc.ops_calls.len(), 3, "healthz, readyz, metrics once");
+}

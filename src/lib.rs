@@ -24,7 +24,9 @@
 //! - [`conn`]: the HTTP/1.1 connection machine (requests in, responses and
 //!   body chunks out; keep-alive, pipelining, half-close, timeouts). It
 //!   names no endpoint and no event format.
-//! - [`router`]: request → answer; refusals in each endpoint's shape; CORS.
+//! - [`router`]: request → answer; API keys checked before any backend
+//!   work; refusals in each endpoint's shape; CORS.
+//! - [`auth`]: API keys and the principals they identify.
 //! - [`errors`]: the one map from an error to its HTTP status, OpenAI type
 //!   and body.
 //! - [`stream`]: one generation and the loop's stream table; its stages;
@@ -43,6 +45,7 @@
 //! - [`logging`]: stderr logging that never blocks the loop.
 
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod conn;

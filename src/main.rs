@@ -5,6 +5,10 @@ use sluice::{Config, Server};
 
 fn main() {
     let cfg = Config::parse();
+    if let Err(e) = sluice::auth::Auth::from_config(&cfg) {
+        eprintln!("sluice: {e}");
+        std::process::exit(2);
+    }
     sluice::logging::init(cfg.log_level.to_filter());
     let listen = cfg.listen;
     let fd_limit = sluice::config::fd_limit();

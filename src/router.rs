@@ -10,6 +10,7 @@
 //! state.
 
 use crate::api::{self, NativeRequest};
+use crate::auth::{self, Auth, Presented};
 use crate::backend::GenRequest;
 use crate::config::{BackendKind, Config};
 use crate::encode::{Encoder, NativeJson, NativeSse, OpenAiAtOnce, OpenAiJson, OpenAiSse};
@@ -38,6 +39,8 @@ pub struct Meta {
     pub shape: Shape,
     /// CORS headers for this request's responses.
     pub cors: Vec<(&'static str, String)>,
+    /// Who presented a valid API key (none when auth is off).
+    pub principal: Option<Box<str>>,
 }
 
 /// A whole response.
@@ -73,8 +76,8 @@ pub struct Refusal {
 
 /// Routes `req`; `id` is the stream id a stream would get (it also names
 /// the request when the client sent no `X-Request-Id`).
-pub fn route(cfg: &Config, id: u64, sid: &str, req: &Request) -> (Meta, Answer) {
-    let meta = Meta {
+pub fn route(cfg: &Config, auth: &Auth, id: u64, sid: &str, req: &Request) -> (Meta, Answer) {
+    let mut meta = Meta {
         request_id: match req.client_request_id() {
             Some(r) => r.to_string(),
             None => format!("{id:x}"),
@@ -83,9 +86,68 @@ pub fn route(cfg: &Config, id: u64, sid: &str, req: &Request) -> (Meta, Answer) 
         keep_alive: req.keep_alive,
         shape: Shape::for_path(&req.path),
         cors: cors_headers(cfg, req.header("origin")),
+        principal: None,
     };
+    // Preflights never need a key; everything else is checked before any
+    // backend work.
+    if !(req.method == Method::Options && !cfg.cors_origin.is_empty()) {
+        match authorize(auth, req) {
+            Ok(principal) => meta.principal = principal,
+            Err(msg) => {
+                let mut reply = error_reply(meta.shape, 401, "unauthorized", msg);
+                reply.headers.push(("WWW-Authenticate", "Bearer".into()));
+                return (meta, Answer::Reply(reply));
+            }
+        }
+    }
     let answer = answer(cfg, sid, req, &meta);
     (meta, answer)
+}
+
+/// The principal of a request to a protected path, or why it is refused.
+/// `/v1/…` needs an API key when keys are set; `/metrics` needs
+/// `--metrics-key` when it is set; the rest is open.
+fn authorize(auth: &Auth, req: &Request) -> Result<Option<Box<str>>, &'static str> {
+    let path = req.path.as_str();
+    let keys = if path.starts_with("/v1/") && !auth.keys.is_empty() {
+        &*auth.keys
+    } else if path == "/metrics" {
+        match &auth.metrics_key {
+            Some(k) => k,
+            None => return Ok(None),
+        }
+    } else {
+        return Ok(None);
+    };
+    // Only the GET stream endpoints take the key in the query: a browser's
+    // EventSource cannot set headers.
+    let query_token = (req.method == Method::Get && is_stream_get(path))
+        .then(|| {
+            crate::http::parse_query(req.query.as_deref().unwrap_or(""))
+                .into_iter()
+                .find(|(k, _)| k == "access_token")
+                .map(|(_, v)| v)
+        })
+        .flatten();
+    match auth::presented(
+        req.header("authorization"),
+        req.header("x-api-key"),
+        query_token.as_deref(),
+    ) {
+        Presented::None => Err("an API key is required: send Authorization: Bearer KEY"),
+        Presented::Key(k) => match keys.check(k) {
+            Some(p) => Ok(Some(p.into())),
+            None => Err("the API key is not valid"),
+        },
+    }
+}
+
+/// The endpoints a browser's EventSource may open with `?access_token=`.
+fn is_stream_get(path: &str) -> bool {
+    path == "/v1/chat/stream"
+        || path
+            .strip_prefix("/v1/chat/stream/")
+            .is_some_and(|id| !id.is_empty() && !id.contains('/'))
 }
 
 fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
@@ -263,6 +325,7 @@ pub fn bad_request(
         keep_alive: false,
         shape: path.map_or(Shape::Native, Shape::for_path),
         cors: cors_headers(cfg, origin),
+        principal: None,
     };
     let msg = err.message(limits);
     log::debug!("bad request: {} {}", err.status(), msg);
@@ -279,6 +342,7 @@ pub fn request_timeout(cfg: &Config, request_id: String) -> (Meta, Reply) {
         keep_alive: false,
         shape: Shape::Native,
         cors: Vec::new(),
+        principal: None,
     };
     let msg = format!(
         "the request was not received within {} ms",

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::auth::Auth;
 use crate::backend::openai::{OpenAiBackend, UpstreamConfig};
 use crate::backend::sim::SimPoolBackend;
 use crate::backend::{Backend, GenRequest};
@@ -154,9 +155,10 @@ impl Services for Shared {
             .line
             .map_or(("-", "-"), |l| (l.method.as_str(), l.path.as_str()));
         log::info!(
-            "{method} {path} {} request_id={} peer={peer} duration_ms={:.3}",
+            "{method} {path} {} request_id={} peer={peer} principal={} duration_ms={:.3}",
             a.status,
             a.request_id,
+            a.principal.unwrap_or("-"),
             a.duration.as_secs_f64() * 1000.0
         );
     }
@@ -183,11 +185,12 @@ impl Services for Shared {
         let peer = e.peer.map(|p| p.to_string()).unwrap_or_default();
         let ttft = s.ttft.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
         log::info!(
-            "{} {} {} request_id={} peer={peer} stream={:x} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
+            "{} {} {} request_id={} peer={peer} principal={} stream={:x} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
             s.line.method,
             s.line.path,
             e.status,
             s.request_id,
+            s.principal.as_deref().unwrap_or("-"),
             s.id,
             s.tokens,
             s.duration.as_secs_f64() * 1000.0
@@ -285,14 +288,21 @@ impl Server {
                 Some(Arc::new(backend))
             }
         };
+        let auth =
+            Auth::from_config(&cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if !auth.keys.is_empty() {
+            log::info!("API keys on: {} keys", auth.keys.len());
+        }
         let pool =
             backend.map(|b| Pool::new(cfg.workers as usize, cfg.queue_depth, b, metrics.clone()));
         let max_conns = cfg.effective_max_connections();
+        let mut engine = Engine::new(cfg.clone(), metrics.clone(), Instant::now());
+        engine.set_auth(auth);
         Ok(Server {
             poll,
             listener,
             local_addr,
-            engine: Engine::new(cfg.clone(), metrics.clone(), Instant::now()),
+            engine,
             metrics: metrics.clone(),
             shared: Shared {
                 cfg: cfg.clone(),
@@ -323,8 +333,8 @@ impl Server {
     /// drain at once). Only the binary calls this: tests use
     /// [`Server::shutdown_handle`].
     pub fn handle_signals(&mut self) -> io::Result<()> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT])?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         self.poll
             .registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -375,9 +385,16 @@ impl Server {
                         self.drain_ready();
                     }
                     SIGNALS => {
-                        let n = self.signals.as_mut().map_or(0, |s| s.pending().count());
-                        for _ in 0..n {
-                            self.begin_drain();
+                        let got: Vec<i32> = self
+                            .signals
+                            .as_mut()
+                            .map_or(Vec::new(), |s| s.pending().collect());
+                        for sig in got {
+                            if sig == signal_hook::consts::SIGHUP {
+                                self.reload_keys();
+                            } else {
+                                self.begin_drain();
+                            }
                         }
                     }
                     Token(key) => self.conn_event(key, ev),
@@ -400,6 +417,19 @@ impl Server {
                 crate::logging::end_of_turn();
                 return Ok(());
             }
+        }
+    }
+
+    /// SIGHUP: reads the API keys again. Running streams are untouched; a
+    /// file that does not load keeps the old keys. (A small local file,
+    /// read on the loop thread: reloads are rare.)
+    fn reload_keys(&mut self) {
+        match Auth::from_config(&self.cfg) {
+            Ok(auth) => {
+                log::info!("SIGHUP: API keys reloaded: {} keys", auth.keys.len());
+                self.engine.set_auth(auth);
+            }
+            Err(e) => log::warn!("SIGHUP: keeping the old API keys: {e}"),
         }
     }
 

@@ -73,6 +73,8 @@ pub struct StreamSummary {
     pub tokens: u32,
     pub ttft: Option<Duration>,
     pub duration: Duration,
+    /// Who started the stream (with API keys on).
+    pub principal: Option<Box<str>>,
 }
 
 /// Why a stream ends.
@@ -137,6 +139,8 @@ pub struct Stream {
     stages: Vec<Box<dyn Stage>>,
     sub: Option<Subscriber>,
     peer: Option<SocketAddr>,
+    /// Who started the stream: only they may resume or stop it.
+    principal: Option<Box<str>>,
     ended: bool,
 }
 
@@ -179,6 +183,7 @@ impl Stream {
             stages: Vec::new(),
             sub: Some(sub),
             peer: None,
+            principal: None,
             ended: false,
         }
     }
@@ -229,6 +234,15 @@ impl Stream {
 
     pub fn peer(&self) -> Option<SocketAddr> {
         self.peer
+    }
+
+    /// Who started the stream (with API keys on).
+    pub fn set_principal(&mut self, principal: Option<Box<str>>) {
+        self.principal = principal;
+    }
+
+    pub fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
     }
 
     /// The first token's bytes were accepted by the client's socket.
@@ -476,6 +490,7 @@ impl Stream {
             tokens: self.tokens,
             ttft,
             duration,
+            principal: self.principal.clone(),
         })
     }
 }
