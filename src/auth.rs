@@ -16,8 +16,11 @@ use std::path::Path;
 /// The keys the server accepts, each with the principal it identifies.
 #[derive(Debug, Clone, Default)]
 pub struct Keys {
-    entries: Vec<(Box<str>, Box<[u8]>)>,
+    entries: Vec<Entry>,
 }
+
+/// A principal's name and its key.
+type Entry = (Box<str>, Box<[u8]>);
 
 /// What the router checks: the API keys, and the key `/metrics` needs.
 #[derive(Debug, Clone, Default)]
@@ -98,8 +101,8 @@ impl Keys {
 }
 
 /// `name:key` lines; `#` starts a comment line; blank lines are skipped.
-fn parse_file(text: &str) -> Result<Vec<(Box<str>, Box<[u8]>)>, String> {
-    let mut out: Vec<(Box<str>, Box<[u8]>)> = Vec::new();
+fn parse_file(text: &str) -> Result<Vec<Entry>, String> {
+    let mut out: Vec<Entry> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {

@@ -90,7 +90,7 @@ pub fn route(cfg: &Config, auth: &Auth, id: u64, sid: &str, req: &Request) -> (M
     };
     // Preflights never need a key; everything else is checked before any
     // backend work.
-    if !(req.method == Method::Options && !cfg.cors_origin.is_empty()) {
+    if req.method != Method::Options || cfg.cors_origin.is_empty() {
         match authorize(auth, req) {
             Ok(principal) => meta.principal = principal,
             Err(msg) => {
