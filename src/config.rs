@@ -82,6 +82,16 @@ pub struct Config {
     #[arg(long, env = "SLUICE_UPSTREAM_MODEL")]
     pub upstream_model: Option<String>,
 
+    /// A model clients may ask for (repeatable; none: any). Others get 400
+    /// `model_not_allowed`; `/v1/models` lists these.
+    #[arg(long, env = "SLUICE_ALLOW_MODEL", value_delimiter = '\n')]
+    pub allow_model: Vec<String>,
+
+    /// A request field removed before forwarding upstream (repeatable), e.g.
+    /// `service_tier`, `store`, `reasoning_effort`.
+    #[arg(long, env = "SLUICE_DROP_FIELD", value_delimiter = '\n')]
+    pub drop_field: Vec<String>,
+
     /// Time to connect to the upstream, in ms.
     #[arg(long, env = "SLUICE_UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
     pub upstream_connect_timeout_ms: u64,

@@ -286,6 +286,8 @@ impl H {
             self.flush();
             std::thread::sleep(Duration::from_millis(1));
         }
+        // The worker may have finished before the first look.
+        self.flush();
     }
 
     fn transcript(&self) -> String {
@@ -1654,4 +1656,69 @@ fn ops_preflights_and_the_page_need_no_key_unless_metrics_key_is_set() {
     h.read(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer scrape-key-789\r\n\r\n");
     assert!(h.flush().starts_with("HTTP/1.1 200 OK"));
     assert_eq!(h.svc.ops_calls.len(), 3, "healthz, readyz, metrics once");
+}
+
+// ------------------------------------------------------------ cost control
+
+fn chat(body: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn allow_model_refuses_other_models_and_lists_the_allowed() {
+    let mut h = H::new(&["--allow-model", "small", "--allow-model", "org/tiny"]);
+    h.read(chat(r#"{"model":"huge","messages":[{"role":"user","content":"x"}]}"#).as_bytes());
+    let got = h.flush();
+    assert!(got.starts_with("HTTP/1.1 400 Bad Request"), "{got}");
+    assert!(got.contains("\"code\":\"model_not_allowed\""), "{got}");
+    assert!(got.contains("\"type\":\"invalid_request_error\""), "{got}");
+    h.read(post(r#"{"prompt":"x","model":"huge"}"#).as_bytes());
+    let got = h.flush();
+    assert!(
+        got.contains("{\"error\":{\"code\":\"model_not_allowed\""),
+        "{got}"
+    );
+    assert!(h.svc.admitted.is_empty());
+    assert!(!h.is_closed(), "the connection is kept");
+    h.read(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n");
+    let got = h.flush();
+    assert!(
+        got.contains("\"id\":\"small\"") && got.contains("\"id\":\"org/tiny\""),
+        "{got}"
+    );
+    h.read(b"GET /v1/models/org/tiny HTTP/1.1\r\nHost: x\r\n\r\n");
+    let got = h.flush();
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    assert!(got.contains("\"object\":\"model\""), "{got}");
+    h.read(b"GET /v1/models/huge HTTP/1.1\r\nHost: x\r\n\r\n");
+    let got = h.flush();
+    assert!(got.starts_with("HTTP/1.1 404 Not Found"), "{got}");
+    assert!(got.contains("\"type\":\"not_found_error\""), "{got}");
+    h.read(chat(r#"{"model":"small","messages":[{"role":"user","content":"x"}]}"#).as_bytes());
+    assert_eq!(h.svc.admitted.len(), 1);
+}
+
+#[test]
+fn drop_field_removes_fields_before_forwarding() {
+    let mut h = H::new(&[
+        "--drop-field",
+        "service_tier",
+        "--drop-field",
+        "temperature",
+        "--drop-field",
+        "max_tokens",
+    ]);
+    h.read(
+        chat(r#"{"messages":[{"role":"user","content":"x"}],"service_tier":"priority","store":true,"temperature":0.2,"max_tokens":5}"#)
+            .as_bytes(),
+    );
+    let gen = &h.svc.admitted[0].1;
+    assert!(!gen.extra.contains_key("service_tier"));
+    assert!(gen.extra.contains_key("store"), "only the named fields go");
+    assert_eq!(gen.temperature, None);
+    assert_eq!(gen.max_tokens_field, None, "not forwarded");
+    assert_eq!(gen.max_tokens, 5, "but still the local cut");
 }

@@ -122,13 +122,19 @@ fn parse_messages(v: Value) -> Result<Vec<Message>, String> {
         .collect()
 }
 
+fn model_object(model: &str, created: u64) -> Value {
+    serde_json::json!({"id": model, "object": "model", "created": created, "owned_by": "sluice"})
+}
+
 /// `GET /v1/models`.
-pub fn models_body(model: &str, created: u64) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "object": "list",
-        "data": [{"id": model, "object": "model", "created": created, "owned_by": "sluice"}]
-    }))
-    .unwrap_or_default()
+pub fn models_body(models: &[String], created: u64) -> Vec<u8> {
+    let data: Vec<Value> = models.iter().map(|m| model_object(m, created)).collect();
+    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
+}
+
+/// `GET /v1/models/{id}` for a served model.
+pub fn model_body(model: &str, created: u64) -> Vec<u8> {
+    serde_json::to_vec(&model_object(model, created)).unwrap_or_default()
 }
 
 #[cfg(test)]

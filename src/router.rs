@@ -170,8 +170,22 @@ fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
         },
         "/v1/models" => get(ok(
             "application/json",
-            openai_api::models_body(&served_model(cfg), unix_now()),
+            openai_api::models_body(&served_models(cfg), unix_now()),
         )),
+        p if p.starts_with("/v1/models/") => {
+            let id = decode_path_segment(&p["/v1/models/".len()..]);
+            if !served_models(cfg).contains(&id) {
+                let msg = format!("the model {id:?} is not served here; GET /v1/models lists them");
+                return match req.method {
+                    Method::Get => error(meta, 404, "model_not_found", &msg),
+                    _ => method_not_allowed(req, meta, "GET"),
+                };
+            }
+            get(ok(
+                "application/json",
+                openai_api::model_body(&id, unix_now()),
+            ))
+        }
         "/" | "/index.html" => get(ok(
             "text/html; charset=utf-8",
             DEMO_PAGE.as_bytes().to_vec(),
@@ -271,7 +285,10 @@ fn stream_request(cfg: &Config, req: &Request, meta: &Meta) -> Answer {
         api::parse_query_request(req.query.as_deref(), cfg.max_tokens_limit)
     };
     match parsed {
-        Ok(NativeRequest { gen, stream }) => {
+        Ok(NativeRequest { mut gen, stream }) => {
+            if let Err(msg) = cost_control(cfg, &mut gen) {
+                return error(meta, 400, "model_not_allowed", &msg);
+            }
             let encoder: Box<dyn Encoder> = if stream && !cfg.no_streaming {
                 Box::new(NativeSse)
             } else {
@@ -287,10 +304,13 @@ fn stream_request(cfg: &Config, req: &Request, meta: &Meta) -> Answer {
 }
 
 fn chat_request(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
-    let chat = match openai_api::parse(&req.body, cfg.max_tokens_limit) {
+    let mut chat = match openai_api::parse(&req.body, cfg.max_tokens_limit) {
         Ok(c) => c,
         Err(msg) => return error(meta, 400, "bad_request", &msg),
     };
+    if let Err(msg) = cost_control(cfg, &mut chat.gen) {
+        return error(meta, 400, "model_not_allowed", &msg);
+    }
     // --upstream-model replaces the request's model, so name that one.
     let model = cfg
         .upstream_model
@@ -363,7 +383,48 @@ pub fn refused(meta: &Meta, r: &Refusal) -> Reply {
     reply
 }
 
-/// The model name `/v1/models` lists and responses carry by default.
+/// `--allow-model` and `--drop-field`: a model the operator does not allow
+/// is refused; fields the operator drops never reach the upstream.
+fn cost_control(cfg: &Config, gen: &mut GenRequest) -> Result<(), String> {
+    if let Some(m) = &gen.model {
+        if !cfg.allow_model.is_empty() && !cfg.allow_model.contains(m) {
+            return Err(format!(
+                "the model {m:?} is not allowed here; allowed: {}",
+                cfg.allow_model.join(", ")
+            ));
+        }
+    }
+    for f in &cfg.drop_field {
+        gen.extra.remove(f);
+        match f.as_str() {
+            "temperature" => gen.temperature = None,
+            "stop" => gen.stop.clear(),
+            "model" => gen.model = None,
+            // The local cut at max_tokens stays; only the field goes.
+            name if gen.max_tokens_field == Some(name) => gen.max_tokens_field = None,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The models `/v1/models` lists: `--allow-model`, else the one served.
+pub fn served_models(cfg: &Config) -> Vec<String> {
+    if cfg.allow_model.is_empty() {
+        vec![served_model(cfg)]
+    } else {
+        cfg.allow_model.clone()
+    }
+}
+
+/// A path segment, percent-decoded (model ids may hold `/` as `%2F`).
+fn decode_path_segment(s: &str) -> String {
+    crate::http::parse_query(&format!("x={}", s.replace('+', "%2B")))
+        .pop()
+        .map_or_else(|| s.to_string(), |(_, v)| v)
+}
+
+/// The model name responses carry by default.
 pub fn served_model(cfg: &Config) -> String {
     match (&cfg.upstream_model, cfg.backend) {
         (Some(m), _) => m.clone(),
