@@ -50,8 +50,9 @@ impl LogLevel {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "sluice", version, about, long_about = None)]
 pub struct Config {
-    /// Address to listen on; port 0 picks a free port.
-    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Address to listen on: HOST:PORT (`localhost:8080`, `127.0.0.1:8080`,
+    /// `[::1]:8080`), or `:PORT` for every interface; port 0 picks a free port.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     /// Which model produces the tokens.
@@ -263,6 +264,57 @@ impl Config {
     }
 }
 
+/// `HOST:PORT` (a name resolves to its first address, IPv4 first) or
+/// `:PORT` (every IPv4 interface).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?}: the port must be a number from 0 to 65535"))?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?}: expected HOST:PORT or :PORT ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?}: the name has no address"))
+}
+
+impl Config {
+    /// Checks the flags that depend on each other; the error names a flag.
+    /// `backend_given`: `--backend` was set explicitly (not its default),
+    /// so `--upstream-url` alone selects the openai backend.
+    pub fn settle(&mut self, backend_given: bool) -> Result<(), String> {
+        match (self.backend, &self.upstream_url, backend_given) {
+            (BackendKind::Openai, None, _) => {
+                return Err(
+                    "--backend openai needs --upstream-url (e.g. http://127.0.0.1:8081/v1)".into(),
+                )
+            }
+            (BackendKind::Openai, Some(_), _) => {}
+            (_, Some(_), false) => self.backend = BackendKind::Openai,
+            (b, Some(_), true) => {
+                return Err(format!(
+                    "--upstream-url is only used with --backend openai (got --backend {})",
+                    b.to_possible_value()
+                        .map_or("?".into(), |v| v.get_name().to_string())
+                ))
+            }
+            (_, None, _) => {}
+        }
+        Ok(())
+    }
+}
+
 /// The soft limit on open file descriptors of this process.
 pub fn fd_limit() -> usize {
     let mut lim = libc::rlimit {
@@ -300,6 +352,39 @@ mod tests {
         assert_eq!(c.write_timeout_ms, 30000);
         assert_eq!(c.max_stream_ms, 600_000);
         assert_eq!(c.effective_max_streams(), c.effective_max_connections());
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let cases = [
+            ("127.0.0.1:0", Some("127.0.0.1:0")),
+            (":8080", Some("0.0.0.0:8080")),
+            ("localhost:8080", Some("127.0.0.1:8080")),
+            ("[::1]:9", Some("[::1]:9")),
+            (":x", None),
+            ("8080", None),
+            (":70000", None),
+        ];
+        for (arg, want) in cases {
+            let got = parse_listen(arg).ok().map(|a| a.to_string());
+            assert_eq!(got.as_deref(), want, "{arg}");
+        }
+    }
+
+    #[test]
+    fn upstream_url_selects_or_refuses_the_backend() {
+        let url = ["--upstream-url", "http://127.0.0.1:1/v1"];
+        let mut c = Config::for_tests(&url);
+        c.settle(false).unwrap();
+        assert_eq!(c.backend, BackendKind::Openai);
+        let mut c = Config::for_tests(&[&url[..], &["--backend", "sim"]].concat());
+        let e = c.settle(true).unwrap_err();
+        assert!(e.contains("--backend openai"), "{e}");
+        let mut c = Config::for_tests(&["--backend", "openai"]);
+        assert!(c.settle(true).unwrap_err().contains("--upstream-url"));
+        let mut c = Config::for_tests(&[]);
+        c.settle(false).unwrap();
+        assert_eq!(c.backend, BackendKind::Sim);
     }
 
     #[test]

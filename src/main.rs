@@ -1,11 +1,19 @@
 //! The `sluice` binary: flags, logger, start the server. Nothing else.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use sluice::{Config, Server};
 
 fn main() {
-    let cfg = Config::parse();
-    if let Err(e) = sluice::auth::Auth::from_config(&cfg) {
+    let matches = Config::command().get_matches();
+    let mut cfg = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let backend_given =
+        matches.value_source("backend") != Some(clap::parser::ValueSource::DefaultValue);
+    // Flags that depend on each other, and key files: a bad value is an
+    // error naming the flag (exit 2), like a value clap refuses.
+    let checked = cfg
+        .settle(backend_given)
+        .and_then(|()| sluice::auth::Auth::from_config(&cfg).map(drop));
+    if let Err(e) = checked {
         eprintln!("sluice: {e}");
         std::process::exit(2);
     }
