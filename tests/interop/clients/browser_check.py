@@ -185,6 +185,30 @@ def cross_origin_refused(page):
             f"window.sluice.streams={s2['streams']}, streams started on the server {started1 - started0:.0f}, open={open1:.0f}")
 
 
+def server_refusal(page):
+    """A request the server refuses (max_tokens 0 is a 400): the page shows
+    the server's own message, not a connection error."""
+    start(page, base + "/", "A refused story", 0)
+    s = wait_end(page)
+    c.check(
+        "refusal: the page shows the server's own message",
+        s["state"] == "error" and "Server error: bad_request" in s["status"] and "max_tokens" in s["status"]
+        and s["tokens"] == 0,
+        f"state={s['state']}, status={s['status']!r}",
+    )
+
+
+def final_figures(page):
+    """The final status names which figures are the browser's and which the server's."""
+    start(page, base + "/", "Figures", 5)
+    s = wait_end(page)
+    c.check(
+        "done: the status region announces the final figures, labelled browser / server",
+        s["state"] == "done" and "(browser)" in s["status"] and "(server)" in s["status"],
+        f"status={s['status']!r}",
+    )
+
+
 def http2(page):
     prompt, n = "A story over HTTP/2", 20
     want, _, _ = native_text(addr, {"prompt": prompt, "max_tokens": n})
@@ -216,6 +240,8 @@ with sync_playwright() as p, tempfile.TemporaryDirectory(prefix="sluice-chromium
     c.scenario("stop", lambda: stop(page))
     c.scenario("cross-origin allowed", lambda: cross_origin_allowed(page))
     c.scenario("cross-origin refused", lambda: cross_origin_refused(page))
+    c.scenario("server refusal", lambda: server_refusal(page))
+    c.scenario("final figures", lambda: final_figures(page))
     if args.h2_url:
         c.scenario("http2", lambda: http2(page))
     errors = [m for m in console if m.startswith("pageerror")]
