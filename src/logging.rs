@@ -16,7 +16,12 @@
 //!   line during the turn and the thread sleeps;
 //! - any other thread (workers, upstream probes, `main`) wakes it from the
 //!   `log` call itself, so their lines reach stderr at once;
-//! - as a safety net the log thread also looks every [`POLL`] on its own.
+//! - as a safety net the log thread also looks every [`POLL`] on its own
+//!   (so a loop that forgot `end_of_turn` delays its lines, never loses them).
+//!
+//! The buffer sits behind a mutex that is held only to copy a line in or to
+//! swap the whole buffer out, never while formatting or writing, so a `log`
+//! call on the loop takes it uncontended (an atomic, no syscall) in practice.
 //!
 //! When the buffer is full (stderr does not keep up) the line is dropped and
 //! counted (`sluice_log_lines_dropped_total`). [`flush`] waits, bounded, for
