@@ -2,12 +2,14 @@
 //!
 //! Each flag also reads `SLUICE_<FLAG>` from the environment (clap's `env`),
 //! so `--heartbeat-ms` and `SLUICE_HEARTBEAT_MS` are the same setting. The
-//! rest of the server reads only [`Config`], never the environment.
+//! rest of the server reads only [`Config`], never the environment. Tests
+//! build theirs with [`Config::for_tests`], which never reads it either, so
+//! a `SLUICE_*` variable in the shell running `cargo test` changes nothing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 /// Which model produces the tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -206,17 +208,24 @@ pub struct Config {
 impl Config {
     /// The defaults, as `sluice` with no flags and no environment would use.
     pub fn defaults() -> Config {
-        Config::parse_from(["sluice"])
+        Config::for_tests(&[])
     }
 
-    /// A config from explicit flags that never reads the environment (tests).
+    /// The config that `flags` give, read from them alone: unlike
+    /// `Config::parse_from`, no `SLUICE_*` variable is consulted, so a test
+    /// means the same whatever the environment. Panics on a bad flag (tests
+    /// only; the binary uses `Config::parse`).
     pub fn for_tests(flags: &[&str]) -> Config {
-        use clap::{CommandFactory, FromArgMatches};
-        let cmd = Config::command().mut_args(|a| a.env(None::<&str>));
-        let m = cmd
+        let matches = Config::command_without_env()
             .try_get_matches_from(std::iter::once("sluice").chain(flags.iter().copied()))
-            .expect("test flags parse");
-        Config::from_arg_matches(&m).expect("test flags parse")
+            .unwrap_or_else(|e| panic!("Config::for_tests({flags:?}): {e}"));
+        Config::from_arg_matches(&matches)
+            .unwrap_or_else(|e| panic!("Config::for_tests({flags:?}): {e}"))
+    }
+
+    /// The flags' parser with every `env` fallback removed.
+    fn command_without_env() -> clap::Command {
+        Config::command().mut_args(|a| a.env(None::<&str>))
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -389,8 +398,7 @@ mod tests {
 
     #[test]
     fn flags_parse() {
-        let c = Config::parse_from([
-            "sluice",
+        let c = Config::for_tests(&[
             "--listen",
             "127.0.0.1:0",
             "--sim-ttft-ms",
@@ -401,5 +409,45 @@ mod tests {
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.sim_ttft_ms, 0);
         assert_eq!(c.effective_max_streams(), 5);
+    }
+
+    #[test]
+    fn for_tests_reads_no_environment() {
+        // Setting a SLUICE_* variable here would race the other tests of
+        // this process; instead: the parser behind `for_tests` has no env
+        // fallback on any flag, while the binary's has them.
+        let with_env = Config::command();
+        let env_flags = with_env
+            .get_arguments()
+            .filter(|a| a.get_env().is_some())
+            .count();
+        assert!(env_flags > 20, "the binary's flags read SLUICE_*");
+        let cmd = Config::command_without_env();
+        assert_eq!(
+            cmd.get_arguments().count(),
+            with_env.get_arguments().count()
+        );
+        for a in cmd.get_arguments() {
+            assert_eq!(a.get_env(), None, "--{} reads the environment", a.get_id());
+        }
+    }
+
+    #[test]
+    fn for_tests_takes_the_flags_it_is_given() {
+        let c = Config::for_tests(&["--sim-tokens", "3", "--no-streaming", "--cors-origin", "*"]);
+        assert_eq!(c.sim_tokens, 3);
+        assert!(c.no_streaming);
+        assert_eq!(c.cors_origin, ["*"]);
+        assert_eq!(c.heartbeat_ms, 15000);
+        // As on the command line, a flag given twice is refused.
+        let twice =
+            std::panic::catch_unwind(|| Config::for_tests(&["--workers", "2", "--workers", "3"]));
+        assert!(twice.is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "Config::for_tests([\"--heartbeat-ms\", \"soon\"])")]
+    fn for_tests_panics_on_a_bad_flag() {
+        Config::for_tests(&["--heartbeat-ms", "soon"]);
     }
 }

@@ -1,32 +1,181 @@
-//! Logs to stderr that never block the event loop.
+//! Logs to stderr that cost the event loop no syscall and never block it.
 //!
 //! `simple_logger` writes synchronously, and a stderr that nobody reads (a
-//! full pipe) would stall every stream. So the `log` facade is served by a
-//! small front that formats the line and hands it to a bounded channel; one
-//! thread renders it through `simple_logger` onto stderr. When the channel is
-//! full the line is dropped and counted (`sluice_log_lines_dropped_total`).
+//! full pipe) would stall every stream; even a hand-off that wakes a thread
+//! costs the loop a futex wake (~200 µs of client TTFT on a small VM) if it
+//! happens before the response is written. So the `log` facade is served by
+//! a small front that formats the line (escaped, see [`escape`]) on the
+//! caller's thread and appends it to one bounded buffer; one thread,
+//! `sluice-log`, takes the buffer and renders each line through
+//! `simple_logger` onto stderr (timestamp, level, target, message).
+//!
+//! Who wakes that thread:
+//! - the event loop never does from a `log` call: it marks itself with
+//!   [`mark_loop_thread`] and calls [`end_of_turn`] once per loop turn,
+//!   after its writes, which wakes the log thread only if the loop queued a
+//!   line during the turn and the thread sleeps;
+//! - any other thread (workers, upstream probes, `main`) wakes it from the
+//!   `log` call itself, so their lines reach stderr at once;
+//! - as a safety net the log thread also looks every [`POLL`] on its own
+//!   (so a loop that forgot `end_of_turn` delays its lines, never loses them).
+//!
+//! The buffer sits behind a mutex that is held only to copy a line in or to
+//! swap the whole buffer out, never while formatting or writing, so a `log`
+//! call on the loop takes it uncontended (an atomic, no syscall) in practice.
+//!
+//! When the buffer is full (stderr does not keep up) the line is dropped and
+//! counted (`sluice_log_lines_dropped_total`). [`flush`] waits, bounded, for
+//! what is queued to reach stderr: `main` calls it before the process exits.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::OnceLock;
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::fmt::{self, Write as _};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-static DROPPED: AtomicU64 = AtomicU64::new(0);
 static LOGGER: OnceLock<Front> = OnceLock::new();
 
 /// Lines waiting for stderr before new ones are dropped.
-const QUEUE: usize = 8192;
+const MAX_LINES: usize = 8192;
+/// Bytes of target and message text waiting for stderr before new lines are
+/// dropped (the buffer and its spare twin hold at most twice this).
+const MAX_BYTES: usize = 1 << 20;
+/// How often the log thread looks for lines nobody woke it for.
+const POLL: Duration = Duration::from_millis(100);
 
-struct Line {
-    level: Level,
-    target: String,
-    text: String,
+thread_local! {
+    /// Set on the event-loop thread: its `log` calls only append.
+    static ON_LOOP: Cell<bool> = const { Cell::new(false) };
+    /// Reused to format a message before taking the buffer's lock, so the
+    /// lock is held for a copy, not for formatting.
+    static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+// ------------------------------------------------------------------ API
+
+/// Installs the logger once per process; later calls only keep the first level.
+pub fn init(level: LevelFilter) {
+    let mut installed = false;
+    let front = LOGGER.get_or_init(|| {
+        installed = true;
+        Front {
+            level,
+            queue: Queue::new(MAX_LINES, MAX_BYTES),
+        }
+    });
+    if installed {
+        std::thread::Builder::new()
+            .name("sluice-log".into())
+            .spawn(move || {
+                let out = simple_logger::SimpleLogger::new()
+                    .with_level(LevelFilter::Trace)
+                    .with_utc_timestamps();
+                front.queue.run(&mut Stderr(out), POLL);
+            })
+            .expect("spawning the log thread");
+        let _ = log::set_logger(front);
+        log::set_max_level(level);
+    }
+}
+
+/// Marks the calling thread as the event loop: its log lines are only
+/// appended to the buffer, and it promises to call [`end_of_turn`] once per
+/// turn. Call it once, when the loop starts.
+pub fn mark_loop_thread() {
+    ON_LOOP.with(|f| f.set(true));
+}
+
+/// Called by the event loop once per turn, after its writes: wakes the log
+/// thread if the loop queued lines during the turn (at most one wake per
+/// turn; nothing at all when it logged nothing).
+pub fn end_of_turn() {
+    if let Some(front) = LOGGER.get() {
+        front.queue.end_of_turn();
+    }
+}
+
+/// Waits at most `timeout` for every line queued before the call to reach
+/// stderr; true if they did. A blocked stderr holds the caller no longer
+/// than `timeout`. Best effort: for the lines of a process about to exit.
+pub fn flush(timeout: Duration) -> bool {
+    LOGGER.get().is_none_or(|front| front.queue.flush(timeout))
+}
+
+/// Lines dropped so far because stderr did not keep up.
+pub fn dropped() -> u64 {
+    LOGGER.get().map_or(0, |front| front.queue.dropped())
+}
+
+/// `s` with every character that is not printable ASCII escaped, so that
+/// text a client chose (a method, a path, a request id) cannot end a log
+/// line early, forge another one, or hide in look-alike characters: ASCII
+/// controls and DEL become `\xNN`, and every non-ASCII character (C1
+/// controls, U+2028/U+2029, and all the rest) becomes `\u{NNNN}`.
+///
+/// The backslash itself is left alone so that escaping is idempotent: the
+/// access log may escape a field and the logger escape the whole message
+/// again without doubling anything. (The price: a client can type a literal
+/// `\x0a`, which reads like an escaped newline but forges nothing.)
+pub fn escape(s: &str) -> Cow<'_, str> {
+    match s.bytes().position(needs_escape) {
+        None => Cow::Borrowed(s),
+        Some(_) => {
+            let mut out = String::with_capacity(s.len() + 16);
+            escape_into(&mut out, s);
+            Cow::Owned(out)
+        }
+    }
+}
+
+// ------------------------------------------------------------------ escaping
+
+fn needs_escape(b: u8) -> bool {
+    !(0x20..0x7f).contains(&b)
+}
+
+fn escape_into(out: &mut String, mut s: &str) {
+    while let Some(i) = s.bytes().position(needs_escape) {
+        out.push_str(&s[..i]);
+        let c = s[i..].chars().next().expect("a char starts at i");
+        let _ = if c.is_ascii() {
+            write!(out, "\\x{:02x}", u32::from(c))
+        } else {
+            write!(out, "\\u{{{:04x}}}", u32::from(c))
+        };
+        s = &s[i + c.len_utf8()..];
+    }
+    out.push_str(s);
+}
+
+/// Escapes everything formatted through it (no temporary `String`).
+struct Escaping<'a>(&'a mut String);
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        escape_into(self.0, s);
+        Ok(())
+    }
+}
+
+fn format_escaped(out: &mut String, args: &fmt::Arguments) {
+    out.clear();
+    match args.as_str() {
+        Some(s) => escape_into(out, s),
+        None => {
+            let _ = fmt::write(&mut Escaping(out), *args);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ front
+
 struct Front {
-    tx: SyncSender<Line>,
     level: LevelFilter,
+    queue: Queue,
 }
 
 impl Log for Front {
@@ -38,62 +187,527 @@ impl Log for Front {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let line = Line {
-            level: record.level(),
-            target: record.target().to_string(),
-            text: record.args().to_string(),
+        let on_loop = ON_LOOP.try_with(Cell::get).unwrap_or(false);
+        let push = |text: &str| {
+            self.queue
+                .push(record.level(), record.target(), text, !on_loop);
         };
-        match self.tx.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                DROPPED.fetch_add(1, Ordering::Relaxed);
+        // The scratch buffer is busy if formatting this message logs too.
+        let done = SCRATCH.try_with(|s| match s.try_borrow_mut() {
+            Ok(mut s) => {
+                format_escaped(&mut s, record.args());
+                push(&s);
+                true
             }
+            Err(_) => false,
+        });
+        if !matches!(done, Ok(true)) {
+            let mut s = String::new();
+            format_escaped(&mut s, record.args());
+            push(&s);
         }
     }
 
     fn flush(&self) {}
 }
 
-/// Installs the logger once per process; later calls only keep the first level.
-pub fn init(level: LevelFilter) {
-    let mut installed = false;
-    LOGGER.get_or_init(|| {
-        installed = true;
-        let (tx, rx) = sync_channel::<Line>(QUEUE);
-        std::thread::Builder::new()
-            .name("sluice-log".into())
-            .spawn(move || {
-                let out = simple_logger::SimpleLogger::new()
-                    .with_level(LevelFilter::Trace)
-                    .with_utc_timestamps();
-                for line in rx {
-                    out.log(
-                        &Record::builder()
-                            .level(line.level)
-                            .target(&line.target)
-                            .args(format_args!("{}", line.text))
-                            .build(),
-                    );
-                }
-            })
-            .expect("spawning the log thread");
-        Front { tx, level }
-    });
-    if installed {
-        if let Some(front) = LOGGER.get() {
-            let _ = log::set_logger(front);
-            log::set_max_level(level);
-        }
+// ------------------------------------------------------------------ queue
+
+/// Where the log thread puts lines: stderr, or a test's collector.
+trait Sink {
+    fn write(&mut self, level: Level, target: &str, message: &str);
+}
+
+struct Stderr(simple_logger::SimpleLogger);
+
+impl Sink for Stderr {
+    fn write(&mut self, level: Level, target: &str, message: &str) {
+        self.0.log(
+            &Record::builder()
+                .level(level)
+                .target(target)
+                .args(format_args!("{message}"))
+                .build(),
+        );
     }
 }
 
-/// Lines dropped so far because stderr did not keep up.
-pub fn dropped() -> u64 {
-    DROPPED.load(Ordering::Relaxed)
+/// Lines as one text buffer plus where each ends, so that queueing a line
+/// at steady state allocates nothing (the log thread hands back an emptied
+/// batch with its capacity).
+#[derive(Default)]
+struct Batch {
+    /// Every line's target then message, back to back.
+    text: String,
+    lines: Vec<LineEnd>,
 }
 
-/// Marks the calling thread as the event loop's (placeholder until batching lands).
-pub fn mark_loop_thread() {}
+struct LineEnd {
+    level: Level,
+    target_end: usize,
+    end: usize,
+}
 
-/// The loop's writes for this turn are done (placeholder until batching lands).
-pub fn end_of_turn() {}
+impl Batch {
+    fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    fn push(&mut self, level: Level, target: &str, message: &str) {
+        self.text.push_str(target);
+        let target_end = self.text.len();
+        self.text.push_str(message);
+        self.lines.push(LineEnd {
+            level,
+            target_end,
+            end: self.text.len(),
+        });
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Level, &str, &str)> {
+        let mut start = 0;
+        self.lines.iter().map(move |l| {
+            let line = (
+                l.level,
+                &self.text[start..l.target_end],
+                &self.text[l.target_end..l.end],
+            );
+            start = l.end;
+            line
+        })
+    }
+
+    fn clear(&mut self) {
+        self.text.clear();
+        self.lines.clear();
+    }
+}
+
+struct State {
+    batch: Batch,
+    /// The log thread waits for a wake and nobody has sent one since; a
+    /// wake is sent only then, so a burst of lines costs one.
+    idle: bool,
+    /// Lines ever queued, and of those, lines the sink has been through
+    /// (written, or lost with a failed sink): what `flush` compares.
+    queued: u64,
+    done: u64,
+    /// Callers of `flush` waiting on `written`.
+    flushers: usize,
+    /// The sink failed: nothing more is taken.
+    closed: bool,
+}
+
+/// The bounded buffer between the threads that log and the log thread.
+struct Queue {
+    state: Mutex<State>,
+    /// Wakes the log thread.
+    wake: Condvar,
+    /// Tells `flush` callers the log thread finished a batch.
+    written: Condvar,
+    /// The loop queued lines since its last `end_of_turn`.
+    loop_lines: AtomicBool,
+    dropped: AtomicU64,
+    max_lines: usize,
+    max_bytes: usize,
+}
+
+impl Queue {
+    fn new(max_lines: usize, max_bytes: usize) -> Queue {
+        Queue {
+            state: Mutex::new(State {
+                batch: Batch::default(),
+                idle: false,
+                queued: 0,
+                done: 0,
+                flushers: 0,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            written: Condvar::new(),
+            loop_lines: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            max_lines,
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere never leaves the state half-updated.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+
+    /// Queues a line, or drops and counts it when the buffer is full.
+    /// `wake`: wake the log thread now (false on the loop, which wakes it
+    /// in `end_of_turn`). Returns whether this call woke it.
+    fn push(&self, level: Level, target: &str, message: &str, wake: bool) -> bool {
+        let mut st = self.lock();
+        let bytes = st.batch.text.len() + target.len() + message.len();
+        if st.closed || st.batch.len() >= self.max_lines || bytes > self.max_bytes {
+            drop(st);
+            self.dropped.fetch_add(1, Relaxed);
+            return false;
+        }
+        st.batch.push(level, target, message);
+        st.queued += 1;
+        if !wake {
+            self.loop_lines.store(true, Relaxed);
+            return false;
+        }
+        let woke = std::mem::take(&mut st.idle);
+        drop(st);
+        if woke {
+            self.wake.notify_one();
+        }
+        woke
+    }
+
+    /// The loop's once-per-turn wake; returns whether it woke the thread.
+    fn end_of_turn(&self) -> bool {
+        // Most turns log nothing: one relaxed load, no lock.
+        if !self.loop_lines.load(Relaxed) {
+            return false;
+        }
+        self.loop_lines.store(false, Relaxed);
+        let mut st = self.lock();
+        let woke = !st.batch.is_empty() && std::mem::take(&mut st.idle);
+        drop(st);
+        if woke {
+            self.wake.notify_one();
+        }
+        woke
+    }
+
+    /// The log thread: takes the whole buffer, writes it outside the lock,
+    /// repeats; sleeps up to `poll` when there is nothing. Returns only if
+    /// the sink panics (stderr gone).
+    fn run(&self, sink: &mut dyn Sink, poll: Duration) {
+        let mut batch = Batch::default();
+        loop {
+            self.take(&mut batch, poll);
+            if batch.is_empty() {
+                continue;
+            }
+            let mut written = 0;
+            let failed = catch_unwind(AssertUnwindSafe(|| {
+                for (level, target, message) in batch.iter() {
+                    sink.write(level, target, message);
+                    written += 1;
+                }
+            }))
+            .is_err();
+            if self.finished(batch.len(), written, failed) {
+                return;
+            }
+            batch.clear();
+        }
+    }
+
+    /// Swaps the queued lines into `spare` (which must be empty), first
+    /// sleeping up to `poll` if there are none.
+    fn take(&self, spare: &mut Batch, poll: Duration) {
+        let mut st = self.lock();
+        if st.batch.is_empty() {
+            st.idle = true;
+            st = self
+                .wake
+                .wait_timeout(st, poll)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            st.idle = false;
+        }
+        std::mem::swap(&mut st.batch, spare);
+    }
+
+    /// Records a batch of `n` lines as done (`written` of them reached the
+    /// sink) and tells `flush`; true if the sink failed and is now closed.
+    fn finished(&self, n: usize, written: usize, failed: bool) -> bool {
+        let mut st = self.lock();
+        st.done += n as u64;
+        if failed {
+            st.closed = true;
+            let lost = n - written + st.batch.len();
+            st.done += st.batch.len() as u64;
+            st.batch.clear();
+            self.dropped.fetch_add(lost as u64, Relaxed);
+        }
+        let flushers = st.flushers > 0;
+        drop(st);
+        if flushers {
+            self.written.notify_all();
+        }
+        failed
+    }
+
+    fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        let target = st.queued;
+        if st.done >= target {
+            return true;
+        }
+        if std::mem::take(&mut st.idle) {
+            self.wake.notify_one();
+        }
+        st.flushers += 1;
+        while st.done < target && !st.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .written
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        st.flushers -= 1;
+        st.done >= target
+    }
+
+    /// What the log thread does just before it sleeps (tests have no thread).
+    #[cfg(test)]
+    fn park(&self) {
+        self.lock().idle = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    #[test]
+    fn escape_table() {
+        let table: &[(&str, &str)] = &[
+            ("", ""),
+            ("GET /v1/chat/stream?x=1 200", "GET /v1/chat/stream?x=1 200"),
+            ("a\nb", "a\\x0ab"),
+            ("a\r\nINFO forged", "a\\x0d\\x0aINFO forged"),
+            ("\t", "\\x09"),
+            ("\0", "\\x00"),
+            ("\x1b[31mred", "\\x1b[31mred"),
+            ("del\x7f", "del\\x7f"),
+            ("\u{85}next line", "\\u{0085}next line"),
+            ("\u{9b}csi", "\\u{009b}csi"),
+            ("ls\u{2028}ps\u{2029}", "ls\\u{2028}ps\\u{2029}"),
+            ("héllo", "h\\u{00e9}llo"),
+            ("🎉", "\\u{1f389}"),
+            ("\u{202e}gnp.exe", "\\u{202e}gnp.exe"),
+            ("\u{feff}bom", "\\u{feff}bom"),
+            // The backslash stays: escaping is idempotent.
+            ("a\\x0ab", "a\\x0ab"),
+            (
+                "~ !\"#$%&'()*+,-./:;<=>?@[]^_`{|}",
+                "~ !\"#$%&'()*+,-./:;<=>?@[]^_`{|}",
+            ),
+        ];
+        for (input, want) in table {
+            let got = escape(input);
+            assert_eq!(got, *want, "escape({input:?})");
+            assert!(
+                got.bytes().all(|b| (0x20..0x7f).contains(&b)),
+                "{got:?} is printable ASCII"
+            );
+            assert_eq!(escape(&got), got, "escape is idempotent on {input:?}");
+        }
+    }
+
+    #[test]
+    fn escape_borrows_when_nothing_needs_escaping() {
+        assert!(matches!(escape("GET / 200"), Cow::Borrowed(_)));
+        assert!(matches!(escape("GET /\n 200"), Cow::Owned(_)));
+    }
+
+    #[test]
+    fn messages_are_escaped_while_formatting() {
+        let mut out = String::from("stale");
+        format_escaped(&mut out, &format_args!("path={} id={}", "/a\nb", "é"));
+        assert_eq!(out, "path=/a\\x0ab id=\\u{00e9}");
+        format_escaped(&mut out, &format_args!("plain\r"));
+        assert_eq!(out, "plain\\x0d");
+    }
+
+    /// Collects what reaches the sink.
+    #[derive(Default)]
+    struct Lines(Vec<(Level, String, String)>);
+
+    impl Sink for Lines {
+        fn write(&mut self, level: Level, target: &str, message: &str) {
+            self.0.push((level, target.into(), message.into()));
+        }
+    }
+
+    /// One pass of the log thread, without a thread.
+    fn drain(q: &Queue, sink: &mut dyn Sink) -> usize {
+        let mut batch = Batch::default();
+        q.take(&mut batch, Duration::ZERO);
+        let n = batch.len();
+        for (level, target, message) in batch.iter() {
+            sink.write(level, target, message);
+        }
+        q.finished(n, n, false);
+        n
+    }
+
+    #[test]
+    fn lines_reach_the_sink_in_order_with_level_and_target() {
+        let q = Queue::new(100, 10_000);
+        q.push(Level::Info, "sluice::server", "GET / 200", true);
+        q.push(Level::Warn, "", "empty target", false);
+        q.push(Level::Error, "x", "", true);
+        let mut sink = Lines::default();
+        assert_eq!(drain(&q, &mut sink), 3);
+        let want = [
+            (Level::Info, "sluice::server", "GET / 200"),
+            (Level::Warn, "", "empty target"),
+            (Level::Error, "x", ""),
+        ];
+        let got: Vec<_> = sink
+            .0
+            .iter()
+            .map(|(l, t, m)| (*l, t.as_str(), m.as_str()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(drain(&q, &mut sink), 0);
+        assert_eq!(q.dropped(), 0);
+    }
+
+    #[test]
+    fn the_loop_wakes_the_log_thread_once_per_turn_and_only_at_its_end() {
+        let q = Queue::new(100, 10_000);
+        q.park();
+        for i in 0..5 {
+            let woke = q.push(Level::Info, "t", &format!("line {i}"), false);
+            assert!(!woke, "a log call on the loop never wakes");
+        }
+        assert!(q.end_of_turn(), "the end of the turn wakes");
+        assert!(!q.end_of_turn(), "once");
+        // Asleep again with nothing new: a turn that logged nothing wakes nobody.
+        drain(&q, &mut Lines::default());
+        q.park();
+        assert!(!q.end_of_turn());
+        // A thread already awake is not woken again.
+        q.lock().idle = false;
+        q.push(Level::Info, "t", "x", false);
+        assert!(!q.end_of_turn());
+        assert_eq!(drain(&q, &mut Lines::default()), 1);
+    }
+
+    #[test]
+    fn other_threads_wake_the_log_thread_once_per_sleep() {
+        let q = Queue::new(100, 10_000);
+        assert!(!q.push(Level::Info, "t", "awake", true), "awake: no wake");
+        q.park();
+        assert!(q.push(Level::Info, "t", "a", true), "asleep: woken");
+        assert!(!q.push(Level::Info, "t", "b", true), "already woken");
+        assert_eq!(drain(&q, &mut Lines::default()), 3);
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts_until_the_thread_catches_up() {
+        let q = Queue::new(3, 10_000);
+        for i in 0..5 {
+            q.push(Level::Info, "t", &format!("{i}"), true);
+        }
+        assert_eq!(q.dropped(), 2);
+        let mut sink = Lines::default();
+        assert_eq!(drain(&q, &mut sink), 3);
+        let kept: Vec<&str> = sink.0.iter().map(|l| l.2.as_str()).collect();
+        assert_eq!(kept, ["0", "1", "2"], "the oldest lines are kept");
+        q.push(Level::Info, "t", "after", true);
+        assert_eq!(drain(&q, &mut sink), 1);
+        assert_eq!(q.dropped(), 2);
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_the_buffer_too() {
+        let q = Queue::new(100, 10);
+        q.push(Level::Info, "tt", "12345678", true); // exactly 10 bytes
+        q.push(Level::Info, "", "x", true);
+        q.push(Level::Info, "", &"y".repeat(50), true);
+        assert_eq!(q.dropped(), 2);
+        assert_eq!(drain(&q, &mut Lines::default()), 1);
+    }
+
+    #[test]
+    fn flush_without_pending_lines_returns_at_once() {
+        let q = Queue::new(10, 1000);
+        assert!(q.flush(Duration::from_secs(60)));
+        q.push(Level::Info, "t", "x", true);
+        drain(&q, &mut Lines::default());
+        assert!(q.flush(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn flush_gives_up_after_its_timeout() {
+        let q = Queue::new(10, 1000);
+        q.push(Level::Info, "t", "x", true);
+        // No log thread at all (stderr blocked forever, say).
+        assert!(!q.flush(Duration::ZERO));
+        assert!(!q.flush(Duration::from_millis(1)));
+    }
+
+    struct Broken;
+
+    impl Sink for Broken {
+        fn write(&mut self, _: Level, _: &str, message: &str) {
+            if message == "boom" {
+                panic!("stderr is gone");
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_sink_closes_the_queue_and_counts_what_it_lost() {
+        let q = Queue::new(10, 1000);
+        for m in ["ok", "boom", "lost"] {
+            q.push(Level::Info, "t", m, true);
+        }
+        // `run` returns once the sink panics.
+        q.run(&mut Broken, Duration::ZERO);
+        assert_eq!(q.dropped(), 2, "the failed line and the one after it");
+        q.push(Level::Info, "t", "later", true);
+        assert_eq!(q.dropped(), 3);
+        assert!(q.flush(Duration::from_secs(60)), "nothing left to wait for");
+    }
+
+    /// Sends every line to a channel.
+    struct Channel(mpsc::Sender<String>);
+
+    impl Sink for Channel {
+        fn write(&mut self, _: Level, _: &str, message: &str) {
+            let _ = self.0.send(message.to_owned());
+        }
+    }
+
+    /// With a real log thread: lines arrive, and `flush` waits for them.
+    /// The only waits are generous bounds, never a measure of speed.
+    #[test]
+    fn a_log_thread_writes_what_flush_waits_for() {
+        let q = Arc::new(Queue::new(1000, 100_000));
+        let (tx, rx) = mpsc::channel();
+        let thread_q = q.clone();
+        // A long poll: only wakes make this thread write.
+        std::thread::spawn(move || thread_q.run(&mut Channel(tx), Duration::from_secs(3600)));
+        q.push(Level::Info, "t", "from a worker", true);
+        let got = rx.recv_timeout(Duration::from_secs(10)).expect("a line");
+        assert_eq!(got, "from a worker");
+        for i in 0..100 {
+            q.push(Level::Info, "t", &format!("loop {i}"), false);
+        }
+        assert!(q.flush(Duration::from_secs(10)), "flush wakes and waits");
+        let rest: Vec<String> = rx.try_iter().collect();
+        assert_eq!(rest.len(), 100);
+        assert_eq!(rest[99], "loop 99");
+    }
+}

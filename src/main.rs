@@ -1,7 +1,13 @@
 //! The `sluice` binary: flags, logger, start the server. Nothing else.
 
+use std::time::Duration;
+
 use clap::{CommandFactory, FromArgMatches};
 use sluice::{Config, Server};
+
+/// How long the queued log lines (the shutdown's, or what led to an error)
+/// may hold the exit; a blocked stderr holds it no longer.
+const LOG_FLUSH: Duration = Duration::from_millis(100);
 
 fn main() {
     let matches = Config::command().get_matches();
@@ -30,15 +36,22 @@ fn main() {
     }
     let server = match Server::bind(cfg, None).and_then(|mut s| s.handle_signals().map(|()| s)) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("sluice: cannot start on {listen}: {e}");
-            std::process::exit(1);
-        }
+        Err(e) => exit_with(&format!("cannot start on {listen}: {e}")),
     };
     // Written directly, whatever the log level: scripts read the port from it.
     eprintln!("sluice: listening on http://{}", server.local_addr());
-    if let Err(e) = server.run() {
-        eprintln!("sluice: event loop failed: {e}");
-        std::process::exit(1);
+    let result = server.run();
+    // The lines the loop queued last (the shutdown's) are otherwise lost
+    // when the process exits.
+    sluice::logging::flush(LOG_FLUSH);
+    if let Err(e) = result {
+        exit_with(&format!("event loop failed: {e}"));
     }
+}
+
+/// Exits with status 1 after the queued log lines, then `why`.
+fn exit_with(why: &str) -> ! {
+    sluice::logging::flush(LOG_FLUSH);
+    eprintln!("sluice: {why}");
+    std::process::exit(1);
 }

@@ -95,10 +95,10 @@ fn disconnect_cancels_a_backend_between_tokens() {
         stats.cancelled() == 1
     });
     assert_one_disconnect(&srv.metrics);
-    let pushed = stats.pushed();
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(stats.pushed(), pushed, "no token asked after the cancel");
-    assert!(pushed < 1000);
+    // The backend saw the cancel when the sink refused a token (or its
+    // pause): it returned then, so no token was asked after the cancel.
+    assert_eq!(stats.finished(), 0);
+    assert!(stats.pushed() < 1000, "pushed {}", stats.pushed());
 }
 
 #[test]
@@ -151,14 +151,18 @@ fn a_client_that_does_not_read_holds_the_backend_back() {
     )));
 
     // Tokens of 100 bytes, so the total (25 MB) dwarfs the kernel buffers.
-    // Read nothing for a while: the producer must stall.
-    std::thread::sleep(Duration::from_millis(1000));
-    let p1 = stats.pushed();
-    std::thread::sleep(Duration::from_millis(300));
-    let p2 = stats.pushed();
-    assert!(p1 > 0, "the backend never started pushing");
-    assert_eq!(
-        p1, p2,
+    // Read nothing: the producer must stall, i.e. push nothing for 300 ms
+    // (checked until it does, for at most 10 s).
+    let mut p2 = 0;
+    let stalled = wait_until(Duration::from_secs(10), || {
+        let p1 = stats.pushed();
+        std::thread::sleep(Duration::from_millis(300));
+        p2 = stats.pushed();
+        p1 > 0 && p1 == p2
+    });
+    assert!(stats.pushed() > 0, "the backend never started pushing");
+    assert!(
+        stalled,
         "the backend kept producing for a client that reads nothing"
     );
     // The kernel's socket buffers (up to tcp_wmem's max, 4 MB by default:
@@ -316,13 +320,15 @@ fn a_slow_but_steady_reader_is_not_a_slow_consumer() {
             break;
         }
         raw.extend_from_slice(&buf[..n]);
-        if raw.ends_with(b"\r\n0\r\n\r\n") {
+        if raw.ends_with(LAST_CHUNK) {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let body_at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let events = parse_sse(&decode_chunked(&raw[body_at..]));
+    let answers = parse_responses(&raw);
+    assert_eq!(answers.len(), 1, "one answer");
+    assert_eq!(answers[0].status(), 200);
+    let events = answers[0].events();
     let last = events.last().expect("events");
     if max_gap >= Duration::from_millis(300) {
         // The machine paused this client longer than the write timeout:

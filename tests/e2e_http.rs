@@ -330,6 +330,8 @@ fn a_request_in_small_pieces_works() {
     let mut c = srv.connect();
     for piece in req.chunks(7) {
         c.send(piece);
+        // Pacing, not waiting: the pieces should reach the server in
+        // separate reads (TCP_NODELAY is on).
         std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(c.read_head().status, 200);

@@ -533,23 +533,34 @@ fn heartbeats_are_keep_alive_comments() {
     let text = r.text();
     assert!(!text.contains("event:"), "no named events: {text:?}");
     assert!(!text.contains("heartbeat"), "{text:?}");
-    // Split at the first content delta with text (the role chunk has "").
     let s = check_stream(&r.body, "m", false);
-    let first_delta = s.chunks[1]["choices"][0]["delta"]["content"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let at = text
-        .find(&format!("\"content\":{}", js(&first_delta)))
-        .expect("the first delta in the body");
-    let before = &text[..at];
-    let beats = before.split('\n').filter(|l| *l == ": keep-alive").count();
+    // Heartbeats are blocks of one comment and nothing else; several come
+    // before the first content delta with text (the role chunk has "").
+    let blocks = parse_sse_blocks(&r.body);
+    let first_text = blocks
+        .iter()
+        .position(|b| {
+            b.event.as_ref().is_some_and(|e| {
+                parse(&e.data)["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            })
+        })
+        .expect("a content delta");
+    let beats = blocks[..first_text]
+        .iter()
+        .filter(|b| b.event.is_none() && b.comments == ["keep-alive"])
+        .count();
     assert!(
         beats >= 3,
-        "several keep-alive comments before the first token: {text:?}"
+        "several keep-alive comments before the first token: {blocks:?}"
     );
-    // Each is a whole comment-only block, and the rest still parses.
-    assert!(before.contains("\n\n: keep-alive\n\n"), "{text:?}");
+    for b in &blocks {
+        assert!(
+            b.comments.is_empty() || (b.event.is_none() && b.comments == ["keep-alive"]),
+            "a comment outside a heartbeat block: {b:?}"
+        );
+    }
     assert_eq!(s.text.split_whitespace().count(), 3);
     assert!(load(&srv.metrics.heartbeats_sent) >= 3);
 }

@@ -2,56 +2,22 @@
 //! without reading, flooding requests. The real binary runs so that its
 //! memory can be read from /proc.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod support;
+
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Bin {
-    child: Child,
-    addr: SocketAddr,
-}
+use support::{parse_responses, wait_until, Binary, Client};
 
-impl Drop for Bin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> Bin {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.args(["--listen", "127.0.0.1:0", "--log-level", "error"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SLUICE_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("starting sluice");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "sluice exited");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.trim().parse().unwrap();
-        }
-    };
-    // Keep draining stderr so the server never blocks on it.
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = err.read_to_end(&mut sink);
-    });
-    Bin { child, addr }
+/// The binary, logging errors only (the floods below would otherwise fill
+/// its stderr with access lines).
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Binary {
+    let mut all = vec!["--log-level", "error"];
+    all.extend_from_slice(args);
+    Binary::spawn(&all, env)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -92,21 +58,17 @@ fn a_request_followed_by_a_half_close_is_answered() {
         };
         c.write_all(req).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        let want = if i % 2 == 0 {
-            "HTTP/1.1 200"
-        } else {
-            "HTTP/1.1 400"
-        };
-        assert!(s.starts_with(want), "attempt {i}: {s:?}");
+        let answers = parse_responses(&read_all(&mut c));
+        let statuses: Vec<u16> = answers.iter().map(|r| r.status()).collect();
+        let want = if i % 2 == 0 { 200 } else { 400 };
+        assert_eq!(statuses, [want], "attempt {i}: {answers:?}");
     }
 }
 
 #[test]
 fn a_pipelining_client_that_never_reads_does_not_grow_memory() {
     let bin = spawn(&[], &[]);
-    let pid = bin.child.id();
+    let pid = bin.pid();
     let before = rss_kib(pid);
     let mut c = TcpStream::connect(bin.addr).unwrap();
     c.set_write_timeout(Some(Duration::from_millis(500)))
@@ -122,6 +84,8 @@ fn a_pipelining_client_that_never_reads_does_not_grow_memory() {
             Err(_) => break, // TCP is full: the server stopped reading
         }
     }
+    // Not a wait for an event: the time a server that kept answering would
+    // need to show it in its memory.
     std::thread::sleep(Duration::from_millis(300));
     let during = rss_kib(pid);
     assert!(
@@ -136,9 +100,12 @@ fn a_pipelining_client_that_never_reads_does_not_grow_memory() {
 fn clients_flooding_requests_do_not_starve_the_others() {
     let bin = spawn(&[], &[]);
     let stop = Arc::new(AtomicBool::new(false));
+    // Answer bytes each flooding client has read.
+    let answered: Arc<[AtomicU64; 2]> = Arc::new(Default::default());
     let mut threads = Vec::new();
-    for _ in 0..2 {
+    for t in 0..2 {
         let stop = stop.clone();
+        let answered = answered.clone();
         let addr = bin.addr;
         threads.push(std::thread::spawn(move || {
             let c = TcpStream::connect(addr).unwrap();
@@ -149,7 +116,9 @@ fn clients_flooding_requests_do_not_starve_the_others() {
             let reader = std::thread::spawn(move || {
                 let mut buf = vec![0; 1 << 16];
                 while !reader_stop.load(Ordering::Relaxed) {
-                    let _ = r.read(&mut buf);
+                    if let Ok(n) = r.read(&mut buf) {
+                        answered[t].fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
             });
             let mut w = c;
@@ -162,7 +131,11 @@ fn clients_flooding_requests_do_not_starve_the_others() {
             reader.join().unwrap();
         }));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // The server is busy with both floods: each has had many answers.
+    let flooding = wait_until(Duration::from_secs(10), || {
+        answered.iter().all(|a| a.load(Ordering::Relaxed) > 1 << 20)
+    });
+    assert!(flooding, "the server never answered the floods");
     // Before reads were budgeted per turn, a probe got no answer at all
     // while the flood lasted. The bound is loose on purpose: this is a
     // check that the others are served, not a latency figure (debug build,
@@ -185,25 +158,18 @@ fn boolean_env_vars_take_one() {
         &["--sim-ttft-ms", "0", "--sim-itl-ms", "0"],
         &[("SLUICE_NO_STREAMING", "1")],
     );
-    let mut c = TcpStream::connect(bin.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let body = r#"{"prompt":"hi","max_tokens":3}"#;
-    write!(
-        c,
-        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut s = String::new();
-    c.read_to_string(&mut s).unwrap();
-    assert!(s.contains("Content-Type: application/json"), "{s}");
-    assert!(s.contains("\"text\":"), "{s}");
+    let r = Client::connect(bin.addr)
+        .roundtrip(&support::post_stream(r#"{"prompt":"hi","max_tokens":3}"#));
+    assert_eq!(r.status(), 200, "{}", r.text());
+    assert_eq!(r.head.header("content-type"), Some("application/json"));
+    assert!(r.json()["text"].is_string(), "{}", r.text());
 }
 
-fn read_all(c: &mut TcpStream) -> String {
-    let mut s = Vec::new();
-    let _ = c.read_to_end(&mut s);
-    String::from_utf8_lossy(&s).into_owned()
+/// Everything until the server closes (or the read times out).
+fn read_all(c: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let _ = c.read_to_end(&mut all);
+    all
 }
 
 #[test]
@@ -216,8 +182,11 @@ fn pipelined_requests_then_a_half_close_are_all_answered() {
     c.write_all(&b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(500))
         .unwrap();
     c.shutdown(Shutdown::Write).unwrap();
-    let all = read_all(&mut c);
-    assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 500);
+    let answers = parse_responses(&read_all(&mut c));
+    assert_eq!(answers.len(), 500);
+    assert!(answers
+        .iter()
+        .all(|r| r.status() == 200 && r.body == b"ok\n"));
 }
 
 #[test]
@@ -261,14 +230,11 @@ fn a_pipelined_request_waiting_behind_a_slowly_read_answer_gets_no_408() {
         }
         std::thread::sleep(Duration::from_millis(60));
     }
-    let all = String::from_utf8_lossy(&all);
-    assert_eq!(
-        all.matches("HTTP/1.1 200 OK").count(),
-        2,
-        "{}",
-        &all[all.len().saturating_sub(300)..]
-    );
-    assert!(!all.contains("408"), "spurious 408");
+    let answers = parse_responses(&all);
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status()).collect();
+    assert_eq!(statuses, [200, 200], "a spurious 408?");
+    assert!(answers[0].json()["text"].is_string());
+    assert_eq!(answers[1].body, b"ok\n");
 }
 
 #[test]
@@ -283,20 +249,30 @@ fn cors_preflight_allows_the_headers_asked_for_and_answers_vary_by_origin() {
           Connection: close\r\n\r\n",
     )
     .unwrap();
-    let head = read_all(&mut c);
-    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
-    assert!(
-        head.contains(
-            "Access-Control-Allow-Headers: content-type, x-stainless-os, authorization\r\n"
-        ),
-        "{head}"
+    let answers = parse_responses(&read_all(&mut c));
+    let [r] = &answers[..] else {
+        panic!("one answer: {answers:?}")
+    };
+    assert_eq!(r.status(), 204, "{:?}", r.head);
+    assert_eq!(
+        r.head.header("access-control-allow-headers"),
+        Some("content-type, x-stainless-os, authorization"),
+        "{:?}",
+        r.head
     );
     // No Origin: no CORS headers, but the answer says it varies by Origin.
     let mut c = TcpStream::connect(bin.addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
-    let head = read_all(&mut c);
-    assert!(head.contains("Vary: Origin\r\n"), "{head}");
-    assert!(!head.contains("Access-Control-Allow-Origin"), "{head}");
+    let answers = parse_responses(&read_all(&mut c));
+    let [r] = &answers[..] else {
+        panic!("one answer: {answers:?}")
+    };
+    assert_eq!(r.head.header("vary"), Some("Origin"), "{:?}", r.head);
+    assert!(
+        r.head.header("access-control-allow-origin").is_none(),
+        "{:?}",
+        r.head
+    );
 }

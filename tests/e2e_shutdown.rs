@@ -5,11 +5,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -156,146 +152,44 @@ fn an_idle_server_stops_at_once() {
 
 #[test]
 fn the_binary_drains_and_exits_zero_on_sigterm() {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("SLUICE_") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd
-        .args([
-            "--listen",
-            "127.0.0.1:0",
+    let mut bin = Binary::spawn(
+        &[
             "--sim-ttft-ms",
             "0",
             "--sim-itl-ms",
             "20",
             "--drain-ms",
             "5000",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sluice");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-            }
-        }
+            "--log-level",
+            "info",
+        ],
+        &[],
+    );
+    let mut running = Client::connect(bin.addr);
+    running.send(&post_stream(r#"{"prompt":"hi","max_tokens":10}"#));
+    assert_eq!(running.read_head().status, 200);
+    bin.sigterm();
+    let events = running.events_to_end();
+    assert_eq!(tokens_until_done(&events).len(), 10, "{events:?}");
+    let status = bin.exit_within(Duration::from_secs(4));
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "sluice did not exit within 4 s of the last stream; stderr: {:?}",
+            bin.log()
+        )
     });
-    let addr: SocketAddr = match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(a) => a.parse().expect("ADDR:PORT"),
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("no listening line: {e}");
-        }
-    };
-    let outcome = std::panic::catch_unwind(|| {
-        let mut running = Client::connect(addr);
-        running.send(&post_stream(r#"{"prompt":"hi","max_tokens":10}"#));
-        assert_eq!(running.read_head().status, 200);
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        let events = running.events_to_end();
-        assert_eq!(tokens_until_done(&events).len(), 10, "{events:?}");
-    });
-    let status = wait_until(Duration::from_secs(4), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    if !status {
-        let _ = child.kill();
-    }
-    let code = child.wait().expect("wait");
-    if let Err(p) = outcome {
-        std::panic::resume_unwind(p);
-    }
-    assert!(status, "sluice did not exit within 4 s of the last stream");
-    assert!(code.success(), "exit status {code:?}");
-}
-
-/// The real binary, killed and reaped when dropped (also by a panic); its
-/// stderr lines are kept for failure messages.
-struct Binary {
-    child: std::process::Child,
-    addr: SocketAddr,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Binary {
-    fn spawn(args: &[&str]) -> Binary {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SLUICE_") {
-                cmd.env_remove(k);
-            }
-        }
-        let mut child = cmd
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sluice");
-        let stderr = child.stderr.take().unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let mut b = Binary {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-        };
-        let addr = rx
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("no listening line ({e}); stderr: {:?}", b.log()));
-        b.addr = addr.parse().expect("ADDR:PORT");
-        b
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn sigterm(&self) {
-        // SAFETY: kill(2) on our own child's pid, which it has not reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM)");
-    }
-
-    /// The exit status, if the process exits by `deadline`.
-    fn exit_by(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    assert!(status.success(), "exit status {status:?}");
+    // The loop's last line, logged just before the process exits, reaches
+    // stderr: main flushes the log before exiting.
+    assert!(
+        wait_until(Duration::from_secs(3), || bin.stderr_ended()),
+        "stderr still open after the exit"
+    );
+    let log = bin.log();
+    assert!(
+        log.iter().any(|l| l.ends_with("shutdown complete")),
+        "no `shutdown complete` line on stderr: {log:?}"
+    );
 }
 
 /// SIGTERM while 100 streams run: half of them (20 tokens, ~0.4 s) finish
@@ -309,18 +203,21 @@ fn sigterm_during_100_streams_ends_every_one_with_done_or_shutting_down() {
     const SHORT: usize = 20;
     const LONG: usize = 200;
     let drain_ms = DRAIN.as_millis().to_string();
-    let mut bin = Binary::spawn(&[
-        "--sim-ttft-ms",
-        "0",
-        "--sim-itl-ms",
-        "20",
-        "--sim-tokens",
-        "200",
-        "--drain-ms",
-        &drain_ms,
-        "--log-level",
-        "warn",
-    ]);
+    let mut bin = Binary::spawn(
+        &[
+            "--sim-ttft-ms",
+            "0",
+            "--sim-itl-ms",
+            "20",
+            "--sim-tokens",
+            "200",
+            "--drain-ms",
+            &drain_ms,
+            "--log-level",
+            "warn",
+        ],
+        &[],
+    );
     let addr = bin.addr;
     let wanted = |i: usize| if i.is_multiple_of(2) { SHORT } else { LONG };
 
@@ -405,7 +302,8 @@ fn sigterm_during_100_streams_ends_every_one_with_done_or_shutting_down() {
 
     // The process exits 0: not before the drain time (streams were still
     // running), and at most about a second after it (2.5 s allowed here).
-    let status = bin.exit_by(t0 + DRAIN + Duration::from_millis(2500));
+    let deadline = t0 + DRAIN + Duration::from_millis(2500);
+    let status = bin.exit_within(deadline.saturating_duration_since(Instant::now()));
     let elapsed = t0.elapsed();
     let status = status.unwrap_or_else(|| {
         panic!(
