@@ -32,21 +32,29 @@ impl Services for Svc {
     fn stream_ended(&mut self, _: &Ended) {}
 }
 
+/// Parsed once: clap is far slower than one run of the target.
+fn config() -> Arc<Config> {
+    static CFG: std::sync::OnceLock<Arc<Config>> = std::sync::OnceLock::new();
+    CFG.get_or_init(|| {
+        Arc::new(Config::for_tests(&[
+            "--sim-ttft-ms",
+            "1",
+            "--sim-itl-ms",
+            "1",
+            "--sim-tokens",
+            "4",
+            "--max-head-bytes",
+            "2048",
+            "--max-body-bytes",
+            "4096",
+        ]))
+    })
+    .clone()
+}
+
 fuzz_target!(|data: &[u8]| {
-    let cfg = Config::for_tests(&[
-        "--sim-ttft-ms",
-        "1",
-        "--sim-itl-ms",
-        "1",
-        "--sim-tokens",
-        "4",
-        "--max-head-bytes",
-        "2048",
-        "--max-body-bytes",
-        "4096",
-    ]);
     let t0 = Instant::now();
-    let mut e: Engine<()> = Engine::new(Arc::new(cfg), Arc::new(Metrics::default()), t0);
+    let mut e: Engine<()> = Engine::new(config(), Arc::new(Metrics::default()), t0);
     let key = e.open((), None, t0);
     let mut svc = Svc(0);
     let mut now = t0;

@@ -32,8 +32,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // A request complete in the whole input is complete in pieces too
     // (possibly earlier, when the first piece already held it).
-    if let (Ok(ReadStatus::Complete { consumed: a, .. }), Ok(ReadStatus::Complete { consumed: b, .. })) =
-        (&whole, &pieces)
+    if let (
+        Ok(ReadStatus::Complete { consumed: a, .. }),
+        Ok(ReadStatus::Complete { consumed: b, .. }),
+    ) = (&whole, &pieces)
     {
         assert!(b <= a);
     }
