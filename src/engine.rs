@@ -13,6 +13,7 @@
 //! Tests drive an `Engine<()>` with a simulated clock and scripted
 //! producers, and assert on exact bytes.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -61,6 +62,9 @@ pub struct Ended<'a> {
 pub trait Services {
     /// A fresh id, never reused (request ids of refused requests use one too).
     fn next_id(&mut self) -> u64;
+    /// The id clients see for stream `id`: unguessable in the server
+    /// ([`crate::stream::random_sid`]), predictable in tests.
+    fn stream_sid(&mut self, id: u64) -> Box<str>;
     /// Admits stream `r`, or refuses it.
     fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal>;
     /// Status, content type and body of an operational endpoint.
@@ -105,6 +109,8 @@ pub struct Engine<S> {
     next_serial: u32,
     dirty: Vec<usize>,
     auth: Auth,
+    /// Streams by the id clients see, for cancel and resume.
+    by_sid: HashMap<Box<str>, StreamRef>,
 }
 
 impl<S> Engine<S> {
@@ -122,6 +128,7 @@ impl<S> Engine<S> {
             next_serial: 0,
             dirty: Vec::new(),
             auth: Auth::default(),
+            by_sid: HashMap::new(),
         }
     }
 
@@ -530,8 +537,8 @@ impl<S> Engine<S> {
     fn dispatch(&mut self, svc: &mut dyn Services, key: usize, req: Request, now: Instant) {
         self.metrics.requests.fetch_add(1, Relaxed);
         let id = svc.next_id();
-        let sid = format!("{id:x}");
-        let (meta, answer) = router::route(&self.cfg, &self.auth, id, &sid, &req);
+        let sid = svc.stream_sid(id);
+        let (meta, answer) = router::route(&self.cfg, &self.auth, &sid, &req);
         match answer {
             Answer::Reply(reply) => self.reply(svc, key, &meta, &reply, now),
             Answer::Ops(which) => {
@@ -546,7 +553,12 @@ impl<S> Engine<S> {
                 self.reply(svc, key, &meta, &reply, now);
             }
             Answer::Stream { gen, encoder } => {
-                self.start_stream(svc, key, id, meta, &gen, encoder, now)
+                self.start_stream(svc, key, id, sid, meta, &gen, encoder, now)
+            }
+            Answer::Cancel { sid } => {
+                let found = self.cancel_by_sid(svc, &sid, meta.principal.as_deref(), now);
+                let reply = router::cancelled(&meta, &sid, found);
+                self.reply(svc, key, &meta, &reply, now);
             }
         }
     }
@@ -598,6 +610,7 @@ impl<S> Engine<S> {
         svc: &mut dyn Services,
         key: usize,
         id: u64,
+        sid: Box<str>,
         meta: Meta,
         gen: &GenRequest,
         encoder: Box<dyn Encoder>,
@@ -628,10 +641,21 @@ impl<S> Engine<S> {
             cfg: &self.cfg,
             metrics: &self.metrics,
         };
-        let mut stream = Stream::new(&scx, id, meta.request_id.clone(), line, gen, producer, sub);
+        let mut stream = Stream::new(
+            &scx,
+            id,
+            sid.clone(),
+            meta.request_id.clone(),
+            line,
+            gen,
+            producer,
+            sub,
+        );
         stream.set_peer(link.peer);
         stream.set_principal(meta.principal.clone());
-        let headers: Vec<(&str, &str)> = meta.cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", &*sid))
+            .chain(meta.cors.iter().map(|(k, v)| (*k, v.as_str())))
+            .collect();
         let head = streaming.then_some((meta.request_id.as_str(), headers.as_slice()));
         link.conn
             .begin_body(&mut self.bufs, head, meta.version, meta.keep_alive);
@@ -640,6 +664,7 @@ impl<S> Engine<S> {
         }
         let inserted = self.streams.insert(stream);
         debug_assert_eq!(inserted, r);
+        self.by_sid.insert(sid, r);
         let slot = self.stream_timers.insert(None);
         debug_assert_eq!(slot, r.key);
         link.sub = Some(r);
@@ -748,6 +773,28 @@ impl<S> Engine<S> {
         self.after_conn_change(svc, key, now);
     }
 
+    /// Stops the running stream `sid` if `principal` started it (or auth is
+    /// off); whether there was one. Its client gets `error` `cancelled`.
+    fn cancel_by_sid(
+        &mut self,
+        svc: &mut dyn Services,
+        sid: &str,
+        principal: Option<&str>,
+        now: Instant,
+    ) -> bool {
+        let Some(&r) = self.by_sid.get(sid) else {
+            return false;
+        };
+        match self.streams.get(r) {
+            Some(s) if s.principal() == principal => {}
+            _ => return false,
+        }
+        log::debug!("stream {sid}: cancelled by id");
+        let e = StreamError::new(ErrorCode::Cancelled, "the stream was stopped by its id");
+        self.end_stream(svc, r, End::Error(e), false, now);
+        true
+    }
+
     /// The subscriber of `r` left; the stream's policy decides what follows.
     fn detach(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
         let Some(stream) = self.streams.get_mut(r) else {
@@ -824,8 +871,9 @@ impl<S> Engine<S> {
                     if status >= 400 {
                         self.metrics.refused(status);
                     }
-                    let headers: Vec<(&str, &str)> =
-                        meta.cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", stream.sid()))
+                        .chain(meta.cors.iter().map(|(k, v)| (*k, v.as_str())))
+                        .collect();
                     link.conn.respond(
                         &mut self.bufs,
                         now,
@@ -845,6 +893,7 @@ impl<S> Engine<S> {
             None => summary = stream.finish(&scx, end, from_producer, &mut Vec::new()),
         }
         let peer = stream.peer();
+        self.by_sid.remove(stream.sid());
         self.streams.remove(r);
         if let Some(Some((id, _))) = self.stream_timers.try_remove(r.key) {
             self.wheel.cancel(id);

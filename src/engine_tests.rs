@@ -61,6 +61,10 @@ impl Services for Fake {
         id
     }
 
+    fn stream_sid(&mut self, id: u64) -> Box<str> {
+        format!("{id:x}").into()
+    }
+
     fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal> {
         if let Some(rf) = &self.refuse {
             return Err(rf.clone());
@@ -309,10 +313,16 @@ fn post(body: &str) -> String {
     )
 }
 
-fn sse_head(rid: &str) -> String {
+/// The head of a stream whose request id is its stream id.
+fn sse_head(sid: &str) -> String {
+    sse_head_ids(sid, sid)
+}
+
+fn sse_head_ids(rid: &str, sid: &str) -> String {
     format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\
-         X-Request-Id: {rid}\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\r\n"
+         X-Request-Id: {rid}\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\
+         X-Stream-Id: {sid}\r\n\r\n"
     )
 }
 
@@ -635,8 +645,12 @@ fn sim_backpressure_holds_tokens_without_busy_deadlines() {
         if n > 0 {
             h.write(n);
         }
+        // Tokens stop at the mark (plus the frame that crossed it); the
+        // terminal event and the last chunk follow the last token whatever
+        // the room, once.
+        let terminal = 160;
         assert!(
-            h.pending_bytes().len() < 256 + 64,
+            h.pending_bytes().len() < 256 + 64 + terminal,
             "{} {:?}",
             h.pending_bytes().len(),
             h.pending()
@@ -1058,7 +1072,7 @@ fn client_request_id_is_echoed_and_the_stream_id_names_events() {
     );
     h.read(req.as_bytes());
     let t = h.flush();
-    assert!(t.starts_with(&sse_head("my-req-1")), "{t}");
+    assert!(t.starts_with(&sse_head_ids("my-req-1", "1000")), "{t}");
     assert!(t.contains("id: 1000:2\nevent: done\n"));
     assert_eq!(h.summary().request_id, "my-req-1");
 }
@@ -1074,7 +1088,8 @@ fn http10_stream_is_close_delimited_then_lingers() {
     );
     h.at(5).read(req.as_bytes());
     let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\
-                X-Request-Id: 1000\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\r\n";
+                X-Request-Id: 1000\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\
+                X-Stream-Id: 1000\r\n\r\n";
     let all = h.pending();
     assert!(!all.contains("Transfer-Encoding"));
     let rest = all.strip_prefix(head).expect("HTTP/1.0 SSE head");
@@ -1141,7 +1156,11 @@ fn stream_false_answers_one_json_document_at_the_end() {
     );
     assert_eq!(
         h.flush(),
-        full_response("200 OK", "X-Request-Id: 1000\r\n", &body)
+        full_response(
+            "200 OK",
+            "X-Request-Id: 1000\r\nX-Stream-Id: 1000\r\n",
+            &body
+        )
     );
     assert!(!h.is_closed());
     assert_eq!(h.summary().outcome, Outcome::Completed);
@@ -1199,7 +1218,7 @@ fn stream_false_error_becomes_an_http_error() {
         h.flush(),
         full_response(
             "504 Gateway Timeout",
-            "X-Request-Id: 1000\r\n",
+            "X-Request-Id: 1000\r\nX-Stream-Id: 1000\r\n",
             &error_body("deadline_exceeded", "the stream ran longer than 100 ms")
         )
     );
@@ -1721,4 +1740,90 @@ fn drop_field_removes_fields_before_forwarding() {
     assert_eq!(gen.temperature, None);
     assert_eq!(gen.max_tokens_field, None, "not forwarded");
     assert_eq!(gen.max_tokens, 5, "but still the local cut");
+}
+
+// ------------------------------------------------------------ stop by id
+
+impl H {
+    /// Opens another connection; returns its key.
+    fn open_other(&mut self) -> usize {
+        self.e.open((), None, self.now)
+    }
+
+    /// Sends `req` on connection `key` and takes everything it gets back.
+    fn roundtrip_on(&mut self, key: usize, req: &[u8]) -> String {
+        self.e.handle_read(&mut self.svc, key, req, self.now);
+        let out = String::from_utf8(self.e.pending(key).to_vec()).unwrap();
+        let n = out.len();
+        self.e.handle_written(&mut self.svc, key, n, self.now);
+        out
+    }
+}
+
+#[test]
+fn a_stream_stops_by_its_id_from_another_connection() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "100"]);
+    h.read(post(r#"{"prompt":"a long one","max_tokens":50}"#).as_bytes());
+    h.flush();
+    assert!(h.is_streaming());
+    let other = h.open_other();
+    let cancel = |sid: &str| {
+        format!(
+            "POST /v1/chat/stream/{sid}/cancel HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let got = h.roundtrip_on(other, cancel("nope").as_bytes());
+    assert!(got.starts_with("HTTP/1.1 404 Not Found"), "{got}");
+    assert!(got.contains("stream_not_found"), "{got}");
+    let got = h.roundtrip_on(other, cancel("1000").as_bytes());
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    assert!(got.contains("\"cancelled\":true"), "{got}");
+    let (chunks, _) = dechunk(h.flush().as_str());
+    let last = events(&chunks.concat()).pop().unwrap();
+    assert!(
+        last.starts_with("id: 1000:2\nevent: error\ndata: {\"code\":\"cancelled\""),
+        "{last}"
+    );
+    assert!(last.contains("\"retryable\":false"), "{last}");
+    assert!(
+        !h.is_streaming() && !h.is_closed(),
+        "the connection is kept"
+    );
+    assert_eq!(h.summary().outcome, Outcome::Errored(ErrorCode::Cancelled));
+    // Ended: a second cancel finds nothing.
+    let got = h.roundtrip_on(other, cancel("1000").as_bytes());
+    assert!(got.starts_with("HTTP/1.1 404"), "{got}");
+    // A GET is not a cancel.
+    let got = h.roundtrip_on(
+        other,
+        b"GET /v1/chat/stream/1000/cancel HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 405"), "{got}");
+}
+
+#[test]
+fn only_the_principal_that_started_a_stream_may_stop_it() {
+    let mut h = with_keys(&[
+        "--api-key",
+        "alice-key-123",
+        "--api-key",
+        "bobby-key-456",
+        "--sim-ttft-ms",
+        "0",
+        "--sim-itl-ms",
+        "100",
+    ]);
+    h.read(b"GET /v1/chat/stream?prompt=x&max_tokens=50 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key-123\r\n\r\n");
+    h.flush();
+    assert!(h.is_streaming());
+    let other = h.open_other();
+    let cancel = |key: &str| {
+        format!("POST /v1/chat/stream/1000/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 0\r\n\r\n")
+    };
+    let got = h.roundtrip_on(other, cancel("bobby-key-456").as_bytes());
+    assert!(got.starts_with("HTTP/1.1 404"), "another principal: {got}");
+    assert!(h.is_streaming());
+    let got = h.roundtrip_on(other, cancel("alice-key-123").as_bytes());
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(!h.is_streaming());
 }

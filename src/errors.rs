@@ -50,6 +50,10 @@ pub fn stream_error_status(e: &StreamError) -> u16 {
         ErrorCode::UpstreamTimeout | ErrorCode::DeadlineExceeded => 504,
         ErrorCode::Overloaded | ErrorCode::ShuttingDown => 503,
         ErrorCode::SlowConsumer | ErrorCode::Internal => 500,
+        // Ends of a stream some other request decided; a whole-answer
+        // client sees them as a conflict or a lost producer.
+        ErrorCode::Cancelled | ErrorCode::Superseded => 409,
+        ErrorCode::ProducerLost => 502,
     }
 }
 

@@ -64,6 +64,10 @@ pub enum Answer {
         gen: GenRequest,
         encoder: Box<dyn Encoder>,
     },
+    /// Stop the stream with this id (`POST /v1/chat/stream/<id>/cancel`).
+    Cancel {
+        sid: String,
+    },
 }
 
 /// A request the server will not start now (admission).
@@ -74,13 +78,13 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// Routes `req`; `id` is the stream id a stream would get (it also names
-/// the request when the client sent no `X-Request-Id`).
-pub fn route(cfg: &Config, auth: &Auth, id: u64, sid: &str, req: &Request) -> (Meta, Answer) {
+/// Routes `req`; `sid` is the id a stream would get (it also names the
+/// request when the client sent no `X-Request-Id`).
+pub fn route(cfg: &Config, auth: &Auth, sid: &str, req: &Request) -> (Meta, Answer) {
     let mut meta = Meta {
         request_id: match req.client_request_id() {
             Some(r) => r.to_string(),
-            None => format!("{id:x}"),
+            None => sid.to_string(),
         },
         version: req.version,
         keep_alive: req.keep_alive,
@@ -164,6 +168,18 @@ fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
             Method::Get | Method::Post => stream_request(cfg, req, meta),
             _ => method_not_allowed(req, meta, "GET, POST"),
         },
+        p if p.starts_with("/v1/chat/stream/") => {
+            let rest = &p["/v1/chat/stream/".len()..];
+            match rest.strip_suffix("/cancel") {
+                Some(sid) if is_sid(sid) => match req.method {
+                    Method::Post => Answer::Cancel {
+                        sid: sid.to_string(),
+                    },
+                    _ => method_not_allowed(req, meta, "POST"),
+                },
+                _ => error(meta, 404, "not_found", &format!("no such endpoint: {p}")),
+            }
+        }
         "/v1/chat/completions" => match req.method {
             Method::Post => chat_request(cfg, sid, req, meta),
             _ => method_not_allowed(req, meta, "POST"),
@@ -371,6 +387,35 @@ pub fn request_timeout(cfg: &Config, request_id: String) -> (Meta, Reply) {
     let mut reply = error_reply(meta.shape, 408, "request_timeout", &msg);
     reply.close = true;
     (meta, reply)
+}
+
+/// Whether `s` looks like a stream id: `[A-Za-z0-9_-]`, 1 to 64 characters.
+pub fn is_sid(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The answer to a cancel: it stopped a stream, or there was none to stop
+/// (unknown, ended, or another principal's: the same 404 for each).
+pub fn cancelled(meta: &Meta, sid: &str, found: bool) -> Reply {
+    if found {
+        Reply {
+            status: 200,
+            content_type: "application/json",
+            body: serde_json::to_vec(&serde_json::json!({"id": sid, "cancelled": true}))
+                .unwrap_or_default(),
+            headers: Vec::new(),
+            close: false,
+        }
+    } else {
+        error_reply(
+            meta.shape,
+            404,
+            "stream_not_found",
+            "no running stream has this id",
+        )
+    }
 }
 
 /// The answer to a stream the server would not admit.

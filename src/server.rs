@@ -76,6 +76,10 @@ impl Services for Shared {
         self.next_id
     }
 
+    fn stream_sid(&mut self, _id: u64) -> Box<str> {
+        crate::stream::random_sid()
+    }
+
     fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal> {
         if self.draining {
             return Err(Refusal {

@@ -19,10 +19,16 @@ pub enum ErrorCode {
     SlowConsumer,
     ShuttingDown,
     Internal,
+    /// Stopped by id (`POST /v1/chat/stream/<id>/cancel`).
+    Cancelled,
+    /// Another client resumed this stream.
+    Superseded,
+    /// A resumed stream's producing instance died.
+    ProducerLost,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::UpstreamUnavailable,
         ErrorCode::UpstreamError,
         ErrorCode::UpstreamTimeout,
@@ -31,6 +37,9 @@ impl ErrorCode {
         ErrorCode::SlowConsumer,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
+        ErrorCode::Cancelled,
+        ErrorCode::Superseded,
+        ErrorCode::ProducerLost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,6 +52,9 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Superseded => "superseded",
+            ErrorCode::ProducerLost => "producer_lost",
         }
     }
 
@@ -50,7 +62,11 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         !matches!(
             self,
-            ErrorCode::DeadlineExceeded | ErrorCode::SlowConsumer | ErrorCode::Internal
+            ErrorCode::DeadlineExceeded
+                | ErrorCode::SlowConsumer
+                | ErrorCode::Internal
+                | ErrorCode::Cancelled
+                | ErrorCode::Superseded
         )
     }
 
@@ -252,7 +268,9 @@ mod tests {
 
     #[test]
     fn retryable_defaults() {
-        let want = [true, true, true, true, false, false, true, false];
+        let want = [
+            true, true, true, true, false, false, true, false, false, false, true,
+        ];
         for (c, w) in ErrorCode::ALL.iter().zip(want) {
             assert_eq!(c.retryable(), w, "{c:?}");
         }

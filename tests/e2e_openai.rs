@@ -853,7 +853,10 @@ fn the_demo_page_is_served_at_root() {
     assert_eq!(r.head.content_length(), Some(r.body.len()));
     let page = r.text();
     assert!(page.contains("aria-live"), "{page}");
-    assert!(page.contains("/v1/chat/stream") && page.contains("text/event-stream"), "{page}");
+    assert!(
+        page.contains("/v1/chat/stream") && page.contains("text/event-stream"),
+        "{page}"
+    );
 }
 
 // ------------------------------------------------------------------ edges

@@ -23,6 +23,10 @@ impl Services for Svc {
         self.0 += 1;
         self.0
     }
+    fn stream_sid(&mut self, id: u64) -> Box<str> {
+        format!("{id:x}").into()
+    }
+
     fn admit(&mut self, _: StreamRef, _: &GenRequest) -> Result<Producer, Refusal> {
         Ok(Producer::Sim)
     }

@@ -146,9 +146,11 @@ pub struct Stream {
 
 impl Stream {
     /// A stream for `gen`, produced by `producer`, attached to `sub`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cx: &StreamCx,
         id: u64,
+        sid: Box<str>,
         request_id: String,
         line: ReqLine,
         gen: &GenRequest,
@@ -167,7 +169,7 @@ impl Stream {
         };
         Stream {
             id,
-            sid: format!("{id:x}").into(),
+            sid,
             request_id,
             line,
             max_tokens: gen.max_tokens,
@@ -495,6 +497,30 @@ impl Stream {
     }
 }
 
+/// A stream id clients cannot guess: 128 random bits from the kernel,
+/// base64url without padding (22 characters of `[A-Za-z0-9_-]`).
+pub fn random_sid() -> Box<str> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bytes = [0u8; 16];
+    let mut got = 0;
+    while got < bytes.len() {
+        // SAFETY: writes at most the remaining length into our buffer.
+        let n = unsafe { libc::getrandom(bytes[got..].as_mut_ptr().cast(), bytes.len() - got, 0) };
+        if n > 0 {
+            got += n as usize;
+        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // No kernel randomness is a broken machine: better no server
+            // than guessable ids.
+            panic!("getrandom failed: {}", std::io::Error::last_os_error());
+        }
+    }
+    let v = u128::from_le_bytes(bytes);
+    (0..22)
+        .map(|i| ALPHABET[((v >> (6 * i)) & 63) as usize] as char)
+        .collect::<String>()
+        .into()
+}
+
 /// The loop's streams: a slab, and ids that are never reused.
 #[derive(Default)]
 pub struct StreamTable {
@@ -576,6 +602,7 @@ mod tests {
         Stream::new(
             cx,
             0xab,
+            "ab".into(),
             "r".into(),
             ReqLine::default(),
             &gen("a b", max_tokens),
@@ -637,6 +664,15 @@ mod tests {
             .finish(&cx, End::Disconnected, false, &mut again)
             .is_none());
         assert!(again.is_empty());
+    }
+
+    #[test]
+    fn stream_ids_are_22_url_safe_characters_and_differ() {
+        let a = random_sid();
+        let b = random_sid();
+        assert_eq!(a.len(), 22);
+        assert!(crate::router::is_sid(&a), "{a}");
+        assert_ne!(a, b);
     }
 
     #[test]
