@@ -165,7 +165,7 @@ fn encoders(c: &mut Criterion) {
         g.bench_function(format!("{name}_token"), |b| {
             b.iter(|| {
                 buf.clear();
-                enc.token(&mut buf, black_box(" hello"));
+                enc.token(&mut buf, None, black_box(" hello"));
                 black_box(&buf);
             })
         });

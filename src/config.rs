@@ -180,6 +180,21 @@ pub struct Config {
     #[arg(long, env = "SLUICE_OUTPUT_HIGH_WATER", default_value_t = 16384, value_parser = clap::value_parser!(u64).range(256..))]
     pub output_high_water: u64,
 
+    /// Resume: a stream whose client leaves keeps running this long (ms) so
+    /// the client can reconnect with `Last-Event-ID`; a finished stream's
+    /// events are kept as long. 0: off (a disconnect cancels at once).
+    #[arg(long, env = "SLUICE_RESUME_WINDOW_MS", default_value_t = 0)]
+    pub resume_window_ms: u64,
+
+    /// Resume: the most bytes of events one stream keeps for replay.
+    #[arg(long, env = "SLUICE_RESUME_BUFFER_BYTES", default_value_t = 524_288, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub resume_buffer_bytes: u64,
+
+    /// Resume: the most bytes of events the process keeps for replay; past
+    /// it the oldest detached streams are cancelled.
+    #[arg(long, env = "SLUICE_RESUME_TOTAL_BYTES", default_value_t = 268_435_456)]
+    pub resume_total_bytes: u64,
+
     /// An API key clients must present (repeatable; none: auth is off).
     /// Principals `key-1`, `key-2`, … in order. `SLUICE_API_KEY` holds one
     /// key per line.

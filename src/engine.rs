@@ -33,7 +33,7 @@ use crate::outbuf::BufPool;
 use crate::router::{self, Answer, Meta, Ops, Refusal, Reply};
 use crate::sse::{ErrorCode, StreamError};
 use crate::stream::{
-    Detach, End, Producer, Stream, StreamCx, StreamRef, StreamSummary, StreamTable, Subscriber,
+    Admission, Detach, End, Producer, Stream, StreamCx, StreamRef, StreamSummary, StreamTable,
 };
 use crate::timer::{TimerId, TimerWheel};
 
@@ -111,6 +111,12 @@ pub struct Engine<S> {
     auth: Auth,
     /// Streams by the id clients see, for cancel and resume.
     by_sid: HashMap<Box<str>, StreamRef>,
+    /// Bytes in every stream's replay log.
+    log_bytes: usize,
+    /// Detached streams over the replay budget, to cancel.
+    over_budget: Vec<StreamRef>,
+    /// Where a detached stream's events are encoded before its log.
+    scratch: Vec<u8>,
 }
 
 impl<S> Engine<S> {
@@ -129,6 +135,9 @@ impl<S> Engine<S> {
             dirty: Vec::new(),
             auth: Auth::default(),
             by_sid: HashMap::new(),
+            log_bytes: 0,
+            over_budget: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -465,9 +474,9 @@ impl<S> Engine<S> {
     fn stream_deadline(&self, r: StreamRef) -> Option<Instant> {
         let s = self.streams.get(r)?;
         let room = match s.subscriber() {
-            Some(sub) => self
+            Some((key, _)) => self
                 .conns
-                .get(sub.conn.0)
+                .get(key)
                 .is_some_and(|l| l.conn.pending_len() < self.cfg.high_water()),
             None => true,
         };
@@ -552,9 +561,16 @@ impl<S> Engine<S> {
                 };
                 self.reply(svc, key, &meta, &reply, now);
             }
-            Answer::Stream { gen, encoder } => {
-                self.start_stream(svc, key, id, sid, meta, &gen, encoder, now)
-            }
+            Answer::Stream {
+                gen,
+                encoder,
+                resumable,
+            } => self.start_stream(svc, key, id, sid, meta, &gen, encoder, resumable, now),
+            Answer::Resume {
+                sid,
+                after,
+                quiet_miss,
+            } => self.resume(svc, key, meta, &sid, after, quiet_miss, now),
             Answer::Cancel { sid } => {
                 let found = self.cancel_by_sid(svc, &sid, meta.principal.as_deref(), now);
                 let reply = router::cancelled(&meta, &sid, found);
@@ -614,6 +630,7 @@ impl<S> Engine<S> {
         meta: Meta,
         gen: &GenRequest,
         encoder: Box<dyn Encoder>,
+        resumable: bool,
         now: Instant,
     ) {
         let r = StreamRef {
@@ -632,25 +649,23 @@ impl<S> Engine<S> {
         };
         let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
         let streaming = encoder.streaming();
-        let sub = Subscriber {
-            conn: (key, link.serial),
-            encoder,
-        };
         let scx = StreamCx {
             now,
             cfg: &self.cfg,
             metrics: &self.metrics,
         };
-        let mut stream = Stream::new(
-            &scx,
+        let replay = (resumable && self.cfg.resume_window_ms > 0)
+            .then_some(self.cfg.resume_buffer_bytes as usize);
+        let admission = Admission {
             id,
-            sid.clone(),
-            meta.request_id.clone(),
+            sid: sid.clone(),
+            request_id: meta.request_id.clone(),
             line,
-            gen,
-            producer,
-            sub,
-        );
+            encoder,
+            conn: (key, link.serial),
+            replay,
+        };
+        let mut stream = Stream::new(&scx, admission, gen, producer);
         stream.set_peer(link.peer);
         stream.set_principal(meta.principal.clone());
         let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", &*sid))
@@ -674,7 +689,8 @@ impl<S> Engine<S> {
     }
 
     /// Moves what stream `r` has ready to its subscriber, up to the
-    /// high-water mark, and ends it when its producer is done.
+    /// high-water mark, and ends it when its producer is done. A detached
+    /// resumable stream goes on into its replay log.
     fn pump(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
         let hwm = self.cfg.high_water();
         let scx = StreamCx {
@@ -685,34 +701,84 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.get_mut(r) else {
             return;
         };
-        let Some((key, serial)) = stream.subscriber().map(|s| s.conn) else {
-            return;
-        };
-        let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) else {
-            return;
-        };
-        let pending = link.conn.pending_len();
-        if pending >= hwm {
-            return;
-        }
+        let logged = stream.log_bytes();
         let mut progress = Default::default();
-        link.conn.append_body(&mut self.bufs, |b| {
-            progress = stream.pump(&scx, b, hwm - pending);
-        });
-        if progress.first_token {
-            if let Some((_, t0, _)) = link.ttft_mark {
-                // A pipelined stream's first token is still unwritten: count
-                // it now (a slight underestimate) rather than lose it.
-                self.metrics.ttft.observe(now - t0);
+        let sub = stream.subscriber();
+        match sub.and_then(|(key, serial)| {
+            self.conns
+                .get_mut(key)
+                .filter(|l| l.serial == serial)
+                .map(|l| (key, l))
+        }) {
+            Some((key, link)) => {
+                let pending = link.conn.pending_len();
+                if pending >= hwm {
+                    return;
+                }
+                link.conn.append_body(&mut self.bufs, |b| {
+                    progress = stream.pump(&scx, b, hwm - pending);
+                });
+                if progress.first_token {
+                    if let Some((_, t0, _)) = link.ttft_mark {
+                        // A pipelined stream's first token is still
+                        // unwritten: count it now (a slight underestimate)
+                        // rather than lose it.
+                        self.metrics.ttft.observe(now - t0);
+                    }
+                    link.ttft_mark = Some((link.conn.appended_total(), stream.parsed_at(), r));
+                }
+                self.touch(key);
             }
-            link.ttft_mark = Some((link.conn.appended_total(), stream.parsed_at(), r));
+            None if sub.is_none() => {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                progress = stream.pump(&scx, &mut scratch, usize::MAX);
+                scratch.clear();
+                self.scratch = scratch;
+            }
+            None => return,
         }
+        self.account_log(r, logged);
         if let Some(end) = progress.end {
             self.end_stream(svc, r, end, true, now);
+        } else if progress.log_full {
+            log::debug!("stream {:x}: detached and its replay log is full", r.id);
+            self.end_stream(svc, r, End::Disconnected, false, now);
         } else {
             self.touch_stream(r);
         }
-        self.touch(key);
+        if !self.over_budget.is_empty() {
+            self.shed_over_budget(svc, now);
+        }
+    }
+
+    /// Keeps the process's replay bytes under `--resume-total-bytes`: the
+    /// oldest detached streams are cancelled first; an attached stream
+    /// over it loses its own oldest events.
+    fn account_log(&mut self, r: StreamRef, before: usize) {
+        let Some(stream) = self.streams.get_mut(r) else {
+            self.log_bytes = self.log_bytes.saturating_sub(before);
+            return;
+        };
+        let after = stream.log_bytes();
+        self.log_bytes = self.log_bytes.saturating_sub(before) + after;
+        // One stream's log over its own limit while attached: its oldest
+        // events go (a detached one stopped taking before it got there).
+        let own = self.cfg.resume_buffer_bytes as usize;
+        if after > own {
+            stream.trim_log(own);
+        }
+        if self.log_bytes > (self.cfg.resume_total_bytes as usize) {
+            if stream.subscriber().is_some() {
+                let over = self.log_bytes - (self.cfg.resume_total_bytes as usize);
+                stream.trim_log(stream.log_bytes().saturating_sub(over));
+            } else {
+                self.over_budget.push(r);
+            }
+        }
+        self.log_bytes = self.log_bytes.saturating_sub(after) + stream.log_bytes();
+        self.metrics
+            .replay_bytes
+            .store(self.log_bytes as i64, Relaxed);
     }
 
     fn stream_timeout(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
@@ -720,7 +786,13 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.get(r) else {
             return;
         };
+        if stream.retention_over(now) {
+            return self.remove_stream(r);
+        }
         if let Some(end) = stream.expired(&scx) {
+            if end == End::Disconnected {
+                log::debug!("stream {:x}: its resume window ran out", r.id);
+            }
             return self.end_stream(svc, r, end, false, now);
         }
         self.pump(svc, r, now);
@@ -732,7 +804,7 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.get_mut(r) else {
             return;
         };
-        if let Some((key, serial)) = stream.subscriber().map(|s| s.conn) {
+        if let Some((key, serial)) = stream.subscriber() {
             if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
                 link.conn
                     .append_body(&mut self.bufs, |b| stream.heartbeat_if_due(&scx, b));
@@ -783,12 +855,17 @@ impl<S> Engine<S> {
         now: Instant,
     ) -> bool {
         let Some(&r) = self.by_sid.get(sid) else {
+            self.metrics.cancels_not_found.fetch_add(1, Relaxed);
             return false;
         };
         match self.streams.get(r) {
-            Some(s) if s.principal() == principal => {}
-            _ => return false,
+            Some(s) if s.principal() == principal && !s.is_ended() => {}
+            _ => {
+                self.metrics.cancels_not_found.fetch_add(1, Relaxed);
+                return false;
+            }
         }
+        self.metrics.cancels.fetch_add(1, Relaxed);
         log::debug!("stream {sid}: cancelled by id");
         let e = StreamError::new(ErrorCode::Cancelled, "the stream was stopped by its id");
         self.end_stream(svc, r, End::Error(e), false, now);
@@ -800,13 +877,22 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.get_mut(r) else {
             return;
         };
-        match stream.handle_detach(now) {
+        let window = Duration::from_millis(self.cfg.resume_window_ms);
+        match stream.handle_detach(now, window) {
             Detach::Cancel => self.end_stream(svc, r, End::Disconnected, false, now),
+            Detach::Keep(_) => {
+                log::debug!("stream {:x}: detached; resumable for {window:?}", r.id);
+                if !stream.is_ended() {
+                    self.metrics.streams_detached.fetch_add(1, Relaxed);
+                }
+                self.touch_stream(r);
+            }
         }
     }
 
     /// Ends stream `r` with its terminal event, moves its connection on
-    /// (back to reading, or closing), and takes it out of the table.
+    /// (back to reading, or closing), and takes it out of the table — or,
+    /// resumable, keeps its log `--resume-window-ms` longer.
     fn end_stream(
         &mut self,
         svc: &mut dyn Services,
@@ -823,7 +909,12 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.get_mut(r) else {
             return;
         };
-        let sub = stream.subscriber().map(|s| s.conn);
+        let logged = stream.log_bytes();
+        let retain = Duration::from_millis(self.cfg.resume_window_ms);
+        let sub = stream.subscriber();
+        if sub.is_none() && stream.is_resumable() && !stream.is_ended() {
+            self.metrics.streams_detached.fetch_sub(1, Relaxed);
+        }
         let streaming = stream.is_streaming();
         let link = sub.and_then(|(key, serial)| {
             self.conns
@@ -836,7 +927,7 @@ impl<S> Engine<S> {
             Some(link) if streaming => {
                 let conn = &mut link.conn;
                 conn.append_body(&mut self.bufs, |b| {
-                    summary = stream.finish(&scx, end.clone(), from_producer, b);
+                    summary = stream.finish(&scx, end.clone(), from_producer, retain, b);
                 });
                 match &end {
                     End::Error(e) if e.code == ErrorCode::SlowConsumer => {
@@ -852,13 +943,10 @@ impl<S> Engine<S> {
             }
             Some(link) => {
                 let mut body = Vec::new();
-                summary = stream.finish(&scx, end.clone(), from_producer, &mut body);
+                summary = stream.finish(&scx, end.clone(), from_producer, retain, &mut body);
                 let meta = link.meta.take();
-                let content_type = stream
-                    .subscriber()
-                    .map_or("application/json", |s| s.encoder.content_type());
                 let (ct, close) = match &end {
-                    End::Done(_) => (content_type, false),
+                    End::Done(_) => (stream.content_type(), false),
                     End::Error(e) => {
                         status = errors::stream_error_status(e);
                         ("application/json", e.code == ErrorCode::SlowConsumer)
@@ -890,14 +978,15 @@ impl<S> Engine<S> {
                     );
                 }
             }
-            None => summary = stream.finish(&scx, end, from_producer, &mut Vec::new()),
+            None => {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                summary = stream.finish(&scx, end, from_producer, retain, &mut scratch);
+                scratch.clear();
+                self.scratch = scratch;
+            }
         }
         let peer = stream.peer();
-        self.by_sid.remove(stream.sid());
-        self.streams.remove(r);
-        if let Some(Some((id, _))) = self.stream_timers.try_remove(r.key) {
-            self.wheel.cancel(id);
-        }
+        let retained = !stream.retention_over(now);
         if let Some(summary) = &summary {
             svc.stream_ended(&Ended {
                 summary,
@@ -905,19 +994,160 @@ impl<S> Engine<S> {
                 peer,
             });
         }
-        if let Some((key, serial)) = sub {
-            if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
-                if link.sub == Some(r) {
-                    link.sub = None;
-                    link.meta = None;
-                }
-                // Pipelined requests waited for this answer.
-                if link.conn.has_waiting_input() {
-                    self.process(svc, key, &[], now);
-                }
-            }
-            self.touch(key);
+        if retained {
+            // Kept for a client that lost the connection at the very end.
+            self.account_log(r, logged);
+            self.touch_stream(r);
+        } else {
+            self.log_bytes = self.log_bytes.saturating_sub(logged);
+            self.metrics
+                .replay_bytes
+                .store(self.log_bytes as i64, Relaxed);
+            self.remove_stream(r);
         }
+        if let Some((key, serial)) = sub {
+            self.release_subscriber(svc, key, serial, r, now);
+        }
+    }
+
+    /// `key` no longer receives stream `r`'s events: it reads its next
+    /// request (pipelined requests waited for this answer).
+    fn release_subscriber(
+        &mut self,
+        svc: &mut dyn Services,
+        key: usize,
+        serial: u32,
+        r: StreamRef,
+        now: Instant,
+    ) {
+        if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
+            if link.sub == Some(r) {
+                link.sub = None;
+                link.meta = None;
+            }
+            if link.conn.has_waiting_input() {
+                self.process(svc, key, &[], now);
+            }
+        }
+        self.touch(key);
+    }
+
+    /// Takes an ended stream out of the table, with its id and timer.
+    fn remove_stream(&mut self, r: StreamRef) {
+        let Some(stream) = self.streams.remove(r) else {
+            return;
+        };
+        self.log_bytes = self.log_bytes.saturating_sub(stream.log_bytes());
+        self.metrics
+            .replay_bytes
+            .store(self.log_bytes as i64, Relaxed);
+        if self.by_sid.get(stream.sid()) == Some(&r) {
+            self.by_sid.remove(stream.sid());
+        }
+        if let Some(Some((id, _))) = self.stream_timers.try_remove(r.key) {
+            self.wheel.cancel(id);
+        }
+    }
+
+    /// A client resumes stream `sid` after event `after`: the events it
+    /// missed, then the rest live. `quiet_miss`: nothing to resume answers
+    /// 204 (a browser's EventSource then stops), else 404.
+    #[allow(clippy::too_many_arguments)]
+    fn resume(
+        &mut self,
+        svc: &mut dyn Services,
+        key: usize,
+        meta: Meta,
+        sid: &str,
+        after: u64,
+        quiet_miss: bool,
+        now: Instant,
+    ) {
+        let found = self.by_sid.get(sid).copied().filter(|&r| {
+            self.streams.get(r).is_some_and(|s| {
+                s.is_resumable()
+                    && s.principal() == meta.principal.as_deref()
+                    && s.can_resume_after(after)
+            })
+        });
+        let Some(r) = found else {
+            self.metrics.resumes_not_found.fetch_add(1, Relaxed);
+            log::debug!("resume of {sid} after {after}: nothing to resume");
+            let reply = router::nothing_to_resume(&meta, quiet_miss);
+            return self.reply(svc, key, &meta, &reply, now);
+        };
+        // The previous subscriber, if any, is told and let go.
+        let old = self.streams.get(r).and_then(|s| s.subscriber());
+        if old.is_none() && self.streams.get(r).is_some_and(|s| !s.is_ended()) {
+            self.metrics.streams_detached.fetch_sub(1, Relaxed);
+        }
+        if let Some((okey, oserial)) = old {
+            if let Some(link) = self.conns.get_mut(okey).filter(|l| l.serial == oserial) {
+                link.conn.append_body(&mut self.bufs, Stream::supersede);
+                link.conn.end_body(&mut self.bufs, now, &self.cfg, false);
+                link.ttft_mark = None;
+            }
+            self.release_subscriber(svc, okey, oserial, r, now);
+        }
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(stream) = self.streams.get_mut(r) else {
+            return;
+        };
+        let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
+        log::info!(
+            "{} {} 200 request_id={} resume stream={sid} after={after}",
+            line.method,
+            line.path,
+            meta.request_id
+        );
+        let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", sid))
+            .chain(meta.cors.iter().map(|(k, v)| (*k, v.as_str())))
+            .collect();
+        link.conn.begin_body(
+            &mut self.bufs,
+            Some((meta.request_id.as_str(), headers.as_slice())),
+            meta.version,
+            meta.keep_alive,
+        );
+        let mut replayed = 0;
+        link.conn.append_body(&mut self.bufs, |b| {
+            replayed = stream.attach((key, link.serial), after, b);
+        });
+        self.metrics.resumes.fetch_add(1, Relaxed);
+        self.metrics.replayed_events.fetch_add(replayed, Relaxed);
+        if stream.is_ended() {
+            // Everything, the terminal event too, was in the log.
+            link.conn.end_body(&mut self.bufs, now, &self.cfg, false);
+        } else {
+            link.sub = Some(r);
+            link.meta = Some(Box::new(meta));
+        }
+        self.pump(svc, r, now);
+        self.touch_stream(r);
+        self.touch(key);
+    }
+
+    /// Cancels detached streams the process's replay budget cannot hold,
+    /// oldest first (they were listed by [`Engine::account_log`]).
+    fn shed_over_budget(&mut self, svc: &mut dyn Services, now: Instant) {
+        let mut list = std::mem::take(&mut self.over_budget);
+        list.sort_by_key(|r| r.id);
+        for r in list.drain(..) {
+            if self.log_bytes <= (self.cfg.resume_total_bytes as usize) {
+                break;
+            }
+            if self
+                .streams
+                .get(r)
+                .is_some_and(|s| s.subscriber().is_none())
+            {
+                log::debug!("stream {:x}: detached, over --resume-total-bytes", r.id);
+                self.end_stream(svc, r, End::Disconnected, false, now);
+            }
+        }
+        self.over_budget = list;
     }
 }
 

@@ -1827,3 +1827,314 @@ fn only_the_principal_that_started_a_stream_may_stop_it() {
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(!h.is_streaming());
 }
+
+// ------------------------------------------------------------------ resume
+
+impl H {
+    fn read_on(&mut self, key: usize, data: &[u8]) {
+        self.e.handle_read(&mut self.svc, key, data, self.now);
+    }
+
+    /// Everything pending on `key`, as if its socket took it all.
+    fn flush_on(&mut self, key: usize) -> String {
+        let mut out = Vec::new();
+        loop {
+            let p = self.e.pending(key).to_vec();
+            if p.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&p);
+            self.e.handle_written(&mut self.svc, key, p.len(), self.now);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Moves the clock to the next deadline of anything (at most `limit`
+    /// ms from t0) and runs the timers; false when there was none.
+    fn step(&mut self, limit: u64) -> bool {
+        let next = self.e.next_timeout(self.now).map(|d| self.now + d);
+        match next {
+            Some(t) if t <= self.t0 + ms(limit) => {
+                self.now = t.max(self.now);
+                self.timeout();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `(seq, kind, data)` of each event with an `id:` line in an SSE body
+/// (chunk framing removed by the caller).
+fn ided(body: &str) -> Vec<(u64, String, String)> {
+    events(body)
+        .iter()
+        .filter_map(|e| {
+            let mut lines = e.lines();
+            let id = lines.next()?.strip_prefix("id: ")?;
+            let seq = id.rsplit_once(':')?.1.parse().ok()?;
+            let kind = lines.next()?.strip_prefix("event: ")?.to_string();
+            let data = lines.next()?.strip_prefix("data: ")?.to_string();
+            Some((seq, kind, data))
+        })
+        .collect()
+}
+
+/// The SSE body of a chunked response that may still be going on.
+fn body_of(resp: &str) -> String {
+    let Some((_, rest)) = resp.split_once("\r\n\r\n") else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let mut s = rest;
+    while let Some((size, after)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        s = after[n..].strip_prefix("\r\n").unwrap_or("");
+    }
+    out
+}
+
+const RESUME: [&str; 6] = [
+    "--sim-ttft-ms",
+    "10",
+    "--sim-itl-ms",
+    "10",
+    "--resume-window-ms",
+    "1000",
+];
+
+#[test]
+fn a_client_that_drops_anywhere_and_resumes_gets_every_event_once() {
+    let n = 8;
+    let words = sim_words("resume me", n, 64);
+    for cut in 0..=n {
+        let mut h = H::new(&RESUME);
+        h.read(post(r#"{"prompt":"resume me","max_tokens":8}"#).as_bytes());
+        let mut first = h.flush();
+        assert!(first.contains("retry: 1000\n\n"), "{first}");
+        while ided(&body_of(&first)).len() < cut as usize {
+            assert!(h.step(10_000));
+            first.push_str(&h.flush());
+        }
+        // The connection drops; the stream goes on into its log.
+        h.eof();
+        assert!(
+            h.svc
+                .ended
+                .iter()
+                .all(|s| s.outcome != Outcome::Disconnected),
+            "cut {cut}: not cancelled"
+        );
+        // 25 ms pass: two or three more tokens, maybe the end, go into
+        // the log (not so long that a finished stream's window ends).
+        let until = (h.now - h.t0).as_millis() as u64 + 25;
+        while h.step(until) {}
+        let seen = ided(&body_of(&first));
+        let last = seen.last().map_or(0, |e| e.0);
+        let other = h.open_other();
+        h.read_on(
+            other,
+            format!(
+                "GET /v1/chat/stream HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1000:{last}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let mut second = h.flush_on(other);
+        assert!(second.starts_with("HTTP/1.1 200 OK"), "cut {cut}: {second}");
+        while !second.contains("event: done") && h.step(10_000) {
+            second.push_str(&h.flush_on(other));
+        }
+        let all: Vec<(u64, String, String)> =
+            seen.into_iter().chain(ided(&body_of(&second))).collect();
+        let seqs: Vec<u64> = all.iter().map(|e| e.0).collect();
+        assert_eq!(
+            seqs,
+            (1..=u64::from(n) + 1).collect::<Vec<_>>(),
+            "cut {cut}"
+        );
+        let texts: Vec<String> = all
+            .iter()
+            .filter(|e| e.1 == "token")
+            .map(|e| {
+                serde_json::from_str::<serde_json::Value>(&e.2).unwrap()["t"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(texts, words, "cut {cut}");
+        assert_eq!(all.last().unwrap().1, "done", "cut {cut}");
+        assert_eq!(h.svc.ended.len(), 1);
+        assert_eq!(
+            h.summary().outcome,
+            Outcome::Completed,
+            "counted once, completed"
+        );
+        assert_eq!(h.metrics.resumes.load(Relaxed), 1);
+    }
+}
+
+#[test]
+fn a_detached_stream_is_cancelled_when_its_window_runs_out() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "10",
+        "--sim-itl-ms",
+        "1000",
+        "--resume-window-ms",
+        "200",
+    ]);
+    h.read(post(r#"{"prompt":"x","max_tokens":50}"#).as_bytes());
+    h.flush();
+    h.eof();
+    assert_eq!(h.metrics.streams_detached.load(Relaxed), 1);
+    h.at(199).timeout();
+    assert!(h.svc.ended.is_empty());
+    h.at(200).timeout();
+    assert_eq!(h.summary().outcome, Outcome::Disconnected);
+    assert_eq!(h.metrics.streams_detached.load(Relaxed), 0);
+    assert_eq!(h.e.streams(), 0, "nothing kept after the window");
+    let other = h.open_other();
+    let got = h.roundtrip_on(
+        other,
+        b"GET /v1/chat/stream HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1000:0\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 204 No Content"), "{got}");
+    let got = h.roundtrip_on(
+        other,
+        b"GET /v1/chat/stream/1000?after=0 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 404"), "{got}");
+    assert!(got.contains("stream_not_found"), "{got}");
+}
+
+#[test]
+fn a_new_subscriber_supersedes_the_old_one() {
+    let mut h = H::new(&RESUME);
+    h.read(post(r#"{"prompt":"x","max_tokens":8}"#).as_bytes());
+    h.flush();
+    h.step(10_000);
+    h.flush();
+    let other = h.open_other();
+    let got = h.roundtrip_on(
+        other,
+        b"GET /v1/chat/stream/1000?after=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    let old = h.flush();
+    assert!(
+        old.contains("event: error\ndata: {\"code\":\"superseded\""),
+        "{old}"
+    );
+    assert!(old.contains("\"retryable\":false"), "{old}");
+    assert!(old.ends_with("0\r\n\r\n"), "the old body ends: {old:?}");
+    assert!(
+        !h.is_streaming() && !h.is_closed(),
+        "the old connection is kept"
+    );
+    assert!(h.svc.ended.is_empty(), "the stream goes on");
+}
+
+#[test]
+fn a_finished_stream_can_be_fetched_again_within_the_window() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "0",
+        "--sim-itl-ms",
+        "0",
+        "--resume-window-ms",
+        "500",
+    ]);
+    h.read(post(r#"{"prompt":"x","max_tokens":3}"#).as_bytes());
+    let full = h.flush();
+    assert!(full.contains("event: done"));
+    let other = h.open_other();
+    let got = h.roundtrip_on(
+        other,
+        b"GET /v1/chat/stream/1000 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let evs = ided(&body_of(&got));
+    assert_eq!(
+        evs.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(got.ends_with("0\r\n\r\n"), "ends after the replayed done");
+    h.at(500).timeout();
+    assert_eq!(h.e.streams(), 0, "dropped after the window");
+}
+
+#[test]
+fn without_resume_a_disconnect_cancels_at_once_and_nothing_is_kept() {
+    let mut h = H::new(&["--sim-ttft-ms", "10", "--sim-itl-ms", "10"]);
+    h.read(post(r#"{"prompt":"x","max_tokens":8}"#).as_bytes());
+    let got = h.flush();
+    assert!(!got.contains("retry:"), "{got}");
+    h.step(10_000);
+    assert!(!h.flush().contains("id: 1000:1\n"), "no ids on tokens");
+    h.eof();
+    assert_eq!(h.summary().outcome, Outcome::Disconnected);
+    assert_eq!(h.e.streams(), 0);
+}
+
+#[test]
+fn a_detached_stream_whose_log_fills_is_cancelled() {
+    let mut h = H::new(&[
+        "--sim-ttft-ms",
+        "0",
+        "--sim-itl-ms",
+        "1",
+        "--sim-tokens",
+        "4000",
+        "--resume-window-ms",
+        "60000",
+        "--resume-buffer-bytes",
+        "2048",
+    ]);
+    h.read(post(r#"{"prompt":"x","max_tokens":4000}"#).as_bytes());
+    h.flush();
+    h.eof();
+    for _ in 0..200 {
+        if !h.step(100_000) {
+            break;
+        }
+    }
+    assert_eq!(h.summary().outcome, Outcome::Disconnected);
+    assert!(h.summary().tokens < 100, "stopped when 2 KiB were logged");
+    assert_eq!(h.metrics.replay_bytes.load(Relaxed), 0);
+}
+
+#[test]
+fn resume_belongs_to_the_principal_that_started_the_stream() {
+    let mut h = with_keys(&[
+        "--api-key",
+        "alice-key-123",
+        "--api-key",
+        "bobby-key-456",
+        "--sim-ttft-ms",
+        "0",
+        "--sim-itl-ms",
+        "100",
+        "--resume-window-ms",
+        "1000",
+    ]);
+    h.read(b"GET /v1/chat/stream?prompt=x&max_tokens=50 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key-123\r\n\r\n");
+    h.flush();
+    h.eof();
+    let other = h.open_other();
+    let got = h.roundtrip_on(
+        other,
+        b"GET /v1/chat/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bobby-key-456\r\nLast-Event-ID: 1000:0\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 204"), "{got}");
+    let got = h.roundtrip_on(
+        other,
+        b"GET /v1/chat/stream/1000?access_token=alice-key-123 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+}

@@ -73,6 +73,15 @@ pub struct Metrics {
     pub streams_completed: AtomicU64,
     pub streams_errored: [AtomicU64; ErrorCode::ALL.len()],
     pub streams_disconnected: AtomicU64,
+    /// Resumable streams running with no client attached.
+    pub streams_detached: AtomicI64,
+    /// Bytes held in replay logs.
+    pub replay_bytes: AtomicI64,
+    pub resumes: AtomicU64,
+    pub resumes_not_found: AtomicU64,
+    pub replayed_events: AtomicU64,
+    pub cancels: AtomicU64,
+    pub cancels_not_found: AtomicU64,
     /// Generations cancelled (disconnect, timeout, or error) before their backend finished.
     pub generations_cancelled: AtomicU64,
     /// Queued jobs dropped without ever calling the backend.
@@ -204,6 +213,50 @@ impl Metrics {
             "sluice_streams_disconnected_total",
             "Streams whose client left before the end.",
             &self.streams_disconnected,
+        );
+        gauge(
+            &mut out,
+            "sluice_streams_detached",
+            "Resumable streams running with no client attached.",
+            self.streams_detached.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "sluice_replay_bytes",
+            "Bytes held in replay logs.",
+            self.replay_bytes.load(Relaxed),
+        );
+        let by_outcome =
+            |out: &mut String, name: &'static str, help: &str, pairs: [(&str, &AtomicU64); 2]| {
+                let f = family(name);
+                let _ = writeln!(out, "# HELP {f} {help}\n# TYPE {f} counter");
+                for (outcome, v) in pairs {
+                    let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {}", v.load(Relaxed));
+                }
+            };
+        by_outcome(
+            &mut out,
+            "sluice_resumes_total",
+            "Requests to resume a stream, by outcome.",
+            [
+                ("resumed", &self.resumes),
+                ("not_found", &self.resumes_not_found),
+            ],
+        );
+        counter(
+            &mut out,
+            "sluice_replayed_events_total",
+            "Events sent again to clients that resumed.",
+            &self.replayed_events,
+        );
+        by_outcome(
+            &mut out,
+            "sluice_cancels_total",
+            "Requests to stop a stream by id, by outcome.",
+            [
+                ("stopped", &self.cancels),
+                ("not_found", &self.cancels_not_found),
+            ],
         );
         counter(
             &mut out,

@@ -63,6 +63,16 @@ pub enum Answer {
     Stream {
         gen: GenRequest,
         encoder: Box<dyn Encoder>,
+        /// A client may resume it (native SSE, when resume is on).
+        resumable: bool,
+    },
+    /// Replay stream `sid`'s events after `after`, then go on live.
+    /// `quiet_miss`: when there is nothing to resume, 204 (a GET with
+    /// `Last-Event-ID`, which stops a browser's EventSource), else 404.
+    Resume {
+        sid: String,
+        after: u64,
+        quiet_miss: bool,
     },
     /// Stop the stream with this id (`POST /v1/chat/stream/<id>/cancel`).
     Cancel {
@@ -177,6 +187,10 @@ fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
                     },
                     _ => method_not_allowed(req, meta, "POST"),
                 },
+                None if is_sid(rest) => match req.method {
+                    Method::Get => resume_by_path(req, meta, rest),
+                    _ => method_not_allowed(req, meta, "GET"),
+                },
                 _ => error(meta, 404, "not_found", &format!("no such endpoint: {p}")),
             }
         }
@@ -284,16 +298,46 @@ fn method_not_allowed(req: &Request, meta: &Meta, allow: &'static str) -> Answer
     Answer::Reply(reply)
 }
 
+/// `Last-Event-ID: <stream-id>:<seq>`; a malformed one names no stream.
+fn parse_last_event_id(v: &str) -> (String, u64) {
+    match v.trim().rsplit_once(':') {
+        Some((sid, seq)) if is_sid(sid) => match seq.parse() {
+            Ok(seq) => (sid.to_string(), seq),
+            Err(_) => (String::new(), 0),
+        },
+        _ => (String::new(), 0),
+    }
+}
+
+/// `GET /v1/chat/stream/<id>?after=<seq>` (`after` defaults to 0).
+fn resume_by_path(req: &Request, meta: &Meta, sid: &str) -> Answer {
+    let mut after = 0;
+    for (k, v) in crate::http::parse_query(req.query.as_deref().unwrap_or("")) {
+        match (k.as_str(), v.parse()) {
+            ("after", Ok(n)) => after = n,
+            ("after", Err(_)) => {
+                let msg = format!("after must be a whole number, not {v:?}");
+                return error(meta, 400, "bad_request", &msg);
+            }
+            _ => {}
+        }
+    }
+    Answer::Resume {
+        sid: sid.to_string(),
+        after,
+        quiet_miss: false,
+    }
+}
+
 fn stream_request(cfg: &Config, req: &Request, meta: &Meta) -> Answer {
-    if req.method == Method::Get && req.header("last-event-id").is_some() {
-        // Nothing to resume: stop an EventSource from running the same prompt again.
-        return Answer::Reply(Reply {
-            status: 204,
-            content_type: "",
-            body: Vec::new(),
-            headers: Vec::new(),
-            close: false,
-        });
+    if let Some(v) = req.header("last-event-id") {
+        // A reconnect: the body or query is not run again.
+        let (sid, after) = parse_last_event_id(v);
+        return Answer::Resume {
+            sid,
+            after,
+            quiet_miss: req.method == Method::Get,
+        };
     }
     let parsed = if req.method == Method::Post {
         api::parse_body(&req.body, cfg.max_tokens_limit)
@@ -305,12 +349,17 @@ fn stream_request(cfg: &Config, req: &Request, meta: &Meta) -> Answer {
             if let Err(msg) = cost_control(cfg, &mut gen) {
                 return error(meta, 400, "model_not_allowed", &msg);
             }
-            let encoder: Box<dyn Encoder> = if stream && !cfg.no_streaming {
+            let streaming = stream && !cfg.no_streaming;
+            let encoder: Box<dyn Encoder> = if streaming {
                 Box::new(NativeSse)
             } else {
                 Box::<NativeJson>::default()
             };
-            Answer::Stream { gen, encoder }
+            Answer::Stream {
+                gen,
+                encoder,
+                resumable: streaming,
+            }
         }
         Err(msg) => {
             log::debug!("request {}: 400 {msg}", meta.request_id);
@@ -339,9 +388,11 @@ fn chat_request(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
         (true, true) => Box::new(OpenAiAtOnce(OpenAiJson::new(format))),
         (false, _) => Box::new(OpenAiJson::new(format)),
     };
+    // OpenAI clients do not resume: their streams are not logged.
     Answer::Stream {
         gen: chat.gen,
         encoder,
+        resumable: false,
     }
 }
 
@@ -414,6 +465,27 @@ pub fn cancelled(meta: &Meta, sid: &str, found: bool) -> Reply {
             404,
             "stream_not_found",
             "no running stream has this id",
+        )
+    }
+}
+
+/// Nothing to resume (unknown, expired, foreign, or older than the log):
+/// 204 for a browser's reconnect, else 404 `stream_not_found`.
+pub fn nothing_to_resume(meta: &Meta, quiet: bool) -> Reply {
+    if quiet {
+        Reply {
+            status: 204,
+            content_type: "",
+            body: Vec::new(),
+            headers: Vec::new(),
+            close: false,
+        }
+    } else {
+        error_reply(
+            meta.shape,
+            404,
+            "stream_not_found",
+            "no stream with this id can be resumed from there",
         )
     }
 }

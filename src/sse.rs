@@ -120,7 +120,8 @@ pub fn heartbeat(buf: &mut Vec<u8>, phase: &str) {
     buf.extend_from_slice(b"\"}\n\n");
 }
 
-fn id_line(buf: &mut Vec<u8>, stream_id: &str, seq: u64) {
+/// `id: <stream-id>:<seq>`, the line a resumable event starts with.
+pub fn id_line(buf: &mut Vec<u8>, stream_id: &str, seq: u64) {
     let _ = writeln!(buf, "id: {stream_id}:{seq}");
 }
 

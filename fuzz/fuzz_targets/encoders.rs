@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     ];
     for (i, e) in encoders.iter_mut().enumerate() {
         let mut buf = Vec::new();
-        e.token(&mut buf, &text);
+        e.token(&mut buf, None, &text);
         let s = std::str::from_utf8(&buf).expect("encoders write UTF-8");
         assert!(s.ends_with("\n\n"));
         assert_eq!(s.matches("\n\n").count(), 1, "one event: {s:?}");

@@ -54,8 +54,9 @@ pub trait Encoder: Send {
     /// Bytes that open a streaming body (OpenAI's role chunk).
     fn open(&mut self, _buf: &mut Vec<u8>) {}
 
-    /// One token's text.
-    fn token(&mut self, buf: &mut Vec<u8>, text: &str);
+    /// One token's text. `id` (`<stream-id>:<seq>`) is given when the
+    /// stream is resumable: a shape that can carry it writes it.
+    fn token(&mut self, buf: &mut Vec<u8>, id: Option<(&str, u64)>, text: &str);
 
     /// Nothing happened for `--heartbeat-ms`; `phase` is `queued` or `generating`.
     fn heartbeat(&mut self, buf: &mut Vec<u8>, phase: &str);

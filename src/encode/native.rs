@@ -28,7 +28,10 @@ impl Encoder for NativeSse {
         "text/event-stream"
     }
 
-    fn token(&mut self, buf: &mut Vec<u8>, text: &str) {
+    fn token(&mut self, buf: &mut Vec<u8>, id: Option<(&str, u64)>, text: &str) {
+        if let Some((sid, seq)) = id {
+            sse::id_line(buf, sid, seq);
+        }
         sse::token(buf, text)
     }
 
@@ -60,7 +63,7 @@ impl Encoder for NativeJson {
         "application/json"
     }
 
-    fn token(&mut self, _buf: &mut Vec<u8>, text: &str) {
+    fn token(&mut self, _buf: &mut Vec<u8>, _id: Option<(&str, u64)>, text: &str) {
         self.text.push_str(text)
     }
 
@@ -102,7 +105,7 @@ mod tests {
         let mut e = NativeSse;
         let mut b = Vec::new();
         e.open(&mut b);
-        e.token(&mut b, "a\"b");
+        e.token(&mut b, None, "a\"b");
         e.heartbeat(&mut b, "generating");
         e.done(&mut b, ("s1", 2), &summary());
         assert_eq!(
@@ -114,12 +117,22 @@ mod tests {
     }
 
     #[test]
+    fn a_resumable_token_names_its_id() {
+        let mut b = Vec::new();
+        NativeSse.token(&mut b, Some(("s1", 7)), "x");
+        assert_eq!(
+            String::from_utf8(b).unwrap(),
+            "id: s1:7\nevent: token\ndata: {\"t\":\"x\"}\n\n"
+        );
+    }
+
+    #[test]
     fn json_document_holds_the_text_until_the_end() {
         let mut e = NativeJson::default();
         let mut b = Vec::new();
-        e.token(&mut b, "Hello ");
+        e.token(&mut b, None, "Hello ");
         e.heartbeat(&mut b, "queued");
-        e.token(&mut b, "world");
+        e.token(&mut b, None, "world");
         assert!(b.is_empty());
         e.done(&mut b, ("s1", 3), &summary());
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();

@@ -119,7 +119,7 @@ impl Encoder for OpenAiSse {
         self.0.role(buf)
     }
 
-    fn token(&mut self, buf: &mut Vec<u8>, text: &str) {
+    fn token(&mut self, buf: &mut Vec<u8>, _id: Option<(&str, u64)>, text: &str) {
         self.0.content(buf, text)
     }
 
@@ -164,7 +164,7 @@ impl Encoder for OpenAiJson {
         "application/json"
     }
 
-    fn token(&mut self, _buf: &mut Vec<u8>, text: &str) {
+    fn token(&mut self, _buf: &mut Vec<u8>, _id: Option<(&str, u64)>, text: &str) {
         self.text.push_str(text)
     }
 
@@ -209,8 +209,8 @@ impl Encoder for OpenAiAtOnce {
         "text/event-stream"
     }
 
-    fn token(&mut self, buf: &mut Vec<u8>, text: &str) {
-        self.0.token(buf, text)
+    fn token(&mut self, buf: &mut Vec<u8>, id: Option<(&str, u64)>, text: &str) {
+        self.0.token(buf, id, text)
     }
 
     fn heartbeat(&mut self, _buf: &mut Vec<u8>, _phase: &str) {}
@@ -247,7 +247,7 @@ mod tests {
         let mut e = OpenAiSse(ChunkFormat::new("abc", "sim", 1700000000, true));
         let mut b = Vec::new();
         e.open(&mut b);
-        e.token(&mut b, "he said \"hi\"\n");
+        e.token(&mut b, None, "he said \"hi\"\n");
         e.done(&mut b, ("abc", 2), &summary());
         let text = String::from_utf8(b).unwrap();
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
@@ -269,8 +269,8 @@ mod tests {
     fn completion_object() {
         let mut e = OpenAiJson::new(ChunkFormat::new("1", "sim", 5, false));
         let mut b = Vec::new();
-        e.token(&mut b, "hel");
-        e.token(&mut b, "lo");
+        e.token(&mut b, None, "hel");
+        e.token(&mut b, None, "lo");
         assert!(b.is_empty());
         let s = Summary {
             finish_reason: "length",

@@ -5,16 +5,22 @@
 //! (`seq`: 1 for the first token, tokens + 1 for the terminal event),
 //! decides its terminal event exactly once, keeps its own accounting, and
 //! passes every piece of text through an ordered chain of [`Stage`]s before
-//! its subscriber's encoder. A connection *attaches* to a stream as its
-//! [`Subscriber`]; when the subscriber leaves, [`Stream::handle_detach`]
-//! says what happens (today: the generation is cancelled).
+//! its encoder (chosen once, at admission, for the request's wire shape).
+//! A connection *attaches* to a stream as its subscriber; when it leaves,
+//! [`Stream::handle_detach`] decides what follows: the generation is
+//! cancelled, or — for a resumable stream (`--resume-window-ms`) — it keeps
+//! running into its [`ReplayLog`] for the window, so a client that
+//! reconnects with the last id it saw gets every later event once.
 //!
 //! The stream does no I/O and keeps no clock: the engine passes `now` and
-//! the buffer the encoded bytes go to (the subscriber connection's output).
-//! States and who moves them: `LIFECYCLE.md` beside this file.
+//! the buffer the encoded bytes go to (the subscriber connection's output,
+//! or a scratch buffer while detached). States and who moves them:
+//! `LIFECYCLE.md` beside this file.
 
+mod replay;
 mod stage;
 
+pub use replay::ReplayLog;
 pub use stage::Stage;
 
 use std::net::SocketAddr;
@@ -31,7 +37,7 @@ use crate::conn::ReqLine;
 use crate::encode::{Encoder, Summary};
 use crate::metrics::Metrics;
 use crate::pool::{Piece, TokenSink};
-use crate::sse::{ErrorCode, StreamError};
+use crate::sse::{self, ErrorCode, StreamError};
 
 /// What produces an admitted stream's tokens.
 pub enum Producer {
@@ -82,15 +88,9 @@ pub struct StreamSummary {
 pub enum End {
     Done(Finish),
     Error(StreamError),
-    /// The subscriber left and the policy cancelled the generation.
+    /// The subscriber left (or its resume window ran out) and the
+    /// generation was cancelled.
     Disconnected,
-}
-
-/// The connection a stream's events go to, and the encoder it asked for.
-pub struct Subscriber {
-    /// The connection's slab key and serial.
-    pub conn: (usize, u32),
-    pub encoder: Box<dyn Encoder>,
 }
 
 /// What [`Stream::handle_detach`] decided.
@@ -98,6 +98,8 @@ pub struct Subscriber {
 pub enum Detach {
     /// The generation is cancelled: end the stream as disconnected.
     Cancel,
+    /// The stream goes on into its replay log until this moment.
+    Keep(Instant),
 }
 
 /// What a stream did in one call, for the engine.
@@ -107,6 +109,8 @@ pub struct Progress {
     pub first_token: bool,
     /// The stream has ended this way; call [`Stream::finish`].
     pub end: Option<End>,
+    /// Detached, its replay log is full: the engine cancels it.
+    pub log_full: bool,
 }
 
 /// What a stream is given besides its input.
@@ -114,6 +118,20 @@ pub struct StreamCx<'a> {
     pub now: Instant,
     pub cfg: &'a Config,
     pub metrics: &'a Metrics,
+}
+
+/// Everything a new stream is given at admission.
+pub struct Admission {
+    pub id: u64,
+    /// The id clients see.
+    pub sid: Box<str>,
+    pub request_id: String,
+    pub line: ReqLine,
+    pub encoder: Box<dyn Encoder>,
+    /// The connection that asked: its slab key and serial.
+    pub conn: (usize, u32),
+    /// Resumable, with a replay log of at most this many bytes.
+    pub replay: Option<usize>,
 }
 
 /// One generation.
@@ -137,7 +155,13 @@ pub struct Stream {
     /// Token events encoded (what `seq` counts).
     tokens: u32,
     stages: Vec<Box<dyn Stage>>,
-    sub: Option<Subscriber>,
+    encoder: Box<dyn Encoder>,
+    /// The attached connection (slab key, serial).
+    sub: Option<(usize, u32)>,
+    /// The events so far, for a client that resumes (resumable streams only).
+    log: Option<Box<ReplayLog>>,
+    /// Detached: kept until then; ended and resumable: kept until then.
+    keep_until: Option<Instant>,
     peer: Option<SocketAddr>,
     /// Who started the stream: only they may resume or stop it.
     principal: Option<Box<str>>,
@@ -145,18 +169,9 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// A stream for `gen`, produced by `producer`, attached to `sub`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        cx: &StreamCx,
-        id: u64,
-        sid: Box<str>,
-        request_id: String,
-        line: ReqLine,
-        gen: &GenRequest,
-        producer: Producer,
-        sub: Subscriber,
-    ) -> Stream {
+    /// A stream for `gen`, produced by `producer`, attached to the
+    /// connection that asked.
+    pub fn new(cx: &StreamCx, a: Admission, gen: &GenRequest, producer: Producer) -> Stream {
         let (prod, prompt_tokens) = match producer {
             Producer::Sim => (
                 Prod::Sim {
@@ -168,10 +183,10 @@ impl Stream {
             Producer::Pool(sink) => (Prod::Pool(sink), None),
         };
         Stream {
-            id,
-            sid,
-            request_id,
-            line,
+            id: a.id,
+            sid: a.sid,
+            request_id: a.request_id,
+            line: a.line,
             max_tokens: gen.max_tokens,
             prod,
             prompt_tokens,
@@ -183,7 +198,10 @@ impl Stream {
             produced: 0,
             tokens: 0,
             stages: Vec::new(),
-            sub: Some(sub),
+            encoder: a.encoder,
+            sub: Some(a.conn),
+            log: a.replay.map(|limit| Box::new(ReplayLog::new(limit))),
+            keep_until: None,
             peer: None,
             principal: None,
             ended: false,
@@ -208,20 +226,47 @@ impl Stream {
         &self.request_id
     }
 
-    pub fn subscriber(&self) -> Option<&Subscriber> {
-        self.sub.as_ref()
+    /// The attached connection (slab key, serial).
+    pub fn subscriber(&self) -> Option<(usize, u32)> {
+        self.sub
     }
 
     /// Sends events as they happen (rather than one answer at the end).
     pub fn is_streaming(&self) -> bool {
-        self.sub.as_ref().is_some_and(|s| s.encoder.streaming())
+        self.encoder.streaming()
     }
 
-    /// The bytes that open a streaming body (OpenAI's role chunk).
+    /// The `Content-Type` of the answer.
+    pub fn content_type(&self) -> &'static str {
+        self.encoder.content_type()
+    }
+
+    /// A client may resume it (`--resume-window-ms`, native SSE).
+    pub fn is_resumable(&self) -> bool {
+        self.log.is_some()
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Bytes its replay log holds.
+    pub fn log_bytes(&self) -> usize {
+        self.log.as_ref().map_or(0, |l| l.len())
+    }
+
+    /// When a detached stream's window, or an ended one's retention, ends.
+    pub fn keep_until(&self) -> Option<Instant> {
+        self.keep_until
+    }
+
+    /// The bytes that open a streaming body: OpenAI's role chunk, and for a
+    /// resumable stream the reconnection delay its `EventSource` should use.
     pub fn open(&mut self, buf: &mut Vec<u8>) {
-        if let Some(sub) = self.sub.as_mut() {
-            sub.encoder.open(buf);
+        if self.log.is_some() {
+            buf.extend_from_slice(b"retry: 1000\n\n");
         }
+        self.encoder.open(buf);
     }
 
     /// When the request was parsed (TTFT counts from here).
@@ -258,15 +303,19 @@ impl Stream {
     }
 
     /// When the stream's timer has something to do (tokens due, a
-    /// heartbeat, its time limit). `room`: the
-    /// subscriber can take more bytes (a simulated token due while it
-    /// cannot waits for [`Stream::pump`], not for a deadline).
+    /// heartbeat, its time limit, the end of its resume window or of its
+    /// retention). `room`: the subscriber can take more bytes (a simulated
+    /// token due while it cannot waits for [`Stream::pump`], not for a
+    /// deadline).
     pub fn next_deadline(&self, cfg: &Config, room: bool) -> Option<Instant> {
         if self.ended {
-            return None;
+            return self.keep_until;
         }
         let mut d = self.parsed_at + cfg.max_stream();
-        if self.is_streaming() {
+        if let Some(k) = self.keep_until {
+            d = d.min(k);
+        }
+        if self.is_streaming() && self.sub.is_some() {
             d = d.min(self.last_event_at + cfg.heartbeat());
         }
         if let Prod::Sim { text, next_due } = &self.prod {
@@ -279,19 +328,23 @@ impl Stream {
 
     /// Moves every piece of text that is ready through the stages and the
     /// encoder into `buf`, up to `budget` bytes; notices the producer's end.
+    /// Detached, `buf` is scratch: what counts is the replay log.
     pub fn pump(&mut self, cx: &StreamCx, buf: &mut Vec<u8>, budget: usize) -> Progress {
         let mut progress = Progress::default();
-        if self.ended {
+        if self.ended || (self.sub.is_none() && self.log.is_none()) {
             return progress;
         }
         let start = buf.len();
         let first_before = self.tokens == 0;
         let now = cx.now;
         let itl = cx.cfg.sim_itl();
+        let detached = self.sub.is_none();
         let Stream {
             prod,
             stages,
-            sub,
+            encoder,
+            log,
+            sid,
             tokens,
             produced,
             max_tokens,
@@ -301,16 +354,18 @@ impl Stream {
             prompt_tokens,
             ..
         } = self;
-        let Some(sub) = sub.as_mut() else {
-            return progress;
-        };
-        let mut emit = |b: &mut Vec<u8>, text: &str| {
+        let mut emit = |b: &mut Vec<u8>, log: &mut Option<Box<ReplayLog>>, text: &str| {
             stage::run(stages, text, &mut |t: &str| {
                 if t.is_empty() {
                     return;
                 }
-                sub.encoder.token(b, t);
                 *tokens += 1;
+                let seq = u64::from(*tokens);
+                let at = b.len();
+                encoder.token(b, log.is_some().then_some((&**sid, seq)), t);
+                if let Some(log) = log.as_mut() {
+                    log.push(seq, &b[at..]);
+                }
                 if let Some(prev) = *last_token_at {
                     cx.metrics.inter_token.observe(now - prev);
                 } else {
@@ -320,12 +375,20 @@ impl Stream {
                 *last_event_at = now;
             });
         };
+        // Detached, the replay log's room is the budget.
+        let full = |b: &Vec<u8>, log: &Option<Box<ReplayLog>>| {
+            if detached {
+                log.as_ref().is_none_or(|l| !l.has_room(256))
+            } else {
+                b.len() - start >= budget
+            }
+        };
         let mut end = None;
         let mut cut = false;
         match prod {
             Prod::Sim { text, next_due } => {
-                while *produced < text.total && *next_due <= now && buf.len() - start < budget {
-                    emit(buf, text.token(*produced));
+                while *produced < text.total && *next_due <= now && !full(buf, log) {
+                    emit(buf, log, text.token(*produced));
                     *produced += 1;
                     *next_due += itl;
                 }
@@ -350,9 +413,9 @@ impl Stream {
                         }));
                         return false;
                     }
-                    emit(buf, &t);
+                    emit(buf, log, &t);
                     *produced += 1;
-                    buf.len() - start < budget
+                    !full(buf, log)
                 }
                 Piece::Done(f) => {
                     end = Some(End::Done(f));
@@ -370,14 +433,22 @@ impl Stream {
                 cx.metrics.generations_cancelled.fetch_add(1, Relaxed);
             }
         }
-        progress.first_token = first_before && self.tokens > 0 && self.is_streaming();
+        progress.log_full = detached && end.is_none() && full(buf, &self.log);
+        progress.first_token = first_before && self.tokens > 0 && self.is_streaming() && !detached;
         progress.end = end;
         progress
     }
 
-    /// The stream's time limit has passed: it ends with `deadline_exceeded`.
+    /// The stream's time limit has passed (`deadline_exceeded`), or its
+    /// resume window ran out while detached (cancelled, as a disconnect).
     pub fn expired(&self, cx: &StreamCx) -> Option<End> {
-        if self.ended || cx.now < self.parsed_at + cx.cfg.max_stream() {
+        if self.ended {
+            return None;
+        }
+        if self.sub.is_none() && self.keep_until.is_some_and(|k| cx.now >= k) {
+            return Some(End::Disconnected);
+        }
+        if cx.now < self.parsed_at + cx.cfg.max_stream() {
             return None;
         }
         let msg = format!("the stream ran longer than {} ms", cx.cfg.max_stream_ms);
@@ -387,9 +458,18 @@ impl Stream {
         )))
     }
 
+    /// An ended stream's retention is over: take it out of the table.
+    pub fn retention_over(&self, now: Instant) -> bool {
+        self.ended && self.keep_until.is_none_or(|k| now >= k)
+    }
+
     /// A heartbeat, when nothing else was sent for `--heartbeat-ms`.
     pub fn heartbeat_if_due(&mut self, cx: &StreamCx, buf: &mut Vec<u8>) {
-        if self.ended || !self.is_streaming() || cx.now < self.last_event_at + cx.cfg.heartbeat() {
+        if self.ended
+            || self.sub.is_none()
+            || !self.is_streaming()
+            || cx.now < self.last_event_at + cx.cfg.heartbeat()
+        {
             return;
         }
         let phase = match &self.prod {
@@ -397,28 +477,71 @@ impl Stream {
             _ => "generating",
         };
         self.last_event_at = cx.now;
-        if let Some(sub) = self.sub.as_mut() {
-            sub.encoder.heartbeat(buf, phase);
-        }
+        self.encoder.heartbeat(buf, phase);
         cx.metrics.heartbeats_sent.fetch_add(1, Relaxed);
     }
 
-    /// The subscriber left. The policy lives here: today the generation is
-    /// cancelled at once (resume will keep it running for a window).
-    pub fn handle_detach(&mut self, _now: Instant) -> Detach {
+    /// The subscriber left. The policy lives here: a resumable stream
+    /// keeps going into its log for `window` (an ended one stays until its
+    /// retention ends); any other is cancelled at once.
+    pub fn handle_detach(&mut self, now: Instant, window: Duration) -> Detach {
         self.sub = None;
-        Detach::Cancel
+        if self.log.is_none() || window.is_zero() {
+            return Detach::Cancel;
+        }
+        if !self.ended {
+            self.keep_until = Some(now + window);
+        }
+        Detach::Keep(self.keep_until.unwrap_or(now))
+    }
+
+    /// Whether a client may resume after event `after`: every later event
+    /// is still in the log.
+    pub fn can_resume_after(&self, after: u64) -> bool {
+        self.log.as_ref().is_some_and(|l| l.covers(after))
+    }
+
+    /// Attaches a resuming client: the stream's events after `after` go
+    /// into `buf`; the previous subscriber, if any, is returned (it gets
+    /// [`Stream::supersede`]). How many events were replayed.
+    pub fn attach(&mut self, conn: (usize, u32), after: u64, buf: &mut Vec<u8>) -> u64 {
+        if !self.ended {
+            self.sub = Some(conn);
+            self.keep_until = None;
+        }
+        buf.extend_from_slice(b"retry: 1000\n\n");
+        self.log.as_ref().map_or(0, |l| l.replay_after(after, buf))
+    }
+
+    /// The last words to a subscriber another client replaced: an `error`
+    /// `superseded` event (no `id:`: it is not the stream's end).
+    pub fn supersede(buf: &mut Vec<u8>) {
+        let e = StreamError::new(ErrorCode::Superseded, "another client resumed this stream");
+        buf.extend_from_slice(b"event: error\ndata: ");
+        sse::error_json(buf, &e);
+        buf.extend_from_slice(b"\n\n");
+    }
+
+    /// Drops the replay log's oldest events down to `target` bytes (an
+    /// attached stream over its, or the process's, limit).
+    pub fn trim_log(&mut self, target: usize) {
+        if let Some(l) = self.log.as_mut() {
+            l.trim_to(target);
+        }
     }
 
     /// Ends the stream: flushes the stages, writes the terminal event into
     /// `buf` (none for [`End::Disconnected`]), cancels the producer unless
     /// the end came from it (`from_producer`: its last piece, its own
-    /// error), and accounts for it. Called once; later calls return `None`.
+    /// error), and accounts for it. A resumable stream keeps its log
+    /// `retain` longer (see [`Stream::retention_over`]). Called once; later
+    /// calls return `None`.
     pub fn finish(
         &mut self,
         cx: &StreamCx,
         end: End,
         from_producer: bool,
+        retain: Duration,
         buf: &mut Vec<u8>,
     ) -> Option<StreamSummary> {
         if self.ended {
@@ -432,22 +555,28 @@ impl Stream {
             }
             cx.metrics.generations_cancelled.fetch_add(1, Relaxed);
         }
+        let terminal = !matches!(end, End::Disconnected);
         // Text a stage still holds is the answer's too.
-        if !matches!(end, End::Disconnected) {
+        if terminal {
             let Stream {
                 stages,
-                sub,
+                encoder,
                 tokens,
+                log,
+                sid,
                 ..
             } = self;
-            if let Some(sub) = sub.as_mut() {
-                stage::flush(stages, &mut |t: &str| {
-                    if !t.is_empty() {
-                        sub.encoder.token(buf, t);
-                        *tokens += 1;
+            stage::flush(stages, &mut |t: &str| {
+                if !t.is_empty() {
+                    *tokens += 1;
+                    let seq = u64::from(*tokens);
+                    let at = buf.len();
+                    encoder.token(buf, log.is_some().then_some((&**sid, seq)), t);
+                    if let Some(log) = log.as_mut() {
+                        log.push(seq, &buf[at..]);
                     }
-                });
-            }
+                }
+            });
         }
         let duration = now - self.parsed_at;
         let ttft = self.ttft_estimate();
@@ -457,29 +586,41 @@ impl Stream {
             End::Error(e) => Outcome::Errored(e.code),
             End::Disconnected => Outcome::Disconnected,
         };
-        if let Some(sub) = self.sub.as_mut() {
-            let id = (&*self.sid, seq);
-            match &end {
-                End::Done(f) => {
-                    let secs = duration.as_secs_f64();
-                    let summary = Summary {
-                        finish_reason: &f.finish_reason,
-                        prompt_tokens: f.prompt_tokens.or(self.prompt_tokens),
-                        tokens: self.tokens,
-                        backend_completion_tokens: f.completion_tokens,
-                        ttft_ms: ttft.map(|d| d.as_secs_f64() * 1000.0),
-                        tokens_per_s: if secs > 0.0 {
-                            self.tokens as f64 / secs
-                        } else {
-                            0.0
-                        },
-                    };
-                    sub.encoder.done(buf, id, &summary);
-                }
-                End::Error(e) => sub.encoder.error(buf, id, e),
-                End::Disconnected => {}
+        let at = buf.len();
+        let id = (&*self.sid, seq);
+        match &end {
+            End::Done(f) => {
+                let secs = duration.as_secs_f64();
+                let summary = Summary {
+                    finish_reason: &f.finish_reason,
+                    prompt_tokens: f.prompt_tokens.or(self.prompt_tokens),
+                    tokens: self.tokens,
+                    backend_completion_tokens: f.completion_tokens,
+                    ttft_ms: ttft.map(|d| d.as_secs_f64() * 1000.0),
+                    tokens_per_s: if secs > 0.0 {
+                        self.tokens as f64 / secs
+                    } else {
+                        0.0
+                    },
+                };
+                self.encoder.done(buf, id, &summary);
+            }
+            End::Error(e) => self.encoder.error(buf, id, e),
+            End::Disconnected => {}
+        }
+        match self.log.as_mut() {
+            Some(log) if terminal && !retain.is_zero() => {
+                log.push(seq, &buf[at..]);
+                self.keep_until = Some(now + retain);
+            }
+            _ => {
+                self.log = None;
+                self.keep_until = None;
             }
         }
+        // The engine took the subscriber before; an ended stream has none
+        // (a client resuming it gets the log and the end at once).
+        self.sub = None;
         cx.metrics.stream_duration.observe(duration);
         cx.metrics
             .tokens_sent
@@ -595,20 +736,16 @@ mod tests {
     }
 
     fn sim_stream(cx: &StreamCx, max_tokens: u32) -> Stream {
-        let sub = Subscriber {
-            conn: (0, 1),
+        let a = Admission {
+            id: 0xab,
+            sid: "ab".into(),
+            request_id: "r".into(),
+            line: ReqLine::default(),
             encoder: Box::new(NativeSse),
+            conn: (0, 1),
+            replay: None,
         };
-        Stream::new(
-            cx,
-            0xab,
-            "ab".into(),
-            "r".into(),
-            ReqLine::default(),
-            &gen("a b", max_tokens),
-            Producer::Sim,
-            sub,
-        )
+        Stream::new(cx, a, &gen("a b", max_tokens), Producer::Sim)
     }
 
     fn texts(bytes: &[u8]) -> Vec<String> {
@@ -651,7 +788,7 @@ mod tests {
         assert!(!p.first_token);
         let end = p.end.expect("the sim answer is complete");
         let summary = s
-            .finish(&cx, end, true, &mut b)
+            .finish(&cx, end, true, Duration::ZERO, &mut b)
             .expect("the first end counts");
         assert_eq!(texts(&b), vec![plain.to_uppercase()]);
         // seq counts token events sent: one (the flushed text), so done is 2.
@@ -661,7 +798,7 @@ mod tests {
         // Exactly one terminal event: a second end is ignored.
         let mut again = Vec::new();
         assert!(s
-            .finish(&cx, End::Disconnected, false, &mut again)
+            .finish(&cx, End::Disconnected, false, Duration::ZERO, &mut again)
             .is_none());
         assert!(again.is_empty());
     }
@@ -685,10 +822,16 @@ mod tests {
             metrics: &metrics,
         };
         let mut s = sim_stream(&cx, 5);
-        assert_eq!(s.handle_detach(cx.now), Detach::Cancel);
+        assert_eq!(
+            s.handle_detach(cx.now, Duration::from_secs(5)),
+            Detach::Cancel,
+            "not resumable"
+        );
         assert!(s.subscriber().is_none());
         let mut b = Vec::new();
-        let summary = s.finish(&cx, End::Disconnected, false, &mut b).unwrap();
+        let summary = s
+            .finish(&cx, End::Disconnected, false, Duration::ZERO, &mut b)
+            .unwrap();
         assert!(b.is_empty());
         assert_eq!(summary.outcome, Outcome::Disconnected);
         assert_eq!(metrics.generations_cancelled.load(Relaxed), 1);
