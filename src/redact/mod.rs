@@ -194,11 +194,11 @@ impl Redactor {
         }
         let capped = max_hold.is_some();
         let mut parsed = Vec::new();
-        let mut rules = Vec::new();
+        let mut actions = Vec::new();
         let mut names = Vec::new();
         let mut add = |name: String, pattern: &str, rule: Rule| -> Result<(), String> {
             parsed.push(rules::parse(&name, pattern, capped)?);
-            rules.push(rule);
+            actions.push(rule);
             names.push(name);
             Ok(())
         };
@@ -257,7 +257,7 @@ impl Redactor {
         let r = Redactor {
             dfa,
             caches: Pool::new(create),
-            rules: rules.into(),
+            rules: actions.into(),
             first,
             class_bytes,
             max_hold,

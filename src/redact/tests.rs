@@ -166,6 +166,30 @@ fn builtin_rules_redact_their_shapes_and_leave_near_misses() {
 }
 
 #[test]
+fn an_empty_rule_set_passes_text_through() {
+    let r = custom(&[], false, None);
+    assert_eq!(r.max_hold(), 0);
+    assert_eq!(
+        stream(&r, &["me@x.io ", "4111111111111111"]),
+        ("me@x.io 4111111111111111".into(), vec![0, 0])
+    );
+}
+
+#[test]
+fn the_rule_set_is_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Redactor>();
+    let r = builtins();
+    let out: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| stream(&r, &["mail me", "@x.io now"]).0))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(out, [format!("mail {R} now"), format!("mail {R} now")]);
+}
+
+#[test]
 fn an_address_whose_local_part_looks_like_a_key_is_redacted_whole() {
     let r = builtins();
     let key = format!("sk-{}", "a1".repeat(12));
