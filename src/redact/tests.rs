@@ -1,3 +1,6 @@
+//! Table tests per rule, pacing and refusal tests, and property tests of
+//! the streaming guarantee against an independent reference.
+
 use super::*;
 
 use proptest::prelude::*;
