@@ -10,10 +10,10 @@
 //! At start, once, from the flags:
 //!
 //! ```text
+//! // Err(msg): print msg and exit (it names the flag and the pattern).
 //! let r = Redactor::new(&cfg.redact, cfg.redact_builtin,
-//!                       &cfg.redact_replacement, cfg.redact_max_hold)?   // Err: print it, exit 2
-//!     .count_into(metrics.clone());
-//! let r = Arc::new(r);                                  // shared by every stream
+//!                       &cfg.redact_replacement, cfg.redact_max_hold)?;
+//! let r: Arc<Redactor> = Arc::new(r.count_into(Arc::clone(&metrics)));
 //! ```
 //!
 //! `--redact REGEX` is repeatable (`Vec<String>`, at most
@@ -59,21 +59,28 @@
 //!
 //! - the DFA dies: the outcome at `s` is final (the last match state seen,
 //!   or no match), whatever comes next;
+//! - the DFA has read [`Redactor::max_hold`] `+ 1` bytes: final too (no
+//!   match is longer; matches are seen one byte late, hence the `+ 1`);
 //! - the text runs out with the DFA alive: the outcome is open, so `s` and
 //!   everything after it is held — unless the DFA is in a match state whose
 //!   every transition, and end of input, is dead (the match is complete and
 //!   nothing can extend it: released at once rather than one byte later).
 //!
+//! At the stream's end ([`Stage::flush`]) the DFA also takes its end-of-input
+//! step (`$`, a trailing `\b`), so every outcome is final and nothing stays.
+//!
 //! Positions where nothing can start are skipped without touching the DFA:
 //! a table built at start says, for every look-behind byte, which first
-//! bytes keep the DFA alive. Inside a word every rule's leading `\b` fails,
-//! so only word starts (and digits, `@`-free punctuation…) cost a DFA walk.
+//! bytes keep the DFA alive. Inside a word the builtin rules' leading `\b`
+//! fails, so with them only word starts cost a DFA walk (a custom rule
+//! without `\b` may start anywhere, and is tried there). Only the held
+//! suffix is searched again when the next piece arrives.
 //!
 //! Guarantees: held text is always a suffix of the text seen, starts at a
 //! character boundary (no pattern can start inside a UTF-8 sequence), and is
 //! never longer than [`Redactor::max_hold`] (the longest match any rule can
-//! have, or `--redact-max-hold`): a DFA still alive after that many bytes
-//! cannot produce a match. With only key-prefix rules (`\bsk-…`), a word
+//! have, or `--redact-max-hold`), since a position whose DFA walk is that
+//! long is final. With only key-prefix rules (`\bsk-…`), a word
 //! that is not a key prefix is emitted in the same call it arrives in;
 //! with the e-mail rule, a run of address characters (letters, digits,
 //! `._%+-`) is held until the first character that cannot continue it (a
