@@ -41,6 +41,9 @@
 //! - [`timer`]: the hashed timer wheel.
 //! - [`backend`]: the `Backend` trait and the simulated model.
 //! - [`pool`]: the blocking workers and the worker → loop hand-off.
+//! - [`redact`]: `--redact`/`--redact-builtin`: the rule set compiled once
+//!   into a lazy DFA, and the stream stage that replaces matches, holding
+//!   back only text that could still become part of one.
 //! - [`metrics`]: counters, histograms, Prometheus exposition.
 //! - [`logging`]: stderr logging that never blocks the loop.
 
@@ -58,6 +61,7 @@ pub mod metrics;
 pub mod openai_api;
 pub mod outbuf;
 pub mod pool;
+pub mod redact;
 pub mod router;
 pub mod server;
 pub mod sse;

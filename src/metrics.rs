@@ -5,9 +5,10 @@
 //! them without locks; only a scrape reads them all.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::redact;
 use crate::sse::ErrorCode;
 
 /// Bucket bounds in seconds: from 50 µs of transport overhead to minutes of
@@ -90,6 +91,12 @@ pub struct Metrics {
     pub heartbeats_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub log_lines_dropped: AtomicU64,
+    /// Matches replaced by the redaction stage, by rule slot (see
+    /// [`redact::RULE_SLOTS`]).
+    pub redactions: [AtomicU64; redact::RULE_SLOTS],
+    /// The slots a configured rule uses (bit `i`: slot `i`); only those are
+    /// rendered. Set by `Redactor::count_into`.
+    pub redaction_rules: AtomicU32,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub stream_duration: Histogram,
@@ -294,6 +301,21 @@ impl Metrics {
             "Log lines dropped because stderr was not keeping up.",
             &self.log_lines_dropped,
         );
+        let rules = self.redaction_rules.load(Relaxed);
+        if rules != 0 {
+            let name = "sluice_redactions_total";
+            let f = family(name);
+            let _ = writeln!(
+                out,
+                "# HELP {f} Matches replaced before emission, by redaction rule.\n# TYPE {f} counter"
+            );
+            for (slot, c) in self.redactions.iter().enumerate() {
+                if rules & 1 << slot != 0 {
+                    let rule = redact::rule_label(slot);
+                    let _ = writeln!(out, "{name}{{rule=\"{rule}\"}} {}", c.load(Relaxed));
+                }
+            }
+        }
         self.ttft.render(
             &mut out,
             "sluice_time_to_first_token_seconds",
