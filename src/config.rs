@@ -195,6 +195,26 @@ pub struct Config {
     #[arg(long, env = "SLUICE_RESUME_TOTAL_BYTES", default_value_t = 268_435_456)]
     pub resume_total_bytes: u64,
 
+    /// Redact text matching this regex before it is sent (repeatable;
+    /// matches must be bounded, e.g. `sk-[A-Za-z0-9]{20,64}`).
+    /// `SLUICE_REDACT` holds one per line.
+    #[arg(long, env = "SLUICE_REDACT", value_delimiter = '\n')]
+    pub redact: Vec<String>,
+
+    /// Redact e-mail addresses, card numbers that pass Luhn, and OpenAI,
+    /// AWS, GitHub, Slack and JWT token shapes.
+    #[arg(long, env = "SLUICE_REDACT_BUILTIN", value_parser = clap::builder::BoolishValueParser::new())]
+    pub redact_builtin: bool,
+
+    /// What a redacted match is replaced with.
+    #[arg(long, env = "SLUICE_REDACT_REPLACEMENT", default_value = "[REDACTED]")]
+    pub redact_replacement: String,
+
+    /// Allow `--redact` patterns whose matches can be unbounded, holding at
+    /// most this many bytes back (a longer match leaks past its first N bytes).
+    #[arg(long, env = "SLUICE_REDACT_MAX_HOLD")]
+    pub redact_max_hold: Option<usize>,
+
     /// An API key clients must present (repeatable; none: auth is off).
     /// Principals `key-1`, `key-2`, … in order. `SLUICE_API_KEY` holds one
     /// key per line.

@@ -30,6 +30,7 @@ use crate::errors;
 use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::outbuf::BufPool;
+use crate::redact::Redactor;
 use crate::router::{self, Answer, Meta, Ops, Refusal, Reply};
 use crate::sse::{ErrorCode, StreamError};
 use crate::stream::{
@@ -117,6 +118,8 @@ pub struct Engine<S> {
     over_budget: Vec<StreamRef>,
     /// Where a detached stream's events are encoded before its log.
     scratch: Vec<u8>,
+    /// `--redact`/`--redact-builtin`: the first stage of every stream.
+    redactor: Option<Arc<Redactor>>,
 }
 
 impl<S> Engine<S> {
@@ -138,7 +141,13 @@ impl<S> Engine<S> {
             log_bytes: 0,
             over_budget: Vec::new(),
             scratch: Vec::new(),
+            redactor: None,
         }
+    }
+
+    /// Redacts every stream's text from now on.
+    pub fn set_redactor(&mut self, redactor: Arc<Redactor>) {
+        self.redactor = Some(redactor);
     }
 
     /// The API keys requests are checked against (at start, and on reload).
@@ -666,6 +675,10 @@ impl<S> Engine<S> {
             replay,
         };
         let mut stream = Stream::new(&scx, admission, gen, producer);
+        if let Some(r) = &self.redactor {
+            // First in the chain: no later stage (the replay log) sees a secret.
+            stream.push_stage(Box::new(r.stage()));
+        }
         stream.set_peer(link.peer);
         stream.set_principal(meta.principal.clone());
         let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", &*sid))

@@ -2138,3 +2138,84 @@ fn resume_belongs_to_the_principal_that_started_the_stream() {
     );
     assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
 }
+
+// --------------------------------------------------------------- redaction
+
+fn with_redaction(flags: &[&str], mode: Mode2) -> H {
+    let mut h = H::with(flags, mode);
+    let r = crate::server::redactor(&h.cfg, &h.metrics)
+        .unwrap()
+        .unwrap();
+    h.e.set_redactor(r);
+    h
+}
+
+#[test]
+fn a_secret_split_over_tokens_is_redacted_on_every_endpoint() {
+    let flags = ["--redact", "secret-[0-9]{4}"];
+    let tokens = ["my secr", "et-12", "34 is here", "!", "(cut)"];
+    let requests = [
+        post(r#"{"prompt":"x","max_tokens":4}"#),
+        post(r#"{"prompt":"x","max_tokens":4,"stream":false}"#),
+        chat(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":4,"stream":true}"#),
+        chat(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":4}"#),
+    ];
+    for (i, req) in requests.iter().enumerate() {
+        let mut h = with_redaction(&flags, Mode2::Sink { capacity: 16 });
+        h.read(req.as_bytes());
+        let sink = h.svc.sinks[0].clone();
+        for t in tokens {
+            sink.push_token(t).unwrap();
+            h.ready(0x1000);
+        }
+        let out = h.flush();
+        assert!(
+            !out.contains("secr") && !out.contains("1234"),
+            "request {i}: {out}"
+        );
+        let joined: String = match i {
+            0 | 2 => {
+                let body = dechunk(out.split_once("\r\n\r\n").unwrap().1).0.concat();
+                if i == 0 {
+                    token_texts(&body).concat()
+                } else {
+                    events(&body)
+                        .iter()
+                        .filter_map(|e| e.strip_prefix("data: "))
+                        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                        .filter_map(|v| {
+                            v["choices"][0]["delta"]["content"]
+                                .as_str()
+                                .map(String::from)
+                        })
+                        .collect()
+                }
+            }
+            _ => out.clone(),
+        };
+        assert!(
+            joined.contains("my [REDACTED] is here!"),
+            "request {i}: {joined}"
+        );
+        assert_eq!(h.summary().outcome, Outcome::Completed, "request {i}");
+    }
+}
+
+#[test]
+fn redactions_are_counted_by_rule() {
+    let mut h = with_redaction(
+        &["--redact", "secret-[0-9]{4}", "--sim-ttft-ms", "0"],
+        Mode2::Sink { capacity: 16 },
+    );
+    h.read(post(r#"{"prompt":"x","max_tokens":2}"#).as_bytes());
+    let sink = h.svc.sinks[0].clone();
+    for t in ["secret-1111 and secret-2222", " ok", "(cut)"] {
+        sink.push_token(t).unwrap();
+        h.ready(0x1000);
+    }
+    let text = h.metrics.render(false);
+    assert!(
+        text.contains("sluice_redactions_total{rule=\"custom_1\"} 2"),
+        "{text}"
+    );
+}

@@ -18,7 +18,13 @@ fn main() {
     // error naming the flag (exit 2), like a value clap refuses.
     let checked = cfg
         .settle(backend_given)
-        .and_then(|()| sluice::auth::Auth::from_config(&cfg).map(drop));
+        .and_then(|()| sluice::auth::Auth::from_config(&cfg).map(drop))
+        .and_then(|()| {
+            let metrics = std::sync::Arc::new(sluice::metrics::Metrics::default());
+            sluice::server::redactor(&cfg, &metrics)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
     if let Err(e) = checked {
         eprintln!("sluice: {e}");
         std::process::exit(2);
