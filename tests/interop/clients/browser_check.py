@@ -22,6 +22,8 @@ ap.add_argument("--addr", required=True)
 ap.add_argument("--page-origin", required=True)
 ap.add_argument("--nocors-addr", required=True)
 ap.add_argument("--h2-url")
+ap.add_argument("--cut-addr", help="cut_proxy.py in front of --resume-addr")
+ap.add_argument("--resume-addr", help="a sluice with --resume-window-ms")
 args = ap.parse_args()
 
 # ENV-NOTES' flags; Playwright adds --headless (headless=True) and the
@@ -185,6 +187,48 @@ def cross_origin_refused(page):
             f"window.sluice.streams={s2['streams']}, streams started on the server {started1 - started0:.0f}, open={open1:.0f}")
 
 
+def eventsource_resumes_through_a_cut(page):
+    """A plain EventSource behind a link that resets the stream mid-answer:
+    the browser reconnects by itself with Last-Event-ID, sluice replays
+    what was lost, and the text ends complete, each token once."""
+    cut = f"http://{args.cut_addr}"
+    want, _, _ = native_text(args.resume_addr, {"prompt": "resume through a cut", "max_tokens": 80})
+    resumed0 = metric(args.resume_addr, 'sluice_resumes_total{outcome="resumed"}')
+    page.goto(cut + "/")
+    page.evaluate("""(url) => {
+      const s = window.__res = {text: '', opens: 0, tokens: 0, done: false, errors: 0};
+      const es = new EventSource(url);
+      es.onopen = () => { s.opens += 1; };
+      es.addEventListener('token', (e) => { s.text += JSON.parse(e.data).t; s.tokens += 1; });
+      es.addEventListener('done', () => { s.done = true; es.close(); });
+      es.addEventListener('error', (e) => { s.errors += 1; if (e.data) es.close(); });
+    }""", "/v1/chat/stream?prompt=resume+through+a+cut&max_tokens=80")
+    page.wait_for_function("() => window.__res.done", timeout=20000)
+    s = page.evaluate("() => window.__res")
+    resumed1 = metric(args.resume_addr, 'sluice_resumes_total{outcome="resumed"}')
+    c.check(
+        "EventSource behind a cutting link: reconnects by itself and ends with the complete text, once",
+        s["done"] and s["text"] == want and s["tokens"] == 80 and s["opens"] >= 2 and resumed1 >= resumed0 + 1,
+        f"opens={s['opens']}, tokens={s['tokens']}, transport errors={s['errors']}, resumes {resumed0:.0f} -> {resumed1:.0f}",
+    )
+
+
+def demo_page_resumes_through_a_cut(page):
+    """The demo page behind the same link: it asks for what came after the
+    last event it saw and ends with the complete text."""
+    cut = f"http://{args.cut_addr}"
+    prompt = "the demo page resumes"
+    want, _, _ = native_text(args.resume_addr, {"prompt": prompt, "max_tokens": 80})
+    start(page, cut + "/", prompt, 80)
+    s = wait_end(page, 20000)
+    resumes = page.evaluate("() => window.sluice.resumes")
+    c.check(
+        "demo page behind a cutting link: resumes and ends done with the complete text",
+        s["state"] == "done" and s["out"] == want and s["tokens"] == 80 and resumes >= 1,
+        f"state={s['state']}, tokens={s['tokens']}, resumes={resumes}, status={s['status']!r}",
+    )
+
+
 def server_refusal(page):
     """A request the server refuses (max_tokens 0 is a 400): the page shows
     the server's own message, not a connection error."""
@@ -241,6 +285,9 @@ with sync_playwright() as p, tempfile.TemporaryDirectory(prefix="sluice-chromium
     c.scenario("cross-origin allowed", lambda: cross_origin_allowed(page))
     c.scenario("cross-origin refused", lambda: cross_origin_refused(page))
     c.scenario("server refusal", lambda: server_refusal(page))
+    if args.cut_addr:
+        c.scenario("EventSource resumes through a cut", lambda: eventsource_resumes_through_a_cut(page))
+        c.scenario("demo page resumes through a cut", lambda: demo_page_resumes_through_a_cut(page))
     c.scenario("final figures", lambda: final_figures(page))
     if args.h2_url:
         c.scenario("http2", lambda: http2(page))

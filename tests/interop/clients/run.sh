@@ -220,6 +220,23 @@ start_sluice PROXIED proxied --sim-itl-ms 100 --sim-tokens 500
 start_sluice HB heartbeat --heartbeat-ms 100 --sim-ttft-ms 600
 start_sluice BP backpressure --sim-itl-ms 0 --sim-ttft-ms 0 --sim-tokens 200000 \
   --max-tokens-limit 200000 --write-timeout-ms 1000
+start_sluice RESUME resume --sim-itl-ms 20 --sim-tokens 80 --resume-window-ms 10000
+
+# A flaky link in front of the resume instance: it resets the first two
+# new streams mid-answer (one for the EventSource check, one for the demo
+# page's).
+: >"$work/cut.out"
+"$py" -u "$here/cut_proxy.py" --upstream "$RESUME" --cut-bytes 1500 --cuts 2 \
+  >"$work/cut.out" 2>"$work/cut.log" &
+pids+=($!)
+CUT=
+for _ in $(seq 1 100); do
+  CUT=$(sed -n 's/^cut proxy on \([^ ]*\).*/\1/p' "$work/cut.out" 2>/dev/null || true)
+  [[ -n "$CUT" ]] && break
+  sleep 0.05
+done
+[[ -n "$CUT" ]] || { echo "cut proxy did not start" >&2; cat "$work/cut.log" >&2; exit 1; }
+echo "cut proxy at http://$CUT in front of sluice resume"
 
 phase "start nginx"
 sed "s|__UPSTREAM__|$PROXIED|" "$here/nginx.conf" >"$work/nginx-proxied.tmpl"
@@ -270,7 +287,7 @@ run_py openai openai_check.py --addr "$A" --deadline-addr "$DEADLINE" --nostream
 
 phase "headless chromium"
 run_py browser browser_check.py --addr "$BROWSER" --page-origin "$page_origin" \
-  --nocors-addr "$A" --h2-url "https://$NGINX_H2/"
+  --nocors-addr "$A" --h2-url "https://$NGINX_H2/" --cut-addr "$CUT" --resume-addr "$RESUME"
 
 phase "nginx"
 run_py nginx nginx_check.py --direct "$PROXIED" --nginx "$NGINX" \
