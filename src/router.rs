@@ -227,6 +227,17 @@ fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
     }
 }
 
+/// `204 No Content`, with `headers`.
+fn no_content(headers: Vec<(&'static str, String)>) -> Reply {
+    Reply {
+        status: 204,
+        content_type: "",
+        body: Vec::new(),
+        headers,
+        close: false,
+    }
+}
+
 fn ok(content_type: &'static str, body: Vec<u8>) -> Answer {
     Answer::Reply(Reply {
         status: 200,
@@ -279,13 +290,7 @@ fn preflight(req: &Request, meta: &Meta) -> Answer {
     } else {
         Vec::new()
     };
-    Answer::Reply(Reply {
-        status: 204,
-        content_type: "",
-        body: Vec::new(),
-        headers,
-        close: false,
-    })
+    Answer::Reply(no_content(headers))
 }
 
 fn method_not_allowed(req: &Request, meta: &Meta, allow: &'static str) -> Answer {
@@ -473,13 +478,7 @@ pub fn cancelled(meta: &Meta, sid: &str, found: bool) -> Reply {
 /// 204 for a browser's reconnect, else 404 `stream_not_found`.
 pub fn nothing_to_resume(meta: &Meta, quiet: bool) -> Reply {
     if quiet {
-        Reply {
-            status: 204,
-            content_type: "",
-            body: Vec::new(),
-            headers: Vec::new(),
-            close: false,
-        }
+        no_content(Vec::new())
     } else {
         error_reply(
             meta.shape,
