@@ -20,7 +20,8 @@
 //!   the only code that touches a socket.
 //! - [`engine`]: the sans-IO core of a loop: the connection slab, the
 //!   stream table and the timer wheel, and the routing of bytes and events
-//!   between them.
+//!   between them (`engine/ending.rs`: how a stream ends;
+//!   `engine/resume.rs`: resume and stop by id).
 //! - [`conn`]: the HTTP/1.1 connection machine (requests in, responses and
 //!   body chunks out; keep-alive, pipelining, half-close, timeouts). It
 //!   names no endpoint and no event format.
@@ -29,8 +30,9 @@
 //! - [`auth`]: API keys and the principals they identify.
 //! - [`errors`]: the one map from an error to its HTTP status, OpenAI type
 //!   and body.
-//! - [`stream`]: one generation and the loop's stream table; its stages;
-//!   `stream/LIFECYCLE.md` draws its states.
+//! - [`stream`]: one generation and the loop's stream table; its stages
+//!   and its replay log; `stream/LIFECYCLE.md` draws its states.
+//! - [`redact`]: streaming-safe redaction, a stage every stream runs first.
 //! - [`encode`]: one encoder per wire shape (native SSE, native JSON, OpenAI
 //!   chunks, OpenAI JSON, OpenAI all-at-once).
 //! - [`http`]: request parsing and limits (httparse), response heads.

@@ -5,10 +5,9 @@
 //! them without locks; only a scrape reads them all.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::redact;
 use crate::sse::ErrorCode;
 
 /// Bucket bounds in seconds: from 50 µs of transport overhead to minutes of
@@ -20,6 +19,10 @@ pub const BUCKETS: [f64; 22] = [
 
 /// The statuses `sluice_requests_refused_total` has a label for.
 pub const REFUSAL_STATUSES: [u16; 10] = [400, 401, 404, 405, 408, 413, 431, 500, 503, 505];
+
+/// Counter slots of `sluice_redactions_total`: the builtin rules, then the
+/// custom ones (`crate::redact` asserts its rules fit).
+pub const REDACTION_SLOTS: usize = 23;
 
 /// A fixed-bucket histogram of durations.
 #[derive(Debug, Default)]
@@ -91,12 +94,11 @@ pub struct Metrics {
     pub heartbeats_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub log_lines_dropped: AtomicU64,
-    /// Matches replaced by the redaction stage, by rule slot (see
-    /// [`redact::RULE_SLOTS`]).
-    pub redactions: [AtomicU64; redact::RULE_SLOTS],
-    /// The slots a configured rule uses (bit `i`: slot `i`); only those are
-    /// rendered. Set by `Redactor::count_into`.
-    pub redaction_rules: AtomicU32,
+    /// Matches replaced by the redaction stage, by rule slot (the
+    /// redaction module numbers its rules; this module only renders them).
+    pub redactions: [AtomicU64; REDACTION_SLOTS],
+    /// The configured rules' `(slot, label)`, set once by the redactor.
+    pub redaction_labels: std::sync::OnceLock<Vec<(usize, String)>>,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub stream_duration: Histogram,
@@ -301,19 +303,16 @@ impl Metrics {
             "Log lines dropped because stderr was not keeping up.",
             &self.log_lines_dropped,
         );
-        let rules = self.redaction_rules.load(Relaxed);
-        if rules != 0 {
+        if let Some(rules) = self.redaction_labels.get() {
             let name = "sluice_redactions_total";
             let f = family(name);
             let _ = writeln!(
                 out,
                 "# HELP {f} Matches replaced before emission, by redaction rule.\n# TYPE {f} counter"
             );
-            for (slot, c) in self.redactions.iter().enumerate() {
-                if rules & 1 << slot != 0 {
-                    let rule = redact::rule_label(slot);
-                    let _ = writeln!(out, "{name}{{rule=\"{rule}\"}} {}", c.load(Relaxed));
-                }
+            for (slot, rule) in rules {
+                let v = self.redactions.get(*slot).map_or(0, |c| c.load(Relaxed));
+                let _ = writeln!(out, "{name}{{rule=\"{rule}\"}} {v}");
             }
         }
         self.ttft.render(

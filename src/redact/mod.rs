@@ -30,7 +30,7 @@
 //!
 //! Counts: each redaction adds one to `Metrics::redactions[slot]` of the
 //! metrics given to [`Redactor::count_into`]; [`Redactor::count_into`] also
-//! marks the configured slots in `Metrics::redaction_rules`, and the
+//! names the configured rules in `Metrics::redaction_labels`, and the
 //! exposition renders `sluice_redactions_total{rule="…"}` for exactly
 //! those: `email`, `card`, `openai_key`, `aws_access_key`, `github_token`,
 //! `slack_token`, `jwt` ([`BUILTIN_RULES`]), then `custom_1`, `custom_2`, …
@@ -284,8 +284,15 @@ impl Redactor {
     }
 
     fn mark_rules(&self) {
-        let mask = self.rules.iter().fold(0u32, |m, r| m | 1 << r.slot);
-        self.metrics.redaction_rules.fetch_or(mask, Relaxed);
+        let mut slots: Vec<usize> = self.rules.iter().map(|r| r.slot).collect();
+        slots.sort_unstable();
+        let labels = slots
+            .into_iter()
+            .map(|s| (s, rule_label(s).into_owned()))
+            .collect();
+        // The first redactor of a process names the rules; tests that build
+        // several into one Metrics build the same set.
+        let _ = self.metrics.redaction_labels.set(labels);
     }
 
     /// A new stage for one stream. Cheap: an `Arc` and two empty buffers.

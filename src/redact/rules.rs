@@ -28,6 +28,9 @@ pub const MAX_CUSTOM_RULES: usize = 16;
 /// Slots in the redaction counter array: the builtins, then `custom_1` ….
 pub const RULE_SLOTS: usize = BUILTIN_RULES.len() + MAX_CUSTOM_RULES;
 
+// The metrics keep one counter a slot.
+const _: () = assert!(RULE_SLOTS == crate::metrics::REDACTION_SLOTS);
+
 pub(super) const EMAIL: usize = 0;
 pub(super) const CARD: usize = 1;
 

@@ -26,7 +26,6 @@ use crate::backend::GenRequest;
 use crate::config::Config;
 use crate::conn::{Conn, Expired, Parsed, ReqLine, Response};
 use crate::encode::Encoder;
-use crate::errors;
 use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::outbuf::BufPool;
@@ -764,36 +763,6 @@ impl<S> Engine<S> {
         }
     }
 
-    /// Keeps the process's replay bytes under `--resume-total-bytes`: the
-    /// oldest detached streams are cancelled first; an attached stream
-    /// over it loses its own oldest events.
-    fn account_log(&mut self, r: StreamRef, before: usize) {
-        let Some(stream) = self.streams.get_mut(r) else {
-            self.log_bytes = self.log_bytes.saturating_sub(before);
-            return;
-        };
-        let after = stream.log_bytes();
-        self.log_bytes = self.log_bytes.saturating_sub(before) + after;
-        // One stream's log over its own limit while attached: its oldest
-        // events go (a detached one stopped taking before it got there).
-        let own = self.cfg.resume_buffer_bytes as usize;
-        if after > own {
-            stream.trim_log(own);
-        }
-        if self.log_bytes > (self.cfg.resume_total_bytes as usize) {
-            if stream.subscriber().is_some() {
-                let over = self.log_bytes - (self.cfg.resume_total_bytes as usize);
-                stream.trim_log(stream.log_bytes().saturating_sub(over));
-            } else {
-                self.over_budget.push(r);
-            }
-        }
-        self.log_bytes = self.log_bytes.saturating_sub(after) + stream.log_bytes();
-        self.metrics
-            .replay_bytes
-            .store(self.log_bytes as i64, Relaxed);
-    }
-
     fn stream_timeout(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
         let scx = self.stream_scx(now);
         let Some(stream) = self.streams.get(r) else {
@@ -858,33 +827,6 @@ impl<S> Engine<S> {
         self.after_conn_change(svc, key, now);
     }
 
-    /// Stops the running stream `sid` if `principal` started it (or auth is
-    /// off); whether there was one. Its client gets `error` `cancelled`.
-    fn cancel_by_sid(
-        &mut self,
-        svc: &mut dyn Services,
-        sid: &str,
-        principal: Option<&str>,
-        now: Instant,
-    ) -> bool {
-        let Some(&r) = self.by_sid.get(sid) else {
-            self.metrics.cancels_not_found.fetch_add(1, Relaxed);
-            return false;
-        };
-        match self.streams.get(r) {
-            Some(s) if s.principal() == principal && !s.is_ended() => {}
-            _ => {
-                self.metrics.cancels_not_found.fetch_add(1, Relaxed);
-                return false;
-            }
-        }
-        self.metrics.cancels.fetch_add(1, Relaxed);
-        log::debug!("stream {sid}: cancelled by id");
-        let e = StreamError::new(ErrorCode::Cancelled, "the stream was stopped by its id");
-        self.end_stream(svc, r, End::Error(e), false, now);
-        true
-    }
-
     /// The subscriber of `r` left; the stream's policy decides what follows.
     fn detach(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
         let Some(stream) = self.streams.get_mut(r) else {
@@ -902,266 +844,6 @@ impl<S> Engine<S> {
             }
         }
     }
-
-    /// Ends stream `r` with its terminal event, moves its connection on
-    /// (back to reading, or closing), and takes it out of the table — or,
-    /// resumable, keeps its log `--resume-window-ms` longer.
-    fn end_stream(
-        &mut self,
-        svc: &mut dyn Services,
-        r: StreamRef,
-        end: End,
-        from_producer: bool,
-        now: Instant,
-    ) {
-        let scx = StreamCx {
-            now,
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-        };
-        let Some(stream) = self.streams.get_mut(r) else {
-            return;
-        };
-        let logged = stream.log_bytes();
-        let retain = Duration::from_millis(self.cfg.resume_window_ms);
-        let sub = stream.subscriber();
-        if sub.is_none() && stream.is_resumable() && !stream.is_ended() {
-            self.metrics.streams_detached.fetch_sub(1, Relaxed);
-        }
-        let streaming = stream.is_streaming();
-        let link = sub.and_then(|(key, serial)| {
-            self.conns
-                .get_mut(key)
-                .filter(|l| l.serial == serial && l.sub == Some(r))
-        });
-        let mut summary = None;
-        let mut status = 200;
-        match link {
-            Some(link) if streaming => {
-                let conn = &mut link.conn;
-                conn.append_body(&mut self.bufs, |b| {
-                    summary = stream.finish(&scx, end.clone(), from_producer, retain, b);
-                });
-                match &end {
-                    End::Error(e) if e.code == ErrorCode::SlowConsumer => {
-                        // Best effort: the client is not reading.
-                        conn.end_body_slow(&mut self.bufs, now)
-                    }
-                    End::Error(e) if e.code == ErrorCode::ShuttingDown => {
-                        conn.end_body(&mut self.bufs, now, &self.cfg, true)
-                    }
-                    End::Disconnected => conn.abort_body(&mut self.bufs),
-                    _ => conn.end_body(&mut self.bufs, now, &self.cfg, false),
-                }
-            }
-            Some(link) => {
-                let mut body = Vec::new();
-                summary = stream.finish(&scx, end.clone(), from_producer, retain, &mut body);
-                let meta = link.meta.take();
-                let (ct, close) = match &end {
-                    End::Done(_) => (stream.content_type(), false),
-                    End::Error(e) => {
-                        status = errors::stream_error_status(e);
-                        ("application/json", e.code == ErrorCode::SlowConsumer)
-                    }
-                    End::Disconnected => ("", true),
-                };
-                if matches!(end, End::Disconnected) {
-                    link.conn.abort_body(&mut self.bufs);
-                } else if let Some(meta) = meta {
-                    if status >= 400 {
-                        self.metrics.refused(status);
-                    }
-                    let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", stream.sid()))
-                        .chain(meta.cors.iter().map(|(k, v)| (*k, v.as_str())))
-                        .collect();
-                    link.conn.respond(
-                        &mut self.bufs,
-                        now,
-                        &self.cfg,
-                        &Response {
-                            status,
-                            content_type: ct,
-                            body: &body,
-                            request_id: &meta.request_id,
-                            headers: &headers,
-                            version: meta.version,
-                            keep_alive: meta.keep_alive && !close,
-                        },
-                    );
-                }
-            }
-            None => {
-                let mut scratch = std::mem::take(&mut self.scratch);
-                summary = stream.finish(&scx, end, from_producer, retain, &mut scratch);
-                scratch.clear();
-                self.scratch = scratch;
-            }
-        }
-        let peer = stream.peer();
-        let retained = !stream.retention_over(now);
-        if let Some(summary) = &summary {
-            svc.stream_ended(&Ended {
-                summary,
-                status,
-                peer,
-            });
-        }
-        if retained {
-            // Kept for a client that lost the connection at the very end.
-            self.account_log(r, logged);
-            self.touch_stream(r);
-        } else {
-            self.log_bytes = self.log_bytes.saturating_sub(logged);
-            self.metrics
-                .replay_bytes
-                .store(self.log_bytes as i64, Relaxed);
-            self.remove_stream(r);
-        }
-        if let Some((key, serial)) = sub {
-            self.release_subscriber(svc, key, serial, r, now);
-        }
-    }
-
-    /// `key` no longer receives stream `r`'s events: it reads its next
-    /// request (pipelined requests waited for this answer).
-    fn release_subscriber(
-        &mut self,
-        svc: &mut dyn Services,
-        key: usize,
-        serial: u32,
-        r: StreamRef,
-        now: Instant,
-    ) {
-        if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
-            if link.sub == Some(r) {
-                link.sub = None;
-                link.meta = None;
-            }
-            if link.conn.has_waiting_input() {
-                self.process(svc, key, &[], now);
-            }
-        }
-        self.touch(key);
-    }
-
-    /// Takes an ended stream out of the table, with its id and timer.
-    fn remove_stream(&mut self, r: StreamRef) {
-        let Some(stream) = self.streams.remove(r) else {
-            return;
-        };
-        self.log_bytes = self.log_bytes.saturating_sub(stream.log_bytes());
-        self.metrics
-            .replay_bytes
-            .store(self.log_bytes as i64, Relaxed);
-        if self.by_sid.get(stream.sid()) == Some(&r) {
-            self.by_sid.remove(stream.sid());
-        }
-        if let Some(Some((id, _))) = self.stream_timers.try_remove(r.key) {
-            self.wheel.cancel(id);
-        }
-    }
-
-    /// A client resumes stream `sid` after event `after`: the events it
-    /// missed, then the rest live. `quiet_miss`: nothing to resume answers
-    /// 204 (a browser's EventSource then stops), else 404.
-    #[allow(clippy::too_many_arguments)]
-    fn resume(
-        &mut self,
-        svc: &mut dyn Services,
-        key: usize,
-        meta: Meta,
-        sid: &str,
-        after: u64,
-        quiet_miss: bool,
-        now: Instant,
-    ) {
-        let found = self.by_sid.get(sid).copied().filter(|&r| {
-            self.streams.get(r).is_some_and(|s| {
-                s.is_resumable()
-                    && s.principal() == meta.principal.as_deref()
-                    && s.can_resume_after(after)
-            })
-        });
-        let Some(r) = found else {
-            self.metrics.resumes_not_found.fetch_add(1, Relaxed);
-            log::debug!("resume of {sid} after {after}: nothing to resume");
-            let reply = router::nothing_to_resume(&meta, quiet_miss);
-            return self.reply(svc, key, &meta, &reply, now);
-        };
-        // The previous subscriber, if any, is told and let go.
-        let old = self.streams.get(r).and_then(|s| s.subscriber());
-        if old.is_none() && self.streams.get(r).is_some_and(|s| !s.is_ended()) {
-            self.metrics.streams_detached.fetch_sub(1, Relaxed);
-        }
-        if let Some((okey, oserial)) = old {
-            if let Some(link) = self.conns.get_mut(okey).filter(|l| l.serial == oserial) {
-                link.conn.append_body(&mut self.bufs, Stream::supersede);
-                link.conn.end_body(&mut self.bufs, now, &self.cfg, false);
-                link.ttft_mark = None;
-            }
-            self.release_subscriber(svc, okey, oserial, r, now);
-        }
-        let Some(link) = self.conns.get_mut(key) else {
-            return;
-        };
-        let Some(stream) = self.streams.get_mut(r) else {
-            return;
-        };
-        let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
-        log::info!(
-            "{} {} 200 request_id={} resume stream={sid} after={after}",
-            line.method,
-            line.path,
-            meta.request_id
-        );
-        let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", sid))
-            .chain(meta.cors.iter().map(|(k, v)| (*k, v.as_str())))
-            .collect();
-        link.conn.begin_body(
-            &mut self.bufs,
-            Some((meta.request_id.as_str(), headers.as_slice())),
-            meta.version,
-            meta.keep_alive,
-        );
-        let mut replayed = 0;
-        link.conn.append_body(&mut self.bufs, |b| {
-            replayed = stream.attach((key, link.serial), after, b);
-        });
-        self.metrics.resumes.fetch_add(1, Relaxed);
-        self.metrics.replayed_events.fetch_add(replayed, Relaxed);
-        if stream.is_ended() {
-            // Everything, the terminal event too, was in the log.
-            link.conn.end_body(&mut self.bufs, now, &self.cfg, false);
-        } else {
-            link.sub = Some(r);
-            link.meta = Some(Box::new(meta));
-        }
-        self.pump(svc, r, now);
-        self.touch_stream(r);
-        self.touch(key);
-    }
-
-    /// Cancels detached streams the process's replay budget cannot hold,
-    /// oldest first (they were listed by [`Engine::account_log`]).
-    fn shed_over_budget(&mut self, svc: &mut dyn Services, now: Instant) {
-        let mut list = std::mem::take(&mut self.over_budget);
-        list.sort_by_key(|r| r.id);
-        for r in list.drain(..) {
-            if self.log_bytes <= (self.cfg.resume_total_bytes as usize) {
-                break;
-            }
-            if self
-                .streams
-                .get(r)
-                .is_some_and(|s| s.subscriber().is_none())
-            {
-                log::debug!("stream {:x}: detached, over --resume-total-bytes", r.id);
-                self.end_stream(svc, r, End::Disconnected, false, now);
-            }
-        }
-        self.over_budget = list;
-    }
 }
 
 /// Rounds a deadline up to the wheel's millisecond tick: firing early would
@@ -1171,6 +853,8 @@ fn tick_of(epoch: Instant, d: Instant) -> u64 {
     d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000))
 }
 
+mod ending;
+mod resume;
+
 #[cfg(test)]
-#[path = "engine_tests.rs"]
 mod tests;
