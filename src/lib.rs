@@ -32,7 +32,6 @@
 //!   and body.
 //! - [`stream`]: one generation and the loop's stream table; its stages
 //!   and its replay log; `stream/LIFECYCLE.md` draws its states.
-//! - [`redact`]: streaming-safe redaction, a stage every stream runs first.
 //! - [`encode`]: one encoder per wire shape (native SSE, native JSON, OpenAI
 //!   chunks, OpenAI JSON, OpenAI all-at-once).
 //! - [`http`]: request parsing and limits (httparse), response heads.
