@@ -2,7 +2,7 @@
 //!
 //! Backends that block (an upstream HTTP call) run on `--workers` threads fed
 //! by a bounded job queue (`--queue-depth`). Each stream owns a
-//! [`TokenSink`]: a small bounded queue of [`Piece`]s behind a mutex, a
+//! [`TokenSink`] (the backends' [`TokenOut`]): a small bounded queue of [`Piece`]s behind a mutex, a
 //! `cancelled` flag and a condition variable. A worker pushes pieces; only
 //! when the queue was empty does it put the stream on the loop's
 //! [`ReadyList`], and only when nobody has woken the loop since it last took
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Finish, GenRequest};
+use crate::backend::{Backend, Cancelled, Finish, GenRequest, TokenOut};
 use crate::metrics::Metrics;
 use crate::sse::{ErrorCode, StreamError};
 
@@ -27,10 +27,6 @@ pub enum Piece {
     Done(Finish),
     Error(StreamError),
 }
-
-/// The stream was cancelled; stop generating.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cancelled;
 
 /// Streams with new pieces, and the one waker of the loop.
 pub struct ReadyList {
@@ -219,6 +215,25 @@ impl TokenSink {
     }
 }
 
+/// The worker side, as the backends see it.
+impl TokenOut for TokenSink {
+    fn push_token(&self, text: &str) -> Result<(), Cancelled> {
+        TokenSink::push_token(self, text)
+    }
+
+    fn sleep(&self, d: Duration) -> Result<(), Cancelled> {
+        TokenSink::sleep(self, d)
+    }
+
+    fn is_cancelled(&self) -> bool {
+        TokenSink::is_cancelled(self)
+    }
+
+    fn set_upstream(&self, sock: Option<TcpStream>) {
+        TokenSink::set_upstream(self, sock)
+    }
+}
+
 struct Job {
     req: GenRequest,
     sink: Arc<TokenSink>,
@@ -344,7 +359,7 @@ fn run_job(shared: &PoolShared, job: &Job) {
     shared.metrics.queue_wait.observe(now - job.enqueued);
     lock(&sink.state).started_at = Some(now);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        shared.backend.generate(&job.req, sink)
+        shared.backend.generate(&job.req, &**sink)
     }));
     sink.set_upstream(None);
     if sink.is_cancelled() {

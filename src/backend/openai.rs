@@ -8,7 +8,7 @@
 //! *silence between two bytes* (`set_read_timeout` on the socket, not a
 //! total budget), and cancelling a worker blocked in `read` within
 //! milliseconds (the loop shuts down a clone of the socket, registered in
-//! the stream's [`TokenSink`]). Connections are kept alive and reused
+//! the stream's [`TokenOut`]). Connections are kept alive and reused
 //! across generations.
 
 use std::borrow::Cow;
@@ -20,8 +20,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{Backend, Finish, GenRequest};
-use crate::pool::TokenSink;
+use super::{Backend, Finish, GenRequest, TokenOut};
 use crate::sse::{ErrorCode, StreamError};
 
 /// Where and how to reach the upstream.
@@ -170,7 +169,7 @@ impl OpenAiBackend {
         Value::Object(body)
     }
 
-    fn connect(&self, sink: &TokenSink) -> Result<Conn, StreamError> {
+    fn connect(&self, sink: &dyn TokenOut) -> Result<Conn, StreamError> {
         let addrs: Vec<SocketAddr> = (self.target.host.as_str(), self.target.port)
             .to_socket_addrs()
             .map_err(|e| unavailable(format!("cannot resolve {}: {e}", self.target.host)))?
@@ -236,7 +235,7 @@ impl OpenAiBackend {
     /// Sends the request and reads the response head, on a reused
     /// connection if one is idle (retried once on a fresh one if the reused
     /// one turns out to be closed).
-    fn open(&self, body: &[u8], sink: &TokenSink) -> Result<(Conn, ResponseHead), StreamError> {
+    fn open(&self, body: &[u8], sink: &dyn TokenOut) -> Result<(Conn, ResponseHead), StreamError> {
         let head = self.request_head(body.len());
         let mut reused = self.checkout();
         loop {
@@ -271,7 +270,7 @@ impl OpenAiBackend {
         }
     }
 
-    fn io_error(&self, e: io::Error, sink: &TokenSink) -> StreamError {
+    fn io_error(&self, e: io::Error, sink: &dyn TokenOut) -> StreamError {
         if sink.is_cancelled() {
             return cancelled();
         }
@@ -292,7 +291,7 @@ impl OpenAiBackend {
 }
 
 impl Backend for OpenAiBackend {
-    fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+    fn generate(&self, req: &GenRequest, sink: &dyn TokenOut) -> Result<Finish, StreamError> {
         let body = serde_json::to_vec(&self.request_body(req)).map_err(|e| {
             StreamError::new(
                 ErrorCode::Internal,
@@ -367,7 +366,7 @@ fn spawn_probe(host: String, port: u16, timeout: Duration, reachable: Arc<Atomic
 fn connect_cancellable(
     addr: SocketAddr,
     timeout: Duration,
-    sink: &TokenSink,
+    sink: &dyn TokenOut,
 ) -> io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     use std::os::fd::AsRawFd;
@@ -528,7 +527,7 @@ struct Usage {
 }
 
 impl Relay {
-    fn on_data(&mut self, data: &[u8], sink: &TokenSink) -> Result<Flow, StreamError> {
+    fn on_data(&mut self, data: &[u8], sink: &dyn TokenOut) -> Result<Flow, StreamError> {
         if data == b"[DONE]" {
             return Ok(Flow::Done);
         }
