@@ -16,11 +16,15 @@
 //! costs one wake-up. A full queue blocks the worker (backpressure reaches
 //! the model); a cancel wakes it at once, shuts its upstream socket down,
 //! and drops a job still waiting in the queue.
+//!
+//! Dropping the [`Pool`] stops its threads: idle workers exit at once, busy
+//! ones after their current job, which is cancelled.
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, Cancelled, Finish, GenRequest, TokenOut};
@@ -330,6 +334,10 @@ struct Queue {
     /// is not "waiting", so admission counts busy + queued against
     /// workers + depth.
     busy: usize,
+    /// Each worker's current stream, so that dropping the pool can cancel it.
+    running: Vec<Option<Arc<TokenSink>>>,
+    /// The pool was dropped: workers exit.
+    shutdown: bool,
 }
 
 struct PoolShared {
@@ -364,9 +372,13 @@ impl PoolShared {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull;
 
-/// `--workers` threads running a [`Backend`].
+/// `--workers` threads running a [`Backend`]; they stop when it is dropped.
 pub struct Pool {
     shared: Arc<PoolShared>,
+    /// Not joined on drop (a backend that ignores its cancel must not hang
+    /// the loop's exit); kept for tests that watch the threads end.
+    #[cfg_attr(not(test), allow(dead_code))]
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
@@ -381,6 +393,8 @@ impl Pool {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 busy: 0,
+                running: vec![None; workers],
+                shutdown: false,
             }),
             workers,
             available: Condvar::new(),
@@ -388,15 +402,17 @@ impl Pool {
             backend,
             metrics,
         });
-        for i in 0..workers {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("sluice-worker-{i}"))
-                .stack_size(256 * 1024)
-                .spawn(move || worker(&shared))
-                .expect("spawning a worker thread");
-        }
-        Pool { shared }
+        let threads = (0..workers)
+            .map(|i| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("sluice-worker-{i}"))
+                    .stack_size(256 * 1024)
+                    .spawn(move || worker(&shared, i))
+                    .expect("spawning a worker thread")
+            })
+            .collect();
+        Pool { shared, threads }
     }
 
     /// Queues a generation; `Err` when `--queue-depth` jobs already wait.
@@ -433,20 +449,45 @@ impl Pool {
     }
 }
 
-fn worker(shared: &PoolShared) {
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let (jobs, running) = {
+            let mut q = lock(&self.shared.queue);
+            q.shutdown = true;
+            let running: Vec<_> = q.running.iter().flatten().cloned().collect();
+            (std::mem::take(&mut q.jobs), running)
+        };
+        self.shared.available.notify_all();
+        self.shared
+            .metrics
+            .jobs_dropped_queued
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        for job in jobs.iter().map(|j| &j.sink).chain(&running) {
+            job.cancel();
+        }
+    }
+}
+
+fn worker(shared: &PoolShared, me: usize) {
     loop {
         let job = {
             let mut q = lock(&shared.queue);
             loop {
+                if q.shutdown {
+                    return;
+                }
                 if let Some(j) = q.jobs.pop_front() {
                     q.busy += 1;
+                    q.running[me] = Some(j.sink.clone());
                     break j;
                 }
                 q = shared.available.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
         run_job(shared, job);
-        lock(&shared.queue).busy -= 1;
+        let mut q = lock(&shared.queue);
+        q.busy -= 1;
+        q.running[me] = None;
     }
 }
 
@@ -763,6 +804,63 @@ mod tests {
         assert_eq!(backend.started.load(Ordering::SeqCst), 2);
         assert!(queued.started_at().is_none());
         next.cancel();
+    }
+
+    #[test]
+    fn a_finished_job_hands_its_end_after_its_tokens() {
+        let (pool, _backend, _) = blocker_pool(1, 1);
+        let (ready, _) = ready();
+        let s = Arc::new(TokenSink::new(0, 1, 8, ready));
+        pool.submit(GenRequest::default(), s.clone()).unwrap();
+        wait_for("the first token", || s.has_pieces());
+        assert_eq!(drain(&s), ["first"]);
+        drop(pool);
+        // The pool's drop cancelled the job: no end is handed over.
+        assert!(!s.has_pieces());
+    }
+
+    /// Waits (bounded) for every thread to finish.
+    fn all_finish(threads: Vec<JoinHandle<()>>) {
+        wait_for("the threads to exit", || {
+            threads.iter().all(|t| t.is_finished())
+        });
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn dropping_the_pool_stops_idle_and_busy_workers() {
+        let (mut pool, backend, metrics) = blocker_pool(3, 4);
+        let busy = sink(1);
+        pool.submit(GenRequest::default(), busy.clone()).unwrap();
+        wait_for("one worker busy", || busy.started_at().is_some());
+        let threads = std::mem::take(&mut pool.threads);
+        assert_eq!(threads.len(), 3);
+        drop(pool);
+        all_finish(threads);
+        // The busy worker's backend call was woken through its cancel.
+        assert!(busy.is_cancelled());
+        assert_eq!(backend.saw_cancel.load(Ordering::SeqCst), 1);
+        assert_eq!(metrics.jobs_dropped_queued.load(Ordering::SeqCst), 0);
+        // The workers dropped their hold on the backend.
+        assert_eq!(Arc::strong_count(&backend), 1);
+    }
+
+    #[test]
+    fn dropping_the_pool_cancels_jobs_still_queued() {
+        let (mut pool, backend, metrics) = blocker_pool(1, 4);
+        let busy = sink(1);
+        pool.submit(GenRequest::default(), busy.clone()).unwrap();
+        wait_for("the worker busy", || busy.started_at().is_some());
+        let queued = sink(2);
+        pool.submit(GenRequest::default(), queued.clone()).unwrap();
+        let threads = std::mem::take(&mut pool.threads);
+        drop(pool);
+        all_finish(threads);
+        assert!(queued.is_cancelled());
+        assert_eq!(backend.started.load(Ordering::SeqCst), 1);
+        assert_eq!(metrics.jobs_dropped_queued.load(Ordering::SeqCst), 1);
     }
 
     struct Panics;
