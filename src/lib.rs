@@ -23,6 +23,8 @@
 //! - [`outbuf`]: the output buffer and the per-loop pool of allocations.
 //! - [`timer`]: the hashed timer wheel.
 //! - [`backend`]: the `Backend` trait and the simulated model.
+//! - [`upstream`]: the HTTP/1.1 client the OpenAI backend calls (framing,
+//!   keep-alive, TLS, cancel and idle timeouts), and its `/readyz` probe.
 //! - [`pool`]: the blocking workers and the worker → loop hand-off.
 //! - [`metrics`]: counters, histograms, Prometheus exposition.
 //! - [`logging`]: stderr logging that never blocks the loop.
@@ -40,6 +42,7 @@ pub mod server;
 pub mod session;
 pub mod sse;
 pub mod timer;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::Server;
