@@ -212,6 +212,9 @@ enum Body {
     Close,
     /// The body ended.
     Done,
+    /// The framing broke after data that was handed out; the next read
+    /// says why.
+    Failed(&'static str),
 }
 
 /// A buffered reader/writer of one response at a time over `T`.
@@ -337,11 +340,19 @@ impl<T: Read + Write> Wire<T> {
                     self.start = self.end;
                     return Ok(buffered);
                 }
+                Body::Failed(reason) => return Err(Error::Protocol(reason)),
                 Body::Chunked(decoder) => {
                     let before = out.len();
-                    let decoded = decoder
-                        .decode(&self.buf[self.start..self.end], out)
-                        .map_err(|e| Error::Protocol(e.reason()))?;
+                    let decoded = match decoder.decode(&self.buf[self.start..self.end], out) {
+                        Ok(decoded) => decoded,
+                        // Hand out the chunks before the bad one first, as
+                        // if they had come in a read of their own.
+                        Err(e) if out.len() > before => {
+                            self.body = Body::Failed(e.reason());
+                            return Ok(out.len() - before);
+                        }
+                        Err(e) => return Err(Error::Protocol(e.reason())),
+                    };
                     self.start += decoded.consumed;
                     if decoded.done {
                         self.body = Body::Done;
@@ -519,6 +530,22 @@ mod tests {
             (body.as_slice(), w.buffered()),
             (&b"abc"[..], &b"EXTRA"[..])
         );
+    }
+
+    #[test]
+    fn chunks_before_a_framing_error_are_handed_out_first() {
+        let mut w =
+            wire(&[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n2\nno\r\n"]);
+        w.read_head().unwrap();
+        let mut body = Vec::new();
+        assert_eq!(w.read_body(&mut body).unwrap(), 2);
+        assert_eq!(body, b"ok");
+        let e = w.read_body(&mut body).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad response: chunked framing line not ended by CRLF"
+        );
+        assert_eq!(body, b"ok");
     }
 
     #[test]
