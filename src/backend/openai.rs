@@ -309,13 +309,37 @@ struct Choice<'a> {
     #[serde(default, borrow)]
     delta: Option<Delta<'a>>,
     #[serde(default, borrow)]
-    finish_reason: Option<Cow<'a, str>>,
+    finish_reason: Option<Text<'a>>,
 }
 
 #[derive(serde::Deserialize)]
 struct Delta<'a> {
     #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
+    content: Option<Text<'a>>,
+}
+
+/// A JSON string, borrowed from the event's bytes unless it has escapes.
+/// (serde's own `Cow<str>` borrows only as a plain field: inside an
+/// `Option` it copies every time.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Str<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Str<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(Str(PhantomData))
+    }
 }
 
 /// The first element of `choices` (the one a streamed answer has), the
@@ -364,7 +388,7 @@ impl Relay {
             return Err(upstream_error(msg.to_string()));
         }
         if let Some(choice) = chunk.choices.0 {
-            if let Some(text) = choice.delta.and_then(|d| d.content) {
+            if let Some(Text(text)) = choice.delta.and_then(|d| d.content) {
                 if !text.is_empty() {
                     if out.push_token(&text).is_err() {
                         return Err(cancelled());
@@ -372,7 +396,7 @@ impl Relay {
                     self.relayed += 1;
                 }
             }
-            if let Some(r) = choice.finish_reason {
+            if let Some(Text(r)) = choice.finish_reason {
                 self.finish_reason = Some(r.into_owned());
             }
         }
