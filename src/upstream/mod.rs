@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use conn::{Conn, Target};
-pub use head::Head;
+use head::Head;
 
 /// What may interrupt a request: the client polls `is_cancelled` while it
 /// connects, and registers every socket it uses, so that a cancel can shut
@@ -243,8 +243,18 @@ impl Client {
         }
     }
 
+    /// An idle connection ready for a request. One whose previous body was
+    /// still arriving when it was released is read on (without waiting);
+    /// if the rest is not all here yet, it is closed.
     fn checkout(&self) -> Option<Conn> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        loop {
+            let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if conn.wire.body_done()
+                || (settle(&mut conn) == Settled::Ready && conn.tcp.set_nonblocking(false).is_ok())
+            {
+                return Some(conn);
+            }
+        }
     }
 
     fn checkin(&self, conn: Conn) {
@@ -281,9 +291,10 @@ impl Response<'_> {
     }
 
     /// Done with the response: the connection goes back to the keep-alive
-    /// pool if the rest of the body has already arrived (it is never
-    /// waited for: that would delay the stream's end); otherwise it is
-    /// closed. Dropping a `Response` closes its connection.
+    /// pool. The rest of the body is never waited for (that would delay
+    /// the stream's end): what has arrived is read now, the rest by the
+    /// next request that takes the connection. Dropping a `Response`
+    /// closes its connection.
     pub fn release(self) {
         let Response {
             client,
@@ -295,10 +306,33 @@ impl Response<'_> {
         if !head.keep_alive || watch.is_cancelled() || conn.tcp.set_nonblocking(true).is_err() {
             return;
         }
-        let complete = conn.wire.skip_body(MAX_DRAIN).is_ok() && conn.wire.buffered().is_empty();
-        if complete && conn.tcp.set_nonblocking(false).is_ok() {
-            client.checkin(conn);
+        match settle(&mut conn) {
+            Settled::Ready if conn.tcp.set_nonblocking(false).is_ok() => client.checkin(conn),
+            // Kept non-blocking until `checkout` reads the rest.
+            Settled::Arriving => client.checkin(conn),
+            _ => {}
         }
+    }
+}
+
+/// Where a released connection's body stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Read to its end: the connection can carry the next request.
+    Ready,
+    /// The rest has not all arrived yet.
+    Arriving,
+    /// Broken, too long, or followed by bytes nobody asked for.
+    Unusable,
+}
+
+/// Reads what has arrived of the body's rest, on a non-blocking socket.
+fn settle(conn: &mut Conn) -> Settled {
+    match conn.wire.skip_body(MAX_DRAIN) {
+        Ok(()) if conn.wire.buffered().is_empty() => Settled::Ready,
+        // `WouldBlock` on the non-blocking socket.
+        Err(Error::Timeout) => Settled::Arriving,
+        _ => Settled::Unusable,
     }
 }
 
@@ -327,4 +361,88 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientCon
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    /// Never cancelled.
+    struct Never;
+
+    impl Interrupt for Never {
+        fn is_cancelled(&self) -> bool {
+            false
+        }
+        fn set_socket(&self, _sock: Option<TcpStream>) {}
+    }
+
+    /// Reads one request with a `Content-Length: 2` body (what `post` sends
+    /// below); false at EOF.
+    fn read_request(sock: &mut TcpStream) -> bool {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"{}") {
+            match sock.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
+    fn read_all(resp: &mut Response<'_>) -> Vec<u8> {
+        let mut body = Vec::new();
+        while resp.read_body(&mut body).unwrap() > 0 {}
+        body
+    }
+
+    #[test]
+    fn a_body_still_arriving_at_release_is_finished_by_the_next_request() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go, go_rx) = mpsc::channel();
+        let (sent, sent_rx) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert!(read_request(&mut sock));
+            sock.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .unwrap();
+            go_rx.recv().unwrap();
+            // On loopback the bytes are in the client's queue when this returns.
+            sock.write_all(b"0\r\n\r\n").unwrap();
+            sent.send(()).unwrap();
+            // The next request comes on the same connection.
+            assert!(read_request(&mut sock), "the connection was not reused");
+            sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .unwrap();
+        });
+        let client = Client::new(
+            &format!("http://{addr}/v1"),
+            Options {
+                connect_timeout: Duration::from_secs(5),
+                read_timeout: Duration::from_secs(5),
+                max_idle: 2,
+                ca_file: None,
+            },
+        )
+        .unwrap();
+        let mut resp = client.post("/v1/x", &[], b"{}", &Never).unwrap();
+        let mut body = Vec::new();
+        while body != b"hello" {
+            assert!(resp.read_body(&mut body).unwrap() > 0);
+        }
+        // The answer is complete for the caller; the body's end is not here.
+        resp.release();
+        assert_eq!(client.idle.lock().unwrap().len(), 1);
+        go.send(()).unwrap();
+        sent_rx.recv().unwrap();
+        let mut resp = client.post("/v1/x", &[], b"{}", &Never).unwrap();
+        assert_eq!(read_all(&mut resp), b"ok");
+        server.join().unwrap();
+    }
 }
