@@ -1,7 +1,7 @@
 //! The chunked transfer coding (RFC 9112 §7.1), decoded incrementally: one
 //! decoder for both directions, the server's request bodies
 //! ([`crate::http::request`]) and the upstream client's response bodies
-//! ([`crate::upstream`]).
+//! (`upstream`).
 //!
 //! The decoder owns the framing decisions and their bounds: the length of a
 //! chunk-size line (size plus extensions), the sum of declared chunk sizes,

@@ -11,10 +11,10 @@
 //! which a cancel shuts down).
 //!
 //! It knows nothing of models, streams or the pool: the OpenAI backend
-//! ([`crate::backend::openai`]) builds the request and reads the body.
+//! (`backend::openai`) builds the request and reads the body.
 //!
 //! - [`head`]: the response head and its framing decisions (pure).
-//! - [`conn`]: connecting, TLS, and the buffered response reader.
+//! - `conn`: connecting, TLS, and the buffered response reader.
 //! - [`probe`]: the reachability thread behind `/readyz`.
 
 mod conn;
