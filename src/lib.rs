@@ -41,6 +41,8 @@
 //! - [`outbuf`]: the output buffer and the per-loop pool of allocations.
 //! - [`timer`]: the hashed timer wheel.
 //! - [`backend`]: the `Backend` trait and the simulated model.
+//! - [`upstream`]: the HTTP/1.1 client the OpenAI backend calls (framing,
+//!   keep-alive, TLS, cancel and idle timeouts), and its `/readyz` probe.
 //! - [`pool`]: the blocking workers and the worker → loop hand-off.
 //! - [`redact`]: `--redact`/`--redact-builtin`: the rule set compiled once
 //!   into a lazy DFA, and the stream stage that replaces matches, holding
@@ -68,6 +70,7 @@ pub mod server;
 pub mod sse;
 pub mod stream;
 pub mod timer;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::Server;

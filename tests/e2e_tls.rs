@@ -125,15 +125,20 @@ fn an_https_upstream_with_a_private_ca_streams() {
     assert!(s.contains("data: {\"t\":\"Secure\"}"), "{s}");
     assert!(s.contains("data: {\"t\":\" hello\"}"), "{s}");
     assert!(s.contains("event: done"), "{s}");
+    let _ = std::fs::remove_dir_all(ca.parent().unwrap());
 }
 
 #[test]
 fn an_untrusted_certificate_is_an_upstream_error_event() {
-    // The bundled web roots do not trust our self-signed certificate.
-    let (port, _ca) = tls_upstream();
+    // The bundled web roots do not trust our self-signed certificate: the
+    // handshake fails, nothing is sent, the upstream is unavailable.
+    let (port, ca) = tls_upstream();
     let url = format!("https://localhost:{port}/v1");
     let addr = start(&["--upstream-url", &url]);
     let s = stream(addr);
     assert!(s.contains("event: error"), "{s}");
+    assert!(s.contains("\"code\":\"upstream_unavailable\""), "{s}");
+    assert!(s.contains("TLS handshake"), "{s}");
     assert!(!s.contains("event: token"), "{s}");
+    let _ = std::fs::remove_dir_all(ca.parent().unwrap());
 }

@@ -1,16 +1,22 @@
 //! What produces tokens: the [`Backend`] trait that pool workers call, the
-//! request it is given, and the built-in simulated model.
+//! request it is given, the output it writes to ([`TokenOut`]), and the
+//! backends themselves (the simulated model, the OpenAI-compatible relay).
 //!
-//! A backend runs on a blocking pool thread (see [`crate::pool`]) and hands
-//! each piece of text to a [`crate::pool::TokenSink`]; the simulated model
-//! also has a thread-free form that the event loop paces itself.
+//! A backend runs on a blocking worker thread and knows nothing of the pool
+//! or the event loop: it writes each piece of text to a [`TokenOut`], which
+//! the pool implements with its per-stream hand-off queue and tests
+//! implement with a recorder. The arrows point one way: `pool` → `backend`.
 
 pub mod openai;
+#[cfg(test)]
+pub(crate) mod record;
 pub mod sim;
+
+use std::net::TcpStream;
+use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::pool::TokenSink;
 use crate::sse::StreamError;
 
 /// One chat message.
@@ -48,12 +54,48 @@ pub struct Finish {
     pub completion_tokens: Option<u32>,
 }
 
+/// The stream was cancelled (its client left, or a deadline passed): stop
+/// generating; whatever the backend returns now is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the stream was cancelled")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+/// Where a backend writes one generation: a stream's queue of pieces.
+///
+/// Every method may be called from the backend's (worker) thread only; an
+/// implementation shares its state with whoever reads it.
+pub trait TokenOut {
+    /// Hands one piece of text to the stream, in order. Blocks while the
+    /// stream's queue is full, so backpressure from a slow client reaches
+    /// the model. Empty text is not a token: nothing is queued. `Err` once
+    /// the stream is cancelled.
+    fn push_token(&self, text: &str) -> Result<(), Cancelled>;
+
+    /// Waits like a model thinking; returns early with `Err` on cancel.
+    fn sleep(&self, d: Duration) -> Result<(), Cancelled>;
+
+    /// Whether the stream was cancelled; cheap, for polling loops.
+    fn is_cancelled(&self) -> bool;
+
+    /// Registers the socket of the upstream call in flight (`None` once it
+    /// is over). A cancel shuts it down, so a read blocked on it returns at
+    /// once; a socket registered after the cancel is shut down at once.
+    fn set_upstream(&self, sock: Option<TcpStream>);
+}
+
 /// A model that generates on a blocking worker thread.
 pub trait Backend: Send + Sync + 'static {
-    /// Generates `req`, pushing each non-empty piece of text into `sink`.
+    /// Generates `req`, pushing each non-empty piece of text into `out`.
     /// Returns when the answer is complete, when it fails, or soon after
-    /// `sink` reports the stream cancelled (then the result is ignored).
-    fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError>;
+    /// `out` reports the stream cancelled (then the result is ignored).
+    fn generate(&self, req: &GenRequest, out: &dyn TokenOut) -> Result<Finish, StreamError>;
 
     /// Whether the backend looks reachable (for `/readyz`); must not block.
     fn ready(&self) -> bool {

@@ -2,27 +2,29 @@
 //! `POST {base}/chat/completions` with `stream: true`, its SSE answer read
 //! incrementally on a pool worker and relayed piece by piece.
 //!
-//! The client is written here over `std::net` + `httparse` (+ `rustls` for
-//! https) rather than taken from an HTTP client crate, because two things
-//! the server needs are not offered by them together: a timeout on the
-//! *silence between two bytes* (`set_read_timeout` on the socket, not a
-//! total budget), and cancelling a worker blocked in `read` within
-//! milliseconds (the loop shuts down a clone of the socket, registered in
-//! the stream's [`TokenSink`]). Connections are kept alive and reused
-//! across generations.
+//! This module owns the OpenAI side: the request body, the relay (SSE
+//! events → `chat.completion.chunk` deltas → tokens) and the mapping of
+//! failures to the contract's error codes. HTTP itself (connections,
+//! keep-alive, framing, TLS, timeouts) is [`crate::upstream`]'s.
+//!
+//! Per token nothing is allocated: the body is read into reused buffers,
+//! each event is parsed into a struct that borrows its text (only the first
+//! choice is kept, the rest skipped), and the text is appended to the
+//! stream's queue. A delta whose JSON has escapes (`\n`, `\"`, `\u…`) is the
+//! exception: `serde_json` unescapes it into a fresh string.
 
 use std::borrow::Cow;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::marker::PhantomData;
+use std::net::TcpStream;
 use std::time::Duration;
 
+use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::{json, Value};
 
-use super::{Backend, Finish, GenRequest};
-use crate::pool::TokenSink;
+use super::{Backend, Finish, GenRequest, TokenOut};
 use crate::sse::{ErrorCode, StreamError};
+use crate::upstream::probe::Probe;
+use crate::upstream::{self, Client, Interrupt, Response, SetupError};
 
 /// Where and how to reach the upstream.
 #[derive(Debug, Clone)]
@@ -43,102 +45,61 @@ pub struct UpstreamConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-struct Target {
-    tls: Option<(
-        Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
-    host: String,
-    port: u16,
-    /// `Host` header value.
-    authority: String,
-    /// Path of the chat completions endpoint.
-    path: String,
-}
+/// How often `/readyz` reachability is probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Largest error body read to find the upstream's message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// The `--backend openai` backend.
 pub struct OpenAiBackend {
     cfg: UpstreamConfig,
-    target: Target,
-    idle: Mutex<Vec<Conn>>,
-    reachable: Arc<AtomicBool>,
+    client: Client,
+    /// Path of the chat completions endpoint.
+    path: String,
+    /// `Authorization` header value.
+    authorization: Option<String>,
+    /// Stops its thread when the backend is dropped.
+    probe: Probe,
 }
 
 impl OpenAiBackend {
-    /// Checks the URL; starts a small thread that probes reachability for
-    /// `/readyz` every two seconds.
+    /// Checks the settings; starts a small thread that probes reachability
+    /// for `/readyz` every two seconds, as long as the backend lives.
     pub fn new(cfg: UpstreamConfig) -> Result<OpenAiBackend, String> {
-        let url =
-            url::Url::parse(&cfg.url).map_err(|e| format!("--upstream-url {:?}: {e}", cfg.url))?;
-        let host = url
-            .host_str()
-            .ok_or_else(|| format!("--upstream-url {:?} has no host", cfg.url))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let tls = match url.scheme() {
-            "http" => None,
-            "https" => {
-                let mut roots = rustls::RootCertStore::empty();
-                match &cfg.ca_file {
-                    None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-                    Some(path) => {
-                        use rustls::pki_types::pem::PemObject;
-                        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-                            .map_err(|e| format!("--upstream-ca-file {}: {e}", path.display()))?;
-                        for cert in certs {
-                            let cert = cert.map_err(|e| {
-                                format!("--upstream-ca-file {}: {e}", path.display())
-                            })?;
-                            roots.add(cert).map_err(|e| {
-                                format!("--upstream-ca-file {}: {e}", path.display())
-                            })?;
-                        }
-                        if roots.is_empty() {
-                            return Err(format!(
-                                "--upstream-ca-file {}: no certificate in it",
-                                path.display()
-                            ));
-                        }
-                    }
-                }
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let config = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| format!("TLS setup: {e}"))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                let name = rustls::pki_types::ServerName::try_from(host.clone())
-                    .map_err(|e| format!("--upstream-url host {host:?}: {e}"))?;
-                Some((Arc::new(config), name))
+        let client = Client::new(
+            &cfg.url,
+            upstream::Options {
+                connect_timeout: cfg.connect_timeout,
+                read_timeout: cfg.read_timeout,
+                max_idle: cfg.max_idle,
+                ca_file: cfg.ca_file.clone(),
+            },
+        )
+        .map_err(|e| match e {
+            SetupError::Url(m) => format!("--upstream-url {m}"),
+            SetupError::CaFile(m) => format!("--upstream-ca-file {m}"),
+            SetupError::Tls(m) => format!("TLS setup: {m}"),
+        })?;
+        let authorization = match &cfg.key {
+            // A line break would end the header and start another.
+            Some(k) if k.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) => {
+                return Err("--upstream-key must not contain line breaks".into())
             }
-            s => return Err(format!("--upstream-url scheme {s:?}: use http or https")),
+            Some(k) => Some(format!("Bearer {k}")),
+            None => None,
         };
-        let port = url.port_or_known_default().unwrap_or(80);
-        let authority = match url.port() {
-            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_string(),
-        };
-        let base = url.path().trim_end_matches('/');
-        let target = Target {
-            tls,
-            host,
-            port,
-            authority,
-            path: format!("{base}/chat/completions"),
-        };
-        let reachable = Arc::new(AtomicBool::new(true));
-        spawn_probe(
-            target.host.clone(),
-            target.port,
+        let probe = Probe::start(
+            client.host().to_string(),
+            client.port(),
             cfg.connect_timeout.min(Duration::from_secs(1)),
-            reachable.clone(),
+            PROBE_INTERVAL,
         );
         Ok(OpenAiBackend {
+            path: format!("{}/chat/completions", client.base_path()),
+            client,
             cfg,
-            target,
-            idle: Mutex::new(Vec::new()),
-            reachable,
+            authorization,
+            probe,
         })
     }
 
@@ -170,272 +131,101 @@ impl OpenAiBackend {
         Value::Object(body)
     }
 
-    fn connect(&self, sink: &TokenSink) -> Result<Conn, StreamError> {
-        let addrs: Vec<SocketAddr> = (self.target.host.as_str(), self.target.port)
-            .to_socket_addrs()
-            .map_err(|e| unavailable(format!("cannot resolve {}: {e}", self.target.host)))?
-            .collect();
-        let mut last = None;
-        for addr in addrs {
-            if sink.is_cancelled() {
-                return Err(cancelled());
-            }
-            match connect_cancellable(addr, self.cfg.connect_timeout, sink) {
-                Ok(tcp) => {
-                    let _ = tcp.set_nodelay(true);
-                    let transport = match &self.target.tls {
-                        None => Transport::Plain(tcp.try_clone().map_err(internal_io)?),
-                        Some((config, name)) => {
-                            let conn = rustls::ClientConnection::new(config.clone(), name.clone())
-                                .map_err(|e| unavailable(format!("TLS: {e}")))?;
-                            let sock = tcp.try_clone().map_err(internal_io)?;
-                            Transport::Tls(Box::new(rustls::StreamOwned::new(conn, sock)))
-                        }
-                    };
-                    return Ok(Conn {
-                        tcp,
-                        io: BufIo::new(transport),
-                    });
-                }
-                Err(e) => last = Some((addr, e)),
-            }
+    /// Sends the request; the response head has arrived when this returns.
+    fn send<'a>(&'a self, body: &[u8], watch: &'a Watch<'a>) -> Result<Response<'a>, StreamError> {
+        let agent = concat!("sluice/", env!("CARGO_PKG_VERSION"));
+        let mut headers = vec![
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+            ("User-Agent", agent),
+        ];
+        if let Some(auth) = &self.authorization {
+            headers.push(("Authorization", auth));
         }
-        Err(match last {
-            Some((addr, e)) => unavailable(format!("cannot connect to {addr}: {e}")),
-            None => unavailable(format!("{} resolves to no address", self.target.host)),
-        })
+        self.client
+            .post(&self.path, &headers, body, watch)
+            .map_err(|e| self.error(e))
     }
 
-    fn checkout(&self) -> Option<Conn> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
-    }
-
-    fn checkin(&self, conn: Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.cfg.max_idle {
-            idle.push(conn);
-        }
-    }
-
-    fn request_head(&self, body_len: usize) -> String {
-        let mut head = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nUser-Agent: sluice/{}\r\nContent-Length: {body_len}\r\n",
-            self.target.path,
-            self.target.authority,
-            env!("CARGO_PKG_VERSION"),
-        );
-        if let Some(k) = &self.cfg.key {
-            head.push_str("Authorization: Bearer ");
-            head.push_str(k);
-            head.push_str("\r\n");
-        }
-        head.push_str("\r\n");
-        head
-    }
-
-    /// Sends the request and reads the response head, on a reused
-    /// connection if one is idle (retried once on a fresh one if the reused
-    /// one turns out to be closed).
-    fn open(&self, body: &[u8], sink: &TokenSink) -> Result<(Conn, ResponseHead), StreamError> {
-        let head = self.request_head(body.len());
-        let mut reused = self.checkout();
-        loop {
-            let fresh = reused.is_none();
-            let mut conn = match reused.take() {
-                Some(c) => c,
-                None => self.connect(sink)?,
-            };
-            sink.set_upstream(conn.tcp.try_clone().ok());
-            if sink.is_cancelled() {
-                return Err(cancelled());
-            }
-            let _ = conn.tcp.set_read_timeout(Some(self.cfg.read_timeout));
-            conn.io.received = 0;
-            let sent = conn
-                .io
-                .write_all(head.as_bytes())
-                .and_then(|_| conn.io.write_all(body))
-                .and_then(|_| conn.io.flush());
-            let result = sent.and_then(|_| conn.io.read_head());
-            match result {
-                Ok(h) => return Ok((conn, h)),
-                // Only a dead keep-alive connection is retried: a timeout
-                // means the upstream has the request and is silent.
-                Err(e)
-                    if !fresh && conn.io.received == 0 && !sink.is_cancelled() && is_dead(&e) =>
-                {
-                    log::debug!("reused upstream connection failed ({e}); reconnecting");
-                }
-                Err(e) => return Err(self.io_error(e, sink)),
-            }
-        }
-    }
-
-    fn io_error(&self, e: io::Error, sink: &TokenSink) -> StreamError {
-        if sink.is_cancelled() {
-            return cancelled();
-        }
-        match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => StreamError::new(
+    /// The contract's error for a failed exchange.
+    fn error(&self, e: upstream::Error) -> StreamError {
+        match e {
+            upstream::Error::Cancelled => cancelled(),
+            upstream::Error::Connect(m) => StreamError::new(ErrorCode::UpstreamUnavailable, m),
+            upstream::Error::Timeout => StreamError::new(
                 ErrorCode::UpstreamTimeout,
                 format!(
                     "the upstream sent nothing for {} ms",
-                    self.cfg.read_timeout.as_millis()
+                    self.client.read_timeout().as_millis()
                 ),
             ),
-            io::ErrorKind::InvalidData => {
+            upstream::Error::Protocol(reason) => {
+                upstream_error(format!("bad response from the upstream: {reason}"))
+            }
+            // rustls reports a bad record or alert this way.
+            upstream::Error::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 upstream_error(format!("bad response from the upstream: {e}"))
             }
-            _ => upstream_error(format!("the upstream connection failed: {e}")),
+            upstream::Error::Io(e) => {
+                upstream_error(format!("the upstream connection failed: {e}"))
+            }
         }
     }
 }
 
 impl Backend for OpenAiBackend {
-    fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+    fn generate(&self, req: &GenRequest, out: &dyn TokenOut) -> Result<Finish, StreamError> {
         let body = serde_json::to_vec(&self.request_body(req)).map_err(|e| {
             StreamError::new(
                 ErrorCode::Internal,
                 format!("cannot encode the request: {e}"),
             )
         })?;
-        let (mut conn, head) = self.open(&body, sink)?;
-        if head.status != 200 {
-            return Err(status_error(&head, &mut conn.io));
+        let watch = Watch(out);
+        let mut resp = self.send(&body, &watch)?;
+        if resp.status() != 200 {
+            return Err(status_error(&mut resp));
         }
         let mut sse = SseParser::default();
-        let mut state = Relay::default();
+        let mut relay = Relay::default();
         let mut chunk = Vec::with_capacity(16 * 1024);
-        let outcome = loop {
+        loop {
             chunk.clear();
-            match conn.io.read_body(&head, &mut chunk) {
-                Ok(0) => break Err(upstream_error("the upstream stream ended without [DONE]")),
+            match resp.read_body(&mut chunk) {
+                Ok(0) => return Err(upstream_error("the upstream stream ended without [DONE]")),
                 Ok(_) => {}
-                Err(e) => break Err(self.io_error(e, sink)),
+                Err(e) => return Err(self.error(e)),
             }
-            match sse.feed(&chunk, |data| state.on_data(data, sink)) {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Done) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
-        outcome?;
-        // The answer is complete. Reuse the connection if the rest of the
-        // body is already here; never wait for it (that would delay `done`).
-        sink.set_upstream(None);
-        if head.keep_alive && !sink.is_cancelled() && conn.tcp.set_nonblocking(true).is_ok() {
-            let drained = conn.io.drain_body(&head).is_ok();
-            if drained && conn.tcp.set_nonblocking(false).is_ok() {
-                self.checkin(conn);
+            if sse.feed(&chunk, |data| relay.on_data(data, out))? == Flow::Done {
+                break;
             }
         }
-        Ok(Finish {
-            finish_reason: state.finish_reason.unwrap_or_else(|| "stop".into()),
-            prompt_tokens: state.prompt_tokens,
-            completion_tokens: state.completion_tokens.or(Some(state.relayed)),
-        })
+        // The answer is complete: keep the connection if the rest of the
+        // body is already here.
+        resp.release();
+        Ok(relay.finish())
     }
 
     fn ready(&self) -> bool {
-        self.reachable.load(Ordering::Relaxed)
+        self.probe.reachable()
     }
 }
 
-fn spawn_probe(host: String, port: u16, timeout: Duration, reachable: Arc<AtomicBool>) {
-    let _ = std::thread::Builder::new()
-        .name("sluice-upstream-probe".into())
-        .stack_size(128 * 1024)
-        .spawn(move || loop {
-            let ok = (host.as_str(), port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .is_some_and(|a| TcpStream::connect_timeout(&a, timeout).is_ok());
-            if reachable.swap(ok, Ordering::Relaxed) != ok {
-                log::warn!(
-                    "upstream {host}:{port} is {}",
-                    if ok { "reachable again" } else { "unreachable" }
-                );
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        });
-}
+/// The stream's output, as the HTTP client's interrupt.
+struct Watch<'a>(&'a dyn TokenOut);
 
-/// Connects like `TcpStream::connect_timeout`, but gives up within ~20 ms
-/// of the stream being cancelled: a client that leaves while the upstream
-/// is slow to accept does not hold a worker for the whole connect timeout.
-fn connect_cancellable(
-    addr: SocketAddr,
-    timeout: Duration,
-    sink: &TokenSink,
-) -> io::Result<TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    use std::os::fd::AsRawFd;
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_nonblocking(true)?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-            let deadline = std::time::Instant::now() + timeout;
-            loop {
-                if sink.is_cancelled() {
-                    return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
-                }
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
-                }
-                let mut pfd = libc::pollfd {
-                    fd: socket.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                let wait = left.min(Duration::from_millis(20)).as_millis() as libc::c_int;
-                // SAFETY: one valid pollfd for the duration of the call.
-                let n = unsafe { libc::poll(&mut pfd, 1, wait.max(1)) };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(e);
-                }
-                if n > 0 {
-                    if let Some(e) = socket.take_error()? {
-                        return Err(e);
-                    }
-                    break;
-                }
-            }
-        }
-        Err(e) => return Err(e),
+impl Interrupt for Watch<'_> {
+    fn is_cancelled(&self) -> bool {
+        self.0.is_cancelled()
     }
-    socket.set_nonblocking(false)?;
-    Ok(socket.into())
-}
 
-/// Whether an error on a reused connection means it was already closed.
-fn is_dead(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::NotConnected
-    )
-}
-
-fn unavailable(msg: String) -> StreamError {
-    StreamError::new(ErrorCode::UpstreamUnavailable, msg)
+    fn set_socket(&self, sock: Option<TcpStream>) {
+        self.0.set_upstream(sock);
+    }
 }
 
 fn upstream_error(msg: impl Into<String>) -> StreamError {
     StreamError::new(ErrorCode::UpstreamError, msg)
-}
-
-fn internal_io(e: io::Error) -> StreamError {
-    StreamError::new(ErrorCode::Internal, format!("socket: {e}"))
 }
 
 /// Returned once the stream is cancelled; the loop ignores it.
@@ -443,17 +233,24 @@ fn cancelled() -> StreamError {
     StreamError::new(ErrorCode::Internal, "cancelled")
 }
 
-/// An upstream answer other than 200: its status and message.
-fn status_error(head: &ResponseHead, io: &mut BufIo) -> StreamError {
+/// An upstream answer other than 200: its status and message. Retryable
+/// for 5xx and 429 only: another 4xx would be refused again.
+fn status_error(resp: &mut Response<'_>) -> StreamError {
     let mut body = Vec::new();
     // Best effort, bounded: the message is in the first few KiB.
-    while body.len() < 64 * 1024 {
-        match io.read_body(head, &mut body) {
+    while body.len() < MAX_ERROR_BODY {
+        match resp.read_body(&mut body) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
     }
-    let message = serde_json::from_slice::<Value>(&body)
+    status_error_from(resp.status(), &body)
+}
+
+/// The error for an answer with `status` and `body`: OpenAI's
+/// `{"error": {"message": …}}`, `{"error": "…"}`, or the text itself.
+fn status_error_from(status: u16, body: &[u8]) -> StreamError {
+    let message = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| {
             let e = v.get("error")?;
@@ -463,10 +260,10 @@ fn status_error(head: &ResponseHead, io: &mut BufIo) -> StreamError {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(&body);
+            let text = String::from_utf8_lossy(body);
             let text = text.trim();
             if text.is_empty() {
-                format!("the upstream answered {}", head.status)
+                format!("the upstream answered {status}")
             } else {
                 text.chars().take(500).collect()
             }
@@ -474,8 +271,8 @@ fn status_error(head: &ResponseHead, io: &mut BufIo) -> StreamError {
     StreamError {
         code: ErrorCode::UpstreamError,
         message,
-        retryable: head.status >= 500 || head.status == 429,
-        upstream_status: Some(head.status),
+        retryable: status >= 500 || status == 429,
+        upstream_status: Some(status),
     }
 }
 
@@ -500,7 +297,7 @@ pub enum Flow {
 #[derive(serde::Deserialize)]
 struct Chunk<'a> {
     #[serde(default, borrow)]
-    choices: Vec<Choice<'a>>,
+    choices: FirstChoice<'a>,
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default)]
@@ -512,13 +309,60 @@ struct Choice<'a> {
     #[serde(default, borrow)]
     delta: Option<Delta<'a>>,
     #[serde(default, borrow)]
-    finish_reason: Option<Cow<'a, str>>,
+    finish_reason: Option<Text<'a>>,
 }
 
 #[derive(serde::Deserialize)]
 struct Delta<'a> {
     #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
+    content: Option<Text<'a>>,
+}
+
+/// A JSON string, borrowed from the event's bytes unless it has escapes.
+/// (serde's own `Cow<str>` borrows only as a plain field: inside an
+/// `Option` it copies every time.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Str<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Str<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(Str(PhantomData))
+    }
+}
+
+/// The first element of `choices` (the one a streamed answer has), the
+/// others skipped: parsing a chunk allocates no `Vec`.
+#[derive(Default)]
+struct FirstChoice<'a>(Option<Choice<'a>>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct First<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for First<'a> {
+            type Value = FirstChoice<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element::<Choice<'a>>()?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FirstChoice(first))
+            }
+        }
+        d.deserialize_seq(First(PhantomData))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -528,7 +372,8 @@ struct Usage {
 }
 
 impl Relay {
-    fn on_data(&mut self, data: &[u8], sink: &TokenSink) -> Result<Flow, StreamError> {
+    /// Takes one event's data: a chunk, an error, or `[DONE]`.
+    fn on_data(&mut self, data: &[u8], out: &dyn TokenOut) -> Result<Flow, StreamError> {
         if data == b"[DONE]" {
             return Ok(Flow::Done);
         }
@@ -542,16 +387,16 @@ impl Relay {
                 .unwrap_or("the upstream reported an error");
             return Err(upstream_error(msg.to_string()));
         }
-        if let Some(choice) = chunk.choices.into_iter().next() {
-            if let Some(text) = choice.delta.and_then(|d| d.content) {
+        if let Some(choice) = chunk.choices.0 {
+            if let Some(Text(text)) = choice.delta.and_then(|d| d.content) {
                 if !text.is_empty() {
-                    if sink.push_token(&text).is_err() {
+                    if out.push_token(&text).is_err() {
                         return Err(cancelled());
                     }
                     self.relayed += 1;
                 }
             }
-            if let Some(r) = choice.finish_reason {
+            if let Some(Text(r)) = choice.finish_reason {
                 self.finish_reason = Some(r.into_owned());
             }
         }
@@ -560,6 +405,16 @@ impl Relay {
             self.completion_tokens = u.completion_tokens.or(self.completion_tokens);
         }
         Ok(Flow::Continue)
+    }
+
+    /// How the answer ended: the upstream's own figures when it sent them,
+    /// else the tokens relayed.
+    fn finish(self) -> Finish {
+        Finish {
+            finish_reason: self.finish_reason.unwrap_or_else(|| "stop".into()),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens.or(Some(self.relayed)),
+        }
     }
 }
 
@@ -630,331 +485,11 @@ impl SseParser {
     }
 }
 
-enum Transport {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-impl Read for Transport {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(s) => s.read(buf),
-            Transport::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Transport {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(s) => s.write(buf),
-            Transport::Tls(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Transport::Plain(s) => s.flush(),
-            Transport::Tls(s) => s.flush(),
-        }
-    }
-}
-
-struct Conn {
-    /// The raw socket, for timeouts and for the loop to shut it down.
-    tcp: TcpStream,
-    io: BufIo,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        let _ = self.tcp.shutdown(Shutdown::Both);
-    }
-}
-
-/// The parts of a response head the relay needs.
-#[derive(Debug, Clone)]
-pub struct ResponseHead {
-    pub status: u16,
-    pub framing: Framing,
-    pub keep_alive: bool,
-}
-
-/// How the response body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    Chunked,
-    Length(u64),
-    Close,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    /// Expecting a chunk-size line (after the first chunk, preceded by CRLF).
-    Size {
-        first: bool,
-    },
-    Data(u64),
-    Done,
-}
-
-/// A buffered reader/writer over one upstream connection, decoding the
-/// response body as it arrives.
-struct BufIo {
-    t: Transport,
-    buf: Vec<u8>,
-    pos: usize,
-    /// Response bytes received on this request (0: nothing came back).
-    received: usize,
-    chunk: ChunkState,
-    left: u64,
-}
-
-const MAX_HEAD: usize = 64 * 1024;
-
-impl BufIo {
-    fn new(t: Transport) -> BufIo {
-        BufIo {
-            t,
-            buf: Vec::with_capacity(16 * 1024),
-            pos: 0,
-            received: 0,
-            chunk: ChunkState::Size { first: true },
-            left: 0,
-        }
-    }
-
-    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
-        self.t.write_all(b)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.t.flush()
-    }
-
-    fn available(&self) -> &[u8] {
-        &self.buf[self.pos..]
-    }
-
-    /// Reads more bytes; 0 at EOF.
-    fn fill(&mut self) -> io::Result<usize> {
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        } else if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
-        let start = self.buf.len();
-        self.buf.resize(start + 16 * 1024, 0);
-        let r = loop {
-            match self.t.read(&mut self.buf[start..]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => break r,
-            }
-        };
-        let n = *r.as_ref().unwrap_or(&0);
-        self.buf.truncate(start + n);
-        self.received += n;
-        r
-    }
-
-    fn read_head(&mut self) -> io::Result<ResponseHead> {
-        self.received = 0;
-        self.chunk = ChunkState::Size { first: true };
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(self.available()) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let status = resp.code.unwrap_or(0);
-                    let mut framing = Framing::Close;
-                    let mut keep_alive = resp.version == Some(1);
-                    for h in resp.headers.iter() {
-                        let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-                        if h.name.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")
-                        {
-                            framing = Framing::Chunked;
-                        } else if h.name.eq_ignore_ascii_case("content-length")
-                            && framing != Framing::Chunked
-                        {
-                            let len = v.trim().parse().map_err(|_| {
-                                io::Error::new(io::ErrorKind::InvalidData, "bad Content-Length")
-                            })?;
-                            framing = Framing::Length(len);
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            if v.contains("close") {
-                                keep_alive = false;
-                            } else if v.contains("keep-alive") {
-                                keep_alive = true;
-                            }
-                        }
-                    }
-                    if framing == Framing::Close {
-                        keep_alive = false;
-                    }
-                    if status == 100 {
-                        self.pos += n;
-                        continue;
-                    }
-                    self.pos += n;
-                    if let Framing::Length(l) = framing {
-                        self.left = l;
-                    }
-                    return Ok(ResponseHead {
-                        status,
-                        framing,
-                        keep_alive,
-                    });
-                }
-                Ok(httparse::Status::Partial) => {
-                    if self.available().len() > MAX_HEAD {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "response head too large",
-                        ));
-                    }
-                }
-                Err(e) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("response head: {e}"),
-                    ))
-                }
-            }
-            if self.fill()? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the upstream closed the connection before answering",
-                ));
-            }
-        }
-    }
-
-    /// Appends the next decoded body bytes to `out`; 0 at the body's end.
-    fn read_body(&mut self, head: &ResponseHead, out: &mut Vec<u8>) -> io::Result<usize> {
-        match head.framing {
-            Framing::Close => {
-                if self.available().is_empty() && self.fill()? == 0 {
-                    return Ok(0);
-                }
-                let n = self.available().len();
-                out.extend_from_slice(self.available());
-                self.pos += n;
-                Ok(n)
-            }
-            Framing::Length(_) => {
-                if self.left == 0 {
-                    return Ok(0);
-                }
-                if self.available().is_empty() && self.fill()? == 0 {
-                    return Err(eof());
-                }
-                let n = (self.available().len() as u64).min(self.left) as usize;
-                out.extend_from_slice(&self.available()[..n]);
-                self.pos += n;
-                self.left -= n as u64;
-                Ok(n)
-            }
-            Framing::Chunked => loop {
-                match self.chunk {
-                    ChunkState::Done => return Ok(0),
-                    ChunkState::Size { first } => {
-                        let line = self.read_line()?;
-                        let line = if first {
-                            line
-                        } else {
-                            if !line.is_empty() {
-                                return Err(bad("missing CRLF after a chunk"));
-                            }
-                            self.read_line()?
-                        };
-                        let hex = line.split(|b| *b == b';').next().unwrap_or_default();
-                        let hex = std::str::from_utf8(hex).map_err(|_| bad("bad chunk size"))?;
-                        let size = u64::from_str_radix(hex.trim(), 16)
-                            .map_err(|_| bad("bad chunk size"))?;
-                        if size == 0 {
-                            // Trailers, up to the blank line.
-                            while !self.read_line()?.is_empty() {}
-                            self.chunk = ChunkState::Done;
-                            return Ok(0);
-                        }
-                        self.chunk = ChunkState::Data(size);
-                    }
-                    ChunkState::Data(left) => {
-                        if self.available().is_empty() && self.fill()? == 0 {
-                            return Err(eof());
-                        }
-                        let n = (self.available().len() as u64).min(left) as usize;
-                        out.extend_from_slice(&self.available()[..n]);
-                        self.pos += n;
-                        self.chunk = if left == n as u64 {
-                            ChunkState::Size { first: false }
-                        } else {
-                            ChunkState::Data(left - n as u64)
-                        };
-                        return Ok(n);
-                    }
-                }
-            },
-        }
-    }
-
-    /// One line without its line ending (bounded).
-    fn read_line(&mut self) -> io::Result<Vec<u8>> {
-        loop {
-            if let Some(i) = self.available().iter().position(|b| *b == b'\n') {
-                let line = self.available()[..i].to_vec();
-                self.pos += i + 1;
-                let mut line = line;
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return Ok(line);
-            }
-            if self.available().len() > 4096 {
-                return Err(bad("chunk-size line too long"));
-            }
-            if self.fill()? == 0 {
-                return Err(eof());
-            }
-        }
-    }
-
-    /// Reads the rest of the body (bounded), so the connection can carry
-    /// the next request.
-    fn drain_body(&mut self, head: &ResponseHead) -> io::Result<()> {
-        if head.framing == Framing::Close {
-            return Err(eof());
-        }
-        let mut sink = Vec::new();
-        let mut total = 0;
-        loop {
-            sink.clear();
-            match self.read_body(head, &mut sink)? {
-                0 => return Ok(()),
-                n => total += n,
-            }
-            if total > 64 * 1024 {
-                return Err(bad("unexpected data after [DONE]"));
-            }
-        }
-    }
-}
-
-fn eof() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        "the upstream closed the connection mid-stream",
-    )
-}
-
-fn bad(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::record::Recorder;
+    use crate::backend::Message;
     use serde_json::Map;
 
     fn collect(chunks: &[&[u8]]) -> (Vec<String>, Flow) {
@@ -1000,23 +535,211 @@ mod tests {
         assert_eq!(got, ["a\nb"]);
     }
 
+    /// Relays `stream` (SSE bytes, split at `cut`) into `out`.
+    fn relay(stream: &str, cut: usize, out: &dyn TokenOut) -> Result<Finish, StreamError> {
+        let mut sse = SseParser::default();
+        let mut relay = Relay::default();
+        let (a, b) = stream.as_bytes().split_at(cut);
+        for part in [a, b] {
+            if sse.feed(part, |data| relay.on_data(data, out))? == Flow::Done {
+                return Ok(relay.finish());
+            }
+        }
+        Err(upstream_error("the upstream stream ended without [DONE]"))
+    }
+
+    fn data(v: Value) -> String {
+        format!("data: {v}\n\n")
+    }
+
+    fn delta(content: &str) -> String {
+        data(json!({"choices": [{"index": 0, "delta": {"content": content}}]}))
+    }
+
+    #[test]
+    fn the_relay_turns_deltas_into_tokens_whatever_the_split() {
+        let stream = [
+            data(json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})),
+            delta("Hel"),
+            ": ping\n\n".into(),
+            data(json!({"choices": [{"delta": {}}]})),
+            delta("lo \"world\"\n"),
+            // Only the first choice is relayed.
+            data(json!({"choices": [{"delta": {"content": "é✓"}}, {"delta": {"content": "no"}}]})),
+            data(json!({"choices": [{"delta": {}, "finish_reason": "length"}]})),
+            data(json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}})),
+            "data: [DONE]\n\n".into(),
+        ]
+        .concat();
+        for cut in 0..=stream.len() {
+            if !stream.is_char_boundary(cut) {
+                continue;
+            }
+            let out = Recorder::new();
+            let finish = relay(&stream, cut, &out).unwrap();
+            assert_eq!(
+                out.tokens(),
+                ["Hel", "lo \"world\"\n", "é✓"],
+                "cut at {cut}"
+            );
+            assert_eq!(
+                finish,
+                Finish {
+                    finish_reason: "length".into(),
+                    prompt_tokens: Some(5),
+                    completion_tokens: Some(9),
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn without_figures_the_relay_counts_what_it_relayed() {
+        let stream = [delta("a"), delta("b"), "data: [DONE]\n\n".into()].concat();
+        let out = Recorder::new();
+        assert_eq!(
+            relay(&stream, 0, &out).unwrap(),
+            Finish {
+                finish_reason: "stop".into(),
+                prompt_tokens: None,
+                completion_tokens: Some(2),
+            }
+        );
+    }
+
+    #[test]
+    fn the_relay_stops_at_a_cancel() {
+        let stream = [
+            delta("a"),
+            delta("b"),
+            delta("c"),
+            "data: [DONE]\n\n".into(),
+        ]
+        .concat();
+        let out = Recorder::cancel_after(2);
+        let e = relay(&stream, 0, &out).unwrap_err();
+        assert_eq!(e.message, "cancelled");
+        assert_eq!(out.tokens(), ["a", "b"]);
+    }
+
+    #[test]
+    fn bad_streams_are_upstream_errors() {
+        let cases = [
+            (
+                [
+                    delta("a"),
+                    data(json!({"error": {"message": "the model went away"}})),
+                ]
+                .concat(),
+                "the model went away",
+            ),
+            (
+                [delta("a"), data(json!({"error": "overloaded"}))].concat(),
+                "overloaded",
+            ),
+            (
+                [delta("a"), "data: {not json\n\n".into()].concat(),
+                "malformed JSON in the upstream stream",
+            ),
+            (
+                [delta("a"), data(json!({"choices": {"not": "a list"}}))].concat(),
+                "malformed JSON in the upstream stream",
+            ),
+            (delta("a"), "the upstream stream ended without [DONE]"),
+        ];
+        for (stream, message) in cases {
+            let out = Recorder::new();
+            let e = relay(&stream, 0, &out).unwrap_err();
+            assert_eq!(e.code, ErrorCode::UpstreamError, "{stream}");
+            assert!(e.message.starts_with(message), "{stream}: {}", e.message);
+            assert_eq!(out.tokens(), ["a"]);
+        }
+    }
+
+    #[test]
+    fn an_error_status_keeps_the_upstreams_message_and_says_if_retrying_helps() {
+        let openai = br#"{"error": {"message": "no such model", "type": "invalid_request_error"}}"#;
+        let cases: &[(u16, &[u8], &str, bool)] = &[
+            (400, openai, "no such model", false),
+            (401, br#"{"error": "bad key"}"#, "bad key", false),
+            (404, b"", "the upstream answered 404", false),
+            (422, b"  plain text  ", "plain text", false),
+            (429, openai, "no such model", true),
+            (500, b"oops", "oops", true),
+            (503, b"", "the upstream answered 503", true),
+        ];
+        for &(status, body, message, retryable) in cases {
+            let e = status_error_from(status, body);
+            assert_eq!(e.code, ErrorCode::UpstreamError);
+            assert_eq!(e.upstream_status, Some(status));
+            assert_eq!(
+                (e.message.as_str(), e.retryable),
+                (message, retryable),
+                "{status}"
+            );
+        }
+    }
+
+    fn config(url: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            url: url.into(),
+            key: None,
+            model: None,
+            system_prompt: None,
+            connect_timeout: Duration::from_millis(10),
+            read_timeout: Duration::from_secs(1),
+            max_idle: 1,
+            ca_file: None,
+        }
+    }
+
+    #[test]
+    fn failures_map_to_the_contracts_codes() {
+        let b = OpenAiBackend::new(config("http://127.0.0.1:9/v1")).unwrap();
+        let io = |kind| upstream::Error::Io(std::io::Error::new(kind, "x"));
+        let cases = [
+            (
+                upstream::Error::Connect("refused".into()),
+                ErrorCode::UpstreamUnavailable,
+            ),
+            (upstream::Error::Timeout, ErrorCode::UpstreamTimeout),
+            (upstream::Error::Protocol("bad"), ErrorCode::UpstreamError),
+            (
+                io(std::io::ErrorKind::InvalidData),
+                ErrorCode::UpstreamError,
+            ),
+            (
+                io(std::io::ErrorKind::ConnectionReset),
+                ErrorCode::UpstreamError,
+            ),
+            (upstream::Error::Cancelled, ErrorCode::Internal),
+        ];
+        for (e, code) in cases {
+            let shown = e.to_string();
+            let mapped = b.error(e);
+            assert_eq!(mapped.code, code, "{shown}");
+            assert_eq!(mapped.retryable, code.retryable(), "{shown}");
+            assert_eq!(mapped.upstream_status, None, "{shown}");
+        }
+        assert_eq!(
+            b.error(upstream::Error::Timeout).message,
+            "the upstream sent nothing for 1000 ms"
+        );
+    }
+
     #[test]
     fn request_body_assembles_the_prompt() {
         let b = OpenAiBackend::new(UpstreamConfig {
-            url: "http://127.0.0.1:9/v1".into(),
-            key: None,
             model: Some("m1".into()),
             system_prompt: Some("be brief".into()),
-            connect_timeout: Duration::from_millis(10),
-            read_timeout: Duration::from_secs(1),
             max_idle: 4,
-            ca_file: None,
+            ..config("http://127.0.0.1:9/v1")
         })
         .unwrap();
-        assert_eq!(b.target.path, "/v1/chat/completions");
-        assert_eq!(b.target.authority, "127.0.0.1:9");
+        assert_eq!(b.path, "/v1/chat/completions");
+        assert_eq!(b.client.authority(), "127.0.0.1:9");
         let req = GenRequest {
-            messages: vec![super::super::Message {
+            messages: vec![Message {
                 role: "user".into(),
                 content: "hi".into(),
             }],
@@ -1033,22 +756,45 @@ mod tests {
             json!({"model":"m1","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],
                    "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,"temperature":0.0,"stop":["x"]})
         );
+        let root = OpenAiBackend::new(config("http://example.test/")).unwrap();
+        assert_eq!(root.path, "/chat/completions");
+        assert_eq!(root.client.authority(), "example.test");
     }
 
     #[test]
-    fn bad_urls_are_refused() {
+    fn bad_settings_are_refused() {
         for url in ["ftp://x/v1", "not a url", "mailto:a@b"] {
-            let r = OpenAiBackend::new(UpstreamConfig {
-                url: url.into(),
-                key: None,
-                model: None,
-                system_prompt: None,
-                connect_timeout: Duration::from_millis(10),
-                read_timeout: Duration::from_secs(1),
-                max_idle: 1,
-                ca_file: None,
-            });
-            assert!(r.is_err(), "{url}");
+            let r = OpenAiBackend::new(config(url));
+            assert!(
+                r.err().is_some_and(|e| e.starts_with("--upstream-url")),
+                "{url}"
+            );
         }
+        let r = OpenAiBackend::new(UpstreamConfig {
+            key: Some("k\r\nX-Injected: 1".into()),
+            ..config("http://127.0.0.1:9/v1")
+        });
+        assert!(r.is_err());
+        let r = OpenAiBackend::new(UpstreamConfig {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..config("https://127.0.0.1:9/v1")
+        });
+        assert!(r.err().is_some_and(|e| e.starts_with("--upstream-ca-file")));
+    }
+
+    #[test]
+    fn the_probe_thread_stops_with_its_backend() {
+        let mut b = OpenAiBackend::new(config("http://127.0.0.1:9/v1")).unwrap();
+        let thread = b.probe.take_thread().expect("a probe thread");
+        drop(b);
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while !thread.is_finished() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the probe outlived its backend"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        thread.join().unwrap();
     }
 }

@@ -8,8 +8,7 @@
 
 use std::time::Duration;
 
-use super::{Backend, Finish, GenRequest, Message};
-use crate::pool::TokenSink;
+use super::{Backend, Finish, GenRequest, Message, TokenOut};
 use crate::sse::StreamError;
 
 /// Every token after the first starts with a space.
@@ -150,11 +149,11 @@ pub struct SimPoolBackend {
 }
 
 impl Backend for SimPoolBackend {
-    fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+    fn generate(&self, req: &GenRequest, out: &dyn TokenOut) -> Result<Finish, StreamError> {
         let text = SimText::new(&req.messages, req.max_tokens, self.sim_tokens);
         for i in 0..text.total {
             let pause = if i == 0 { self.ttft } else { self.itl };
-            if sink.sleep(pause).is_err() || sink.push_token(text.token(i)).is_err() {
+            if out.sleep(pause).is_err() || out.push_token(text.token(i)).is_err() {
                 // Cancelled: the loop ignores whatever we return now.
                 break;
             }
@@ -170,6 +169,7 @@ impl Backend for SimPoolBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::record::{Call, Recorder};
 
     fn msgs(texts: &[&str]) -> Vec<Message> {
         texts
@@ -213,5 +213,57 @@ mod tests {
             prompt_tokens(&msgs(&["Tell me a story", "  and  more "])),
             6
         );
+    }
+
+    fn sim_pool(max_tokens: u32) -> (SimPoolBackend, GenRequest) {
+        let backend = SimPoolBackend {
+            ttft: Duration::from_millis(7),
+            itl: Duration::from_millis(3),
+            sim_tokens: 4,
+        };
+        let req = GenRequest {
+            messages: msgs(&["Tell me a story"]),
+            max_tokens,
+            ..GenRequest::default()
+        };
+        (backend, req)
+    }
+
+    #[test]
+    fn the_pool_form_paces_the_same_text_with_sleeps() {
+        let (backend, req) = sim_pool(64);
+        let out = Recorder::new();
+        let finish = backend.generate(&req, &out).unwrap();
+        let text = SimText::new(&req.messages, 64, 4);
+        let mut expected = Vec::new();
+        for i in 0..4 {
+            let pause = if i == 0 { 7 } else { 3 };
+            expected.push(Call::Sleep(Duration::from_millis(pause)));
+            expected.push(Call::Token(text.token(i).to_string()));
+        }
+        assert_eq!(out.calls(), expected);
+        assert_eq!(
+            finish,
+            Finish {
+                finish_reason: "stop".into(),
+                prompt_tokens: Some(4),
+                completion_tokens: None,
+            }
+        );
+        let (backend, req) = sim_pool(2);
+        let out = Recorder::new();
+        let finish = backend.generate(&req, &out).unwrap();
+        assert_eq!(out.tokens().len(), 2);
+        assert_eq!(finish.finish_reason, "length");
+    }
+
+    #[test]
+    fn the_pool_form_stops_at_a_cancel() {
+        let (backend, req) = sim_pool(64);
+        let out = Recorder::cancel_after(2);
+        backend.generate(&req, &out).unwrap();
+        // Two tokens, then the next pause sees the cancel: nothing more asked.
+        assert_eq!(out.tokens().len(), 2);
+        assert_eq!(out.calls().len(), 4);
     }
 }

@@ -1,6 +1,7 @@
 //! HTTP/1.1 request parsing and limits; response heads and body codecs live
-//! beside it.
+//! beside it (the chunked decoder is shared with the upstream client).
 
+pub mod chunked;
 pub mod request;
 pub mod response;
 

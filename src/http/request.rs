@@ -3,9 +3,9 @@
 //! This module owns everything between "some bytes arrived on a connection"
 //! and "here is one complete [`Request`]": the request line and header fields
 //! (tokenised by `httparse`), body framing (`Content-Length` or
-//! `Transfer-Encoding: chunked`), chunked decoding including extensions and
-//! trailers, `Expect: 100-continue`, and the keep-alive decision. Responses
-//! are someone else's business.
+//! `Transfer-Encoding: chunked`, decoded by [`super::chunked`] including
+//! extensions and trailers), `Expect: 100-continue`, and the keep-alive
+//! decision. Responses are someone else's business.
 //!
 //! Incomplete is not invalid: [`RequestReader::poll`] answers
 //! [`ReadStatus::Partial`] for every prefix that can still become a valid
@@ -32,12 +32,10 @@
 
 use std::fmt;
 
+use super::chunked::{hex_value, ChunkError, ChunkedDecoder, LineEnds, MAX_TRAILER_BYTES};
+
 /// Header fields `httparse` is given room for; one more is "too large".
 const MAX_HEADERS: usize = 64;
-/// Longest accepted chunk-size line (size plus extensions), without its LF.
-const MAX_CHUNK_LINE: usize = 1024;
-/// Largest accepted trailer section, including its final empty line.
-const MAX_TRAILER_BYTES: usize = 8 * 1024;
 
 /// Per-request limits for what a client may send.
 #[derive(Debug, Clone, Copy)]
@@ -238,7 +236,8 @@ struct BodyState {
 enum Framing {
     /// Exactly this many bytes follow the head (0 without body framing).
     Length(usize),
-    Chunked(ChunkDecoder),
+    /// `pos` is the first byte of `input` the decoder has not consumed.
+    Chunked { decoder: ChunkedDecoder, pos: usize },
 }
 
 impl RequestReader {
@@ -297,7 +296,14 @@ impl RequestReader {
                     None => None,
                 }
             }
-            Framing::Chunked(decoder) => decoder.advance(input, &mut body.request.body, limits)?,
+            Framing::Chunked { decoder, pos } => {
+                let rest = input.get(*pos..).unwrap_or_default();
+                let decoded = decoder
+                    .decode(rest, &mut body.request.body)
+                    .map_err(chunk_error)?;
+                *pos += decoded.consumed;
+                decoded.done.then_some(*pos)
+            }
         };
         match consumed {
             Some(consumed) => match std::mem::take(&mut self.state) {
@@ -423,7 +429,12 @@ impl RequestReader {
                     "only Transfer-Encoding: chunked is supported",
                 ));
             }
-            Framing::Chunked(ChunkDecoder::new(head_len))
+            let max = u64::try_from(limits.max_body_bytes).unwrap_or(u64::MAX);
+            Framing::Chunked {
+                // Clients have always been allowed bare LFs in the framing.
+                decoder: ChunkedDecoder::new(LineEnds::CrLfOrLf, max),
+                pos: head_len,
+            }
         } else {
             let len = content_length.unwrap_or(0);
             let max = u64::try_from(limits.max_body_bytes).unwrap_or(u64::MAX);
@@ -472,6 +483,15 @@ fn map_parse_error(err: httparse::Error) -> HttpError {
     }
 }
 
+/// A chunked body's error as the request's: trailers count as head bytes.
+fn chunk_error(err: ChunkError) -> HttpError {
+    match err {
+        ChunkError::BodyTooLarge => HttpError::BodyTooLarge,
+        ChunkError::TrailersTooLarge => HttpError::HeadTooLarge,
+        other => HttpError::BadRequest(other.reason()),
+    }
+}
+
 /// Strips optional whitespace (SP / HTAB) from both ends.
 fn trim_ows(s: &str) -> &str {
     s.trim_matches(|c| c == ' ' || c == '\t')
@@ -485,183 +505,6 @@ fn parse_content_length(value: &str) -> Result<u64, HttpError> {
     }
     // Only digits, so the one possible failure is overflow: far beyond any limit.
     value.parse().map_err(|_| HttpError::BodyTooLarge)
-}
-
-/// Where a chunked body's decoder stands.
-#[derive(Debug, Clone, Copy)]
-enum Phase {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside chunk data, with this many bytes left.
-    Data(u64),
-    /// Expecting the line ending after chunk data.
-    DataEnd,
-    /// After the last chunk: skipping trailer fields up to an empty line.
-    Trailers,
-}
-
-/// Incremental chunked decoder. Positions are offsets into the caller's
-/// buffer (which starts with the head), so nothing is ever decoded twice.
-#[derive(Debug)]
-struct ChunkDecoder {
-    phase: Phase,
-    /// First byte not yet decoded.
-    pos: usize,
-    /// Bytes before this offset are known to hold no LF after `pos`.
-    scanned: usize,
-    /// Where the trailer section starts (valid in [`Phase::Trailers`]).
-    trailer_start: usize,
-}
-
-impl ChunkDecoder {
-    fn new(body_start: usize) -> Self {
-        ChunkDecoder {
-            phase: Phase::Size,
-            pos: body_start,
-            scanned: body_start,
-            trailer_start: body_start,
-        }
-    }
-
-    /// The index of the LF ending the line at `pos`, if it has arrived.
-    fn find_lf(&mut self, input: &[u8]) -> Option<usize> {
-        let from = self.scanned.max(self.pos);
-        let found = input
-            .get(from..)?
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|i| from + i);
-        if found.is_none() {
-            self.scanned = input.len();
-        }
-        found
-    }
-
-    /// Decodes what `input` allows into `body`; `Some(end)` once the body and
-    /// its trailers are complete, where `end` is the offset just past them.
-    fn advance(
-        &mut self,
-        input: &[u8],
-        body: &mut Vec<u8>,
-        limits: &Limits,
-    ) -> Result<Option<usize>, HttpError> {
-        loop {
-            match self.phase {
-                Phase::Size => {
-                    let Some(lf) = self.find_lf(input) else {
-                        if input.len().saturating_sub(self.pos) > MAX_CHUNK_LINE {
-                            return Err(HttpError::BadRequest("chunk-size line too long"));
-                        }
-                        return Ok(None);
-                    };
-                    let line = input.get(self.pos..lf).unwrap_or_default();
-                    if line.len() > MAX_CHUNK_LINE {
-                        return Err(HttpError::BadRequest("chunk-size line too long"));
-                    }
-                    let size = parse_chunk_size(line.strip_suffix(b"\r").unwrap_or(line))?;
-                    self.pos = lf + 1;
-                    if size == 0 {
-                        self.trailer_start = self.pos;
-                        self.phase = Phase::Trailers;
-                    } else {
-                        let max = u64::try_from(limits.max_body_bytes).unwrap_or(u64::MAX);
-                        let total = u64::try_from(body.len())
-                            .ok()
-                            .and_then(|len| len.checked_add(size));
-                        if total.is_none_or(|total| total > max) {
-                            return Err(HttpError::BodyTooLarge);
-                        }
-                        self.phase = Phase::Data(size);
-                    }
-                }
-                Phase::Data(left) => {
-                    let available = input.get(self.pos..).unwrap_or_default();
-                    let take = usize::try_from(left)
-                        .map_or(available.len(), |left| left.min(available.len()));
-                    body.extend_from_slice(&available[..take]);
-                    self.pos += take;
-                    let left = left - take as u64;
-                    if left > 0 {
-                        self.phase = Phase::Data(left);
-                        return Ok(None);
-                    }
-                    self.phase = Phase::DataEnd;
-                }
-                Phase::DataEnd => match (input.get(self.pos), input.get(self.pos + 1)) {
-                    (None, _) | (Some(b'\r'), None) => return Ok(None),
-                    (Some(b'\n'), _) => {
-                        self.pos += 1;
-                        self.phase = Phase::Size;
-                    }
-                    (Some(b'\r'), Some(b'\n')) => {
-                        self.pos += 2;
-                        self.phase = Phase::Size;
-                    }
-                    _ => return Err(HttpError::BadRequest("chunk data not followed by CRLF")),
-                },
-                Phase::Trailers => {
-                    let Some(lf) = self.find_lf(input) else {
-                        if input.len().saturating_sub(self.trailer_start) > MAX_TRAILER_BYTES {
-                            return Err(HttpError::HeadTooLarge);
-                        }
-                        return Ok(None);
-                    };
-                    if (lf + 1).saturating_sub(self.trailer_start) > MAX_TRAILER_BYTES {
-                        return Err(HttpError::HeadTooLarge);
-                    }
-                    let line = input.get(self.pos..lf).unwrap_or_default();
-                    let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    self.pos = lf + 1;
-                    if line.is_empty() {
-                        return Ok(Some(self.pos));
-                    }
-                    // Trailer fields are discarded, but must look like fields.
-                    let folded = matches!(line.first(), Some(b' ' | b'\t'));
-                    if folded || !line.contains(&b':') {
-                        return Err(HttpError::BadRequest("malformed trailer field"));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Parses `1*HEXDIG [ BWS ";" chunk-ext ]` (line ending already removed).
-fn parse_chunk_size(line: &[u8]) -> Result<u64, HttpError> {
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 {
-        return Err(HttpError::BadRequest("invalid chunk size"));
-    }
-    let mut size: u64 = 0;
-    for &b in &line[..digits] {
-        let digit = u64::from(hex_value(b).unwrap_or(0));
-        size = size
-            .checked_mul(16)
-            .and_then(|s| s.checked_add(digit))
-            .ok_or(HttpError::BadRequest("chunk size overflows"))?;
-    }
-    let rest = &line[digits..];
-    let ext_start = rest.iter().position(|&b| b != b' ' && b != b'\t');
-    match ext_start {
-        None if rest.is_empty() => Ok(size),
-        Some(i) if rest[i] == b';' => {
-            let ext = &rest[i..];
-            if ext.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-                return Err(HttpError::BadRequest("invalid chunk extension"));
-            }
-            Ok(size)
-        }
-        _ => Err(HttpError::BadRequest("invalid chunk size")),
-    }
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// Percent-decodes an `application/x-www-form-urlencoded` query string into pairs: `+` is a space, `%XX` decoded,
@@ -708,6 +551,7 @@ fn form_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::chunked::MAX_CHUNK_LINE;
 
     const LIMITS: Limits = Limits {
         max_head_bytes: 16384,

@@ -121,6 +121,9 @@ pub enum Script {
         after: usize,
         message: String,
     },
+    /// These bytes verbatim (head and body, framed or misframed by hand),
+    /// then a close.
+    Raw(Vec<u8>),
 }
 
 impl Script {
@@ -201,6 +204,8 @@ struct Inner {
     routes: Mutex<Vec<(String, Script)>>,
     released: AtomicBool,
     close_after_response: AtomicBool,
+    /// Connections the fake closed itself after a response.
+    closed_after_response: AtomicUsize,
     send_buffer: Mutex<Option<usize>>,
 }
 
@@ -254,6 +259,7 @@ impl FakeUpstream {
             routes: Mutex::new(Vec::new()),
             released: AtomicBool::new(false),
             close_after_response: AtomicBool::new(false),
+            closed_after_response: AtomicUsize::new(0),
             send_buffer: Mutex::new(None),
         });
         let i = inner.clone();
@@ -331,6 +337,12 @@ impl FakeUpstream {
         lock(&self.inner.requests).clone()
     }
 
+    /// Connections closed by the fake after a response
+    /// ([`FakeUpstream::set_close_after_response`]).
+    pub fn closed_after_response(&self) -> usize {
+        self.inner.closed_after_response.load(SeqCst)
+    }
+
     /// Distinct connections that carried at least one request (probes carry none).
     pub fn request_connections(&self) -> usize {
         let mut ids: Vec<usize> = self.requests().iter().map(|r| r.conn).collect();
@@ -401,7 +413,12 @@ fn serve(inner: Arc<Inner>, sock: TcpStream, id: usize) {
         lock(&inner.requests).push(req);
         match conn.answer(script) {
             Ok(()) if !inner.close_after_response.load(SeqCst) => {}
-            Ok(()) | Err(Stop::Close) => return,
+            Ok(()) => {
+                drop(conn);
+                inner.closed_after_response.fetch_add(1, SeqCst);
+                return;
+            }
+            Err(Stop::Close) => return,
             Err(Stop::Gone) => {
                 inner.saw_gone();
                 return;
@@ -610,6 +627,10 @@ impl Conn {
                 let ev = self.event(&error_body(&message, "server_error"));
                 self.write(&chunk(ev.as_bytes()))?;
                 self.write(b"0\r\n\r\n")
+            }
+            Script::Raw(bytes) => {
+                self.write(&bytes)?;
+                Err(Stop::Close)
             }
             Script::Silent => loop {
                 self.pause(TICK * 2)?;

@@ -988,6 +988,8 @@ pub fn prom_sum(text: &str, family: &str) -> Option<f64> {
 
 // ------------------------------------------------------------------ backend
 
+use sluice::backend::TokenOut;
+
 /// What a [`TestBackend`] saw, shared with the test.
 #[derive(Debug, Default)]
 pub struct BackendStats {
@@ -1062,8 +1064,8 @@ impl TestBackend {
         )
     }
 
-    fn push(&self, sink: &TokenSink, text: &str) -> Result<(), StreamError> {
-        match sink.push_token(text) {
+    fn push(&self, out: &dyn TokenOut, text: &str) -> Result<(), StreamError> {
+        match out.push_token(text) {
             Ok(()) => {
                 self.stats.pushed.fetch_add(1, Ordering::SeqCst);
                 Ok(())
@@ -1072,8 +1074,8 @@ impl TestBackend {
         }
     }
 
-    fn pause(&self, sink: &TokenSink, d: Duration) -> Result<(), StreamError> {
-        sink.sleep(d).map_err(|_| self.saw_cancel())
+    fn pause(&self, out: &dyn TokenOut, d: Duration) -> Result<(), StreamError> {
+        out.sleep(d).map_err(|_| self.saw_cancel())
     }
 
     fn saw_cancel(&self) -> StreamError {
@@ -1081,7 +1083,12 @@ impl TestBackend {
         StreamError::new(ErrorCode::Internal, "cancelled")
     }
 
-    fn run(&self, script: &str, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+    fn run(
+        &self,
+        script: &str,
+        req: &GenRequest,
+        out: &dyn TokenOut,
+    ) -> Result<Finish, StreamError> {
         let words: Vec<&str> = script.split_whitespace().collect();
         let num = |i: usize, default: u64| -> u64 {
             words.get(i).and_then(|w| w.parse().ok()).unwrap_or(default)
@@ -1097,27 +1104,27 @@ impl TestBackend {
                 let (n, size) = (num(1, 1000), num(2, 20) as usize);
                 let n_sent = n.min(max);
                 for i in 0..n_sent {
-                    self.push(sink, &format!("{i:0size$}"))?;
+                    self.push(out, &format!("{i:0size$}"))?;
                 }
                 Ok(finish(n_sent, n))
             }
             Some("block") => {
-                self.pause(sink, Duration::from_secs(60))?;
+                self.pause(out, Duration::from_secs(60))?;
                 Ok(finish(0, 0))
             }
             Some("gate") => {
                 while !self.stats.gate_open.load(Ordering::SeqCst) {
-                    self.pause(sink, Duration::from_millis(5))?;
+                    self.pause(out, Duration::from_millis(5))?;
                 }
                 let n = num(1, 3);
                 let n_sent = n.min(max);
                 for i in 0..n_sent {
-                    self.push(sink, &format!("tok{i} "))?;
+                    self.push(out, &format!("tok{i} "))?;
                 }
                 Ok(finish(n_sent, n))
             }
             Some("reason") => {
-                self.push(sink, "tok0 ")?;
+                self.push(out, "tok0 ")?;
                 Ok(Finish {
                     finish_reason: words.get(1).copied().unwrap_or("stop").into(),
                     prompt_tokens: None,
@@ -1125,15 +1132,15 @@ impl TestBackend {
                 })
             }
             Some("panic") => {
-                self.push(sink, "tok0 ")?;
+                self.push(out, "tok0 ")?;
                 panic!("the test backend panics on purpose");
             }
             Some("texts") => {
                 for t in TRICKY_TEXTS {
                     if t.is_empty() {
-                        sink.push_token(t).map_err(|_| self.saw_cancel())?;
+                        out.push_token(t).map_err(|_| self.saw_cancel())?;
                     } else {
-                        self.push(sink, t)?;
+                        self.push(out, t)?;
                     }
                 }
                 // No count of its own: the server counts the tokens relayed.
@@ -1144,7 +1151,7 @@ impl TestBackend {
             }
             Some("error") => {
                 for i in 0..num(1, 2).min(max) {
-                    self.push(sink, &format!("tok{i} "))?;
+                    self.push(out, &format!("tok{i} "))?;
                 }
                 Err(StreamError::new(ErrorCode::UpstreamError, "boom"))
             }
@@ -1157,9 +1164,9 @@ impl TestBackend {
                 let n_sent = n.min(max);
                 for i in 0..n_sent {
                     if ms > 0 {
-                        self.pause(sink, Duration::from_millis(ms))?;
+                        self.pause(out, Duration::from_millis(ms))?;
                     }
-                    self.push(sink, &format!("tok{i} "))?;
+                    self.push(out, &format!("tok{i} "))?;
                 }
                 Ok(finish(n_sent, n))
             }
@@ -1168,15 +1175,15 @@ impl TestBackend {
 }
 
 impl Backend for TestBackend {
-    fn generate(&self, req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
+    fn generate(&self, req: &GenRequest, out: &dyn TokenOut) -> Result<Finish, StreamError> {
         self.stats.started.fetch_add(1, Ordering::SeqCst);
         let script = req
             .messages
             .last()
             .map(|m| m.content.clone())
             .unwrap_or_default();
-        let r = self.run(&script, req, sink);
-        if !sink.is_cancelled() {
+        let r = self.run(&script, req, out);
+        if !out.is_cancelled() {
             self.stats.finished.fetch_add(1, Ordering::SeqCst);
         }
         r
