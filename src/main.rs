@@ -21,9 +21,7 @@ fn main() {
         .and_then(|()| sluice::auth::Auth::from_config(&cfg).map(drop))
         .and_then(|()| {
             let metrics = std::sync::Arc::new(sluice::metrics::Metrics::default());
-            sluice::server::redactor(&cfg, &metrics)
-                .map(drop)
-                .map_err(|e| e.to_string())
+            sluice::redact::from_config(&cfg, &metrics).map(drop)
         });
     if let Err(e) = checked {
         eprintln!("sluice: {e}");

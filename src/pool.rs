@@ -206,6 +206,12 @@ impl TokenSink {
     // ---- loop side ----
 
     /// When a worker took the job, or `None` while it waits in the queue.
+    /// Records that a producer took the job at `now` (what a worker does;
+    /// a scripted producer in a test calls it itself).
+    pub fn mark_started(&self, now: Instant) {
+        lock(&self.state).started_at = Some(now);
+    }
+
     pub fn started_at(&self) -> Option<Instant> {
         lock(&self.state).started_at
     }

@@ -302,7 +302,9 @@ impl Server {
         let max_conns = cfg.effective_max_connections();
         let mut engine = Engine::new(cfg.clone(), metrics.clone(), Instant::now());
         engine.set_auth(auth);
-        if let Some(r) = redactor(&cfg, &metrics)? {
+        if let Some(r) = crate::redact::from_config(&cfg, &metrics)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+        {
             engine.set_redactor(r);
         }
         Ok(Server {
@@ -712,30 +714,6 @@ impl Server {
             }
         }
     }
-}
-
-/// The redaction rules the flags ask for, counting into `metrics`; none
-/// when redaction is off.
-pub fn redactor(
-    cfg: &Config,
-    metrics: &Arc<Metrics>,
-) -> io::Result<Option<Arc<crate::redact::Redactor>>> {
-    if cfg.redact.is_empty() && !cfg.redact_builtin {
-        return Ok(None);
-    }
-    let r = crate::redact::Redactor::new(
-        &cfg.redact,
-        cfg.redact_builtin,
-        &cfg.redact_replacement,
-        cfg.redact_max_hold,
-    )
-    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    log::info!(
-        "redaction on: {} rules, up to {} bytes held back",
-        r.labels().count(),
-        r.max_hold()
-    );
-    Ok(Some(Arc::new(r.count_into(metrics.clone()))))
 }
 
 /// Unsent bytes the kernel may hold for a client before the socket stops

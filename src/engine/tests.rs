@@ -1,15 +1,14 @@
-//! State-machine tests of the [`Engine`] with one connection, driven by a
-//! simulated clock: no sockets, no real time (except the few tests that use
-//! a real worker pool to deliver `done`/`error` pieces, which only a worker
-//! can push).
+//! State-machine tests of the [`Engine`], driven by a simulated clock and
+//! scripted producers: no sockets, no threads, no real time. A pool
+//! producer is a [`TokenSink`] the test itself pushes pieces into.
 
 use super::*;
 
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::backend::sim::SimText;
-use crate::backend::{Backend, Finish, Message};
-use crate::pool::{Pool, ReadyList, TokenSink};
+use crate::backend::{Finish, Message};
+use crate::pool::{ReadyList, TokenSink};
 use crate::sse::StreamError;
 use crate::stream::Outcome;
 
@@ -22,8 +21,6 @@ enum Mode2 {
     Sink {
         capacity: usize,
     },
-    /// A real worker pool running a scripted backend.
-    Pool(Pool),
 }
 
 struct Fake {
@@ -78,13 +75,6 @@ impl Services for Fake {
                 self.sinks.push(sink.clone());
                 Ok(Producer::Pool(sink))
             }
-            Mode2::Pool(pool) => {
-                let sink = Arc::new(TokenSink::new(r.key, r.id, 16, ready()));
-                pool.submit(gen.clone(), sink.clone())
-                    .expect("the test pool has room");
-                self.sinks.push(sink.clone());
-                Ok(Producer::Pool(sink))
-            }
         }
     }
 
@@ -102,31 +92,6 @@ impl Services for Fake {
         self.access
             .push((a.status, a.line.map(|l| l.path.clone()).unwrap_or_default()));
     }
-}
-
-/// A backend that pushes its tokens, optionally waits to be cancelled, then ends.
-struct Script {
-    tokens: Vec<&'static str>,
-    block: bool,
-    end: Result<Finish, StreamError>,
-}
-
-impl Backend for Script {
-    fn generate(&self, _req: &GenRequest, sink: &TokenSink) -> Result<Finish, StreamError> {
-        for t in &self.tokens {
-            if sink.push_token(t).is_err() {
-                break;
-            }
-        }
-        if self.block {
-            while sink.sleep(Duration::from_millis(20)).is_ok() {}
-        }
-        self.end.clone()
-    }
-}
-
-fn script_pool(script: Script) -> Pool {
-    Pool::new(1, 8, Arc::new(script), Arc::new(Metrics::default()))
 }
 
 // ---------------------------------------------------------------- harness
@@ -279,19 +244,6 @@ impl H {
             }
         }
         panic!("deadlines never passed t0+{limit}ms");
-    }
-
-    /// With a real pool: takes pieces as they come until the stream ends.
-    fn pump_pool_until_ended(&mut self, id: u64) {
-        let give_up = Instant::now() + Duration::from_secs(10);
-        while self.is_streaming() {
-            assert!(Instant::now() < give_up, "the stream never ended");
-            self.ready(id);
-            self.flush();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // The worker may have finished before the first look.
-        self.flush();
     }
 
     fn transcript(&self) -> String {
@@ -541,20 +493,11 @@ fn heartbeat_says_queued_while_the_job_waits_for_a_worker() {
 
 #[test]
 fn heartbeat_says_generating_once_a_worker_took_the_job() {
-    let pool = script_pool(Script {
-        tokens: vec![],
-        block: true,
-        end: Err(StreamError::new(ErrorCode::Internal, "unused")),
-    });
-    let mut h = H::with(&["--heartbeat-ms", "1000"], Mode2::Pool(pool));
+    let mut h = H::with(&["--heartbeat-ms", "1000"], Mode2::Sink { capacity: 16 });
     h.read(post(r#"{"prompt":"x"}"#).as_bytes());
     h.flush();
     let sink = h.svc.sinks[0].clone();
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while sink.started_at().is_none() {
-        assert!(Instant::now() < give_up, "no worker took the job");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    sink.mark_started(h.t0 + ms(10));
     h.at(1000).timeout();
     assert_eq!(h.flush(), chunk(&heartbeat("generating")));
     h.eof();
@@ -1227,20 +1170,23 @@ fn stream_false_error_becomes_an_http_error() {
 
 #[test]
 fn error_piece_mid_stream_ends_with_an_error_event() {
-    let pool = script_pool(Script {
-        tokens: vec!["a", "b", "c"],
-        block: false,
-        end: Err(StreamError {
-            code: ErrorCode::UpstreamError,
-            message: "upstream said 502".into(),
-            retryable: true,
-            upstream_status: Some(502),
-        }),
-    });
-    let mut h = H::with(&[], Mode2::Pool(pool));
+    let mut h = H::with(&[], Mode2::Sink { capacity: 16 });
     h.read(post(r#"{"prompt":"x"}"#).as_bytes());
     h.flush();
-    h.pump_pool_until_ended(0x1000);
+    let sink = h.svc.sinks[0].clone();
+    for t in ["a", "b", "c"] {
+        sink.push_token(t).unwrap();
+    }
+    h.ready(0x1000);
+    h.flush();
+    sink.finish(Err(StreamError {
+        code: ErrorCode::UpstreamError,
+        message: "upstream said 502".into(),
+        retryable: true,
+        upstream_status: Some(502),
+    }));
+    h.ready(0x1000);
+    h.flush();
     let t = h.transcript();
     let (chunks, after) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
     assert_eq!(after, "");
@@ -1264,18 +1210,18 @@ fn error_piece_mid_stream_ends_with_an_error_event() {
 
 #[test]
 fn done_piece_passes_the_backends_finish_through() {
-    let pool = script_pool(Script {
-        tokens: vec!["x", "y"],
-        block: false,
-        end: Ok(Finish {
-            finish_reason: "content_filter".into(),
-            prompt_tokens: Some(7),
-            completion_tokens: None,
-        }),
-    });
-    let mut h = H::with(&[], Mode2::Pool(pool));
+    let mut h = H::with(&[], Mode2::Sink { capacity: 16 });
     h.read(post(r#"{"prompt":"x"}"#).as_bytes());
-    h.pump_pool_until_ended(0x1000);
+    let sink = h.svc.sinks[0].clone();
+    sink.push_token("x").unwrap();
+    sink.push_token("y").unwrap();
+    sink.finish(Ok(Finish {
+        finish_reason: "content_filter".into(),
+        prompt_tokens: Some(7),
+        completion_tokens: None,
+    }));
+    h.ready(0x1000);
+    h.flush();
     let t = h.transcript();
     let (chunks, _) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
     let body = chunks.concat();
@@ -2143,7 +2089,7 @@ fn resume_belongs_to_the_principal_that_started_the_stream() {
 
 fn with_redaction(flags: &[&str], mode: Mode2) -> H {
     let mut h = H::with(flags, mode);
-    let r = crate::server::redactor(&h.cfg, &h.metrics)
+    let r = crate::redact::from_config(&h.cfg, &h.metrics)
         .unwrap()
         .unwrap();
     h.e.set_redactor(r);

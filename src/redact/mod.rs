@@ -575,5 +575,28 @@ impl Stage for RedactStage {
     }
 }
 
+/// The redaction rules the flags ask for, counting into `metrics`; none
+/// when redaction is off. The error names the flag.
+pub fn from_config(
+    cfg: &crate::config::Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<Redactor>>, String> {
+    if cfg.redact.is_empty() && !cfg.redact_builtin {
+        return Ok(None);
+    }
+    let r = Redactor::new(
+        &cfg.redact,
+        cfg.redact_builtin,
+        &cfg.redact_replacement,
+        cfg.redact_max_hold,
+    )?;
+    log::info!(
+        "redaction on: {} rules, up to {} bytes held back",
+        r.labels().count(),
+        r.max_hold()
+    );
+    Ok(Some(Arc::new(r.count_into(metrics.clone()))))
+}
+
 #[cfg(test)]
 mod tests;

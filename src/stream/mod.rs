@@ -413,7 +413,7 @@ impl Stream {
                         }));
                         return false;
                     }
-                    emit(buf, log, &t);
+                    emit(buf, log, t);
                     *produced += 1;
                     !full(buf, log)
                 }

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sluice::backend::{Backend, Finish, GenRequest};
 use sluice::metrics::Metrics;
-use sluice::pool::TokenSink;
 use sluice::sse::{ErrorCode, StreamError};
 
 pub mod fake_upstream;
