@@ -137,15 +137,18 @@ def bare_eventsource(page):
 
 
 def stop(page):
-    disc0 = metric(addr, "sluice_streams_disconnected_total")
+    # The Stop button stops the stream by its id (POST …/cancel), then
+    # drops the connection: the server counts it as cancelled.
+    cancelled = 'sluice_streams_errored_total{code="cancelled"}'
+    disc0 = metric(addr, cancelled)
     canc0 = metric(addr, "sluice_generations_cancelled_total")
     start(page, base + "/", "A long story to be stopped", 500)
     page.wait_for_function("() => window.sluice.tokens >= 5", timeout=10000)
     c.check("stop: a stream is open on the server", metric(addr, "sluice_streams_open") == 1)
     t_click = time.monotonic()
     page.click("#stop")
-    ok, disc1, waited = wait_metric(addr, "sluice_streams_disconnected_total", lambda v: v >= disc0 + 1, 2.0)
-    c.check("stop: sluice_streams_disconnected_total +1 within 2 s", ok and disc1 == disc0 + 1,
+    ok, disc1, waited = wait_metric(addr, cancelled, lambda v: v >= disc0 + 1, 2.0)
+    c.check("stop: the stream is cancelled by id on the server within 2 s", ok and disc1 == disc0 + 1,
             f"{disc0:.0f} -> {disc1:.0f} after {1000 * (time.monotonic() - t_click):.0f} ms")
     ok2, open1, _ = wait_metric(addr, "sluice_streams_open", lambda v: v == 0, 2.0)
     c.check("stop: sluice_streams_open back to 0", ok2, f"open={open1:.0f}")
@@ -230,9 +233,9 @@ def demo_page_resumes_through_a_cut(page):
 
 
 def server_refusal(page):
-    """A request the server refuses (max_tokens 0 is a 400): the page shows
-    the server's own message, not a connection error."""
-    start(page, base + "/", "A refused story", 0)
+    """A request the server refuses (max_tokens over --max-tokens-limit is a
+    400): the page shows the server's own message, not a connection error."""
+    start(page, base + "/", "A refused story", 5000)
     s = wait_end(page)
     c.check(
         "refusal: the page shows the server's own message",

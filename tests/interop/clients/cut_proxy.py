@@ -27,8 +27,15 @@ cuts = [0]
 
 
 def reset(s):
+    # Linger 0 makes the close a reset. shutdown() first: another thread
+    # may be blocked reading this socket, and a bare close() would wait
+    # for it instead of cutting the connection now.
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
         s.close()
     except OSError:
         pass
