@@ -16,12 +16,17 @@
 //! Inputs are `handle_*` calls with `now`; outputs are [`Conn::pending`]
 //! bytes, [`Conn::next_deadline`], and the state queries. Requests come out
 //! of [`Conn::parse`], which the engine calls while [`Conn::is_reading`].
+//! Between a head and its body the machine stops ([`Parsed::Head`]) until
+//! the engine admits the body ([`Conn::admit_body`]): no byte of it is read
+//! before, and `100 Continue` is sent only then. What the connection holds
+//! of a request ([`Conn::charge`]) is what the engine counts against the
+//! server-wide budget of buffered request bytes.
 
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::http::response::{self, Body, Head};
-use crate::http::{HttpError, ReadStatus, Request, RequestReader, Version};
+use crate::http::{BodySize, HttpError, Method, ReadStatus, Request, RequestReader, Version};
 use crate::outbuf::{BufPool, OutBuf};
 
 /// How long a closed-for-writing connection waits for the client's FIN, so
@@ -44,6 +49,11 @@ pub struct ReqLine {
 pub enum Parsed {
     /// A whole request, already consumed.
     Request(Request),
+    /// The head of a request with a body, already consumed ([`Conn::head`]
+    /// shows it). Nothing more is parsed until the engine calls
+    /// [`Conn::admit_body`], or [`Conn::drop_request`] after refusing it.
+    /// `expect_continue`: the client waits for `100 Continue`.
+    Head { expect_continue: bool },
     /// A request the server cannot read; the rest of the input is dropped
     /// and the connection must close after the answer. `line` and `origin`
     /// come from the head when it parses that far, so the answer can take
@@ -126,6 +136,14 @@ pub struct Conn {
     input_blocked: bool,
     /// The last [`Conn::parse`] found an incomplete request.
     waiting_for_bytes: bool,
+    /// A head is parsed; its body waits for [`Conn::admit_body`].
+    awaiting_body: bool,
+    /// That head asked for `100 Continue`.
+    continue_wanted: bool,
+    /// Bytes of the budget the engine reserved for the body being read.
+    reserved: usize,
+    /// The request being answered is a `HEAD`: its answer has no body.
+    answering_head: bool,
     /// The request being answered and when it was parsed, for the access log.
     current: Option<Box<(ReqLine, Instant)>>,
 }
@@ -145,6 +163,10 @@ impl Conn {
             peer_closed: false,
             input_blocked: false,
             waiting_for_bytes: false,
+            awaiting_body: false,
+            continue_wanted: false,
+            reserved: 0,
+            answering_head: false,
             current: None,
         }
     }
@@ -187,8 +209,10 @@ impl Conn {
     /// Whether the server should keep reading the socket.
     pub fn wants_read(&self, cfg: &Config) -> bool {
         // Pipelined requests are not parsed faster than their answers leave:
-        // past the high-water mark the client's bytes wait in TCP.
+        // past the high-water mark the client's bytes wait in TCP. A body
+        // not admitted yet waits there too.
         !self.input_full
+            && !self.awaiting_body
             && !self.peer_closed
             && !self.is_closed()
             && self.out.len() < cfg.high_water()
@@ -208,6 +232,46 @@ impl Conn {
     /// Complete requests wait unparsed behind answers not yet written.
     pub fn has_waiting_input(&self) -> bool {
         self.is_reading() && !self.inbuf.is_empty()
+    }
+
+    /// Request bytes this connection holds or has been promised: its unread
+    /// input and the budget reserved for the body being read (which covers
+    /// the decoded body). The engine sums this over connections.
+    pub fn charge(&self) -> usize {
+        self.inbuf.len() + self.reserved
+    }
+
+    /// Whether the head of a request is parsed and its body waits for
+    /// [`Conn::admit_body`].
+    pub fn is_awaiting_body(&self) -> bool {
+        self.awaiting_body && self.is_reading()
+    }
+
+    /// The head of the request whose body is being (or waits to be) read.
+    pub fn head(&self) -> Option<&Request> {
+        self.reader.head()
+    }
+
+    /// How that body is framed.
+    pub fn body_size(&self) -> Option<BodySize> {
+        self.reader.body_size()
+    }
+
+    /// Between requests on a kept-alive connection: nothing of a next
+    /// request has arrived and every answer has left. Such a connection may
+    /// be closed to admit a new one at the connection limit.
+    pub fn is_idle(&self) -> bool {
+        self.is_reading()
+            && self.served > 0
+            && self.head_started.is_none()
+            && !self.awaiting_body
+            && self.inbuf.is_empty()
+            && self.out.is_empty()
+    }
+
+    /// Since when the connection has waited for its next request.
+    pub fn idle_since(&self) -> Instant {
+        self.read_since
     }
 
     /// The request being answered and when it was parsed (taken once).
@@ -264,21 +328,20 @@ impl Conn {
     pub fn parse(
         &mut self,
         now: Instant,
-        bufs: &mut BufPool,
         cfg: &Config,
         input: &[u8],
         at: &mut usize,
     ) -> Option<Parsed> {
-        if !self.is_reading() || *at >= input.len() || self.out.len() >= cfg.high_water() {
+        if !self.is_reading()
+            || self.awaiting_body
+            || *at >= input.len()
+            || self.out.len() >= cfg.high_water()
+        {
             return None;
         }
         match self.reader.poll(&input[*at..], &cfg.limits()) {
-            Ok(ReadStatus::Partial { send_continue }) => {
-                if send_continue {
-                    self.out.append(bufs, |b| {
-                        b.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    });
-                }
+            Ok(ReadStatus::Partial { consumed }) => {
+                *at += consumed;
                 // The start of the next request came with the previous
                 // one: its header timeout runs from now.
                 if self.head_started.is_none() {
@@ -287,9 +350,24 @@ impl Conn {
                 self.waiting_for_bytes = true;
                 None
             }
+            Ok(ReadStatus::Head {
+                consumed,
+                expect_continue,
+            }) => {
+                *at += consumed;
+                if self.head_started.is_none() {
+                    self.head_started = Some(now);
+                }
+                self.answering_head = self.head().is_some_and(|h| h.method == Method::Head);
+                self.awaiting_body = true;
+                self.continue_wanted = expect_continue;
+                Some(Parsed::Head { expect_continue })
+            }
             Ok(ReadStatus::Complete { request, consumed }) => {
                 *at += consumed;
                 self.head_started = None;
+                self.reserved = 0;
+                self.answering_head = request.method == Method::Head;
                 self.current = Some(Box::new((
                     ReqLine {
                         method: request.method_str.clone(),
@@ -300,10 +378,23 @@ impl Conn {
                 Some(Parsed::Request(request))
             }
             Err(err) => {
-                let (line, origin) = match peek_head(&input[*at..]) {
-                    Some((l, o)) => (Some(l), o),
-                    None => (None, None),
+                let (line, origin) = match self.reader.head() {
+                    // The error is in the body: its head is known.
+                    Some(h) => (
+                        Some(ReqLine {
+                            method: h.method_str.clone(),
+                            path: h.path.clone(),
+                        }),
+                        h.header("origin").map(str::to_string),
+                    ),
+                    None => match peek_head(&input[*at..]) {
+                        Some((l, o)) => (Some(l), o),
+                        None => (None, None),
+                    },
                 };
+                self.reader.reset();
+                self.reserved = 0;
+                self.answering_head = line.as_ref().is_some_and(|l| l.method == "HEAD");
                 if let Some(l) = &line {
                     self.current = Some(Box::new((l.clone(), now)));
                 }
@@ -311,6 +402,32 @@ impl Conn {
                 Some(Parsed::Bad { err, line, origin })
             }
         }
+    }
+
+    /// Reads the body of the head [`Conn::parse`] stopped at, holding
+    /// `reserve` bytes of the server's budget until the request is whole;
+    /// `100 Continue` goes out now if the client waits for it.
+    pub fn admit_body(&mut self, bufs: &mut BufPool, reserve: usize) {
+        if !self.awaiting_body {
+            return;
+        }
+        self.awaiting_body = false;
+        self.reserved = reserve;
+        if std::mem::take(&mut self.continue_wanted) {
+            self.out.append(bufs, |b| {
+                b.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n")
+            });
+        }
+    }
+
+    /// Forgets the request [`Conn::parse`] stopped at (it was refused on
+    /// its head; the caller answers and closes, and drops the input).
+    pub fn drop_request(&mut self) {
+        self.reader.reset();
+        self.awaiting_body = false;
+        self.continue_wanted = false;
+        self.reserved = 0;
+        self.head_started = None;
     }
 
     /// After [`Conn::parse`] returned `None`: keeps what is left of the
@@ -354,6 +471,7 @@ impl Conn {
         }
         // What is left can only be an incomplete request: it never will be.
         self.inbuf = Vec::new();
+        self.drop_request();
         if self.out.is_empty() {
             self.close(cx);
         } else {
@@ -465,7 +583,8 @@ impl Conn {
         };
         self.out.append(bufs, |b| {
             response::write_head(b, &head);
-            if r.status != 204 {
+            // A HEAD answer is the GET answer's head alone.
+            if r.status != 204 && !self.answering_head {
                 b.extend_from_slice(r.body);
             }
         });
@@ -569,6 +688,7 @@ impl Conn {
         self.served += 1;
         self.read_since = now;
         self.input_full = false;
+        self.answering_head = false;
         self.state = if keep_alive {
             State::Reading
         } else {
@@ -582,6 +702,13 @@ impl Conn {
         self.state = State::Closed;
         self.out.clear(bufs);
         self.inbuf = Vec::new();
+        self.drop_request();
+    }
+
+    /// Closes a connection that is between requests (to admit another at
+    /// the connection limit): nothing is lost, the client opens a new one.
+    pub fn evict(&mut self, bufs: &mut BufPool) {
+        self.close(bufs);
     }
 }
 

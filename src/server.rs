@@ -9,6 +9,13 @@
 //! are harmless; the poll timeout comes from the engine's timer wheel, so an
 //! idle server sleeps. Log lines are handed to the log thread once per turn,
 //! after the writes (see [`crate::logging`]).
+//!
+//! A turn of the loop: readiness events (accept, reads, writes), timers,
+//! then the work left for later — bodies admitted to the request budget,
+//! requests deferred by the routing bound, connections with unread input
+//! (each read is bounded, see [`READ_BUDGET`]) — so that no client, however
+//! fast it sends, keeps the timers (the next token of every stream) waiting
+//! for long.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -47,6 +54,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const BACKLOG: i32 = 8192;
 /// Reads of [`SCRATCH`] bytes one connection gets per turn.
 const READ_BUDGET: usize = 4;
+/// The "accepting paused" warning is logged at most this often.
+const PAUSE_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// A connection's socket and its readiness.
 struct Sock {
@@ -238,6 +247,8 @@ pub struct Server {
     max_conns: usize,
     accept_paused: bool,
     accept_retry_at: Option<Instant>,
+    /// When "accepting paused" was last logged, and pauses since.
+    pause_warned: Option<(Instant, u64)>,
     waker: Arc<Waker>,
     shutdown_flag: Arc<AtomicBool>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
@@ -330,6 +341,7 @@ impl Server {
             max_conns,
             accept_paused: false,
             accept_retry_at: None,
+            pause_warned: None,
             waker,
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             signals: None,
@@ -373,11 +385,12 @@ impl Server {
         crate::logging::mark_loop_thread();
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.reread.is_empty() {
+            let timeout = if self.reread.is_empty() && !self.engine.has_deferred() {
                 self.poll_timeout()
             } else {
                 Some(Duration::ZERO)
             };
+            self.engine.new_phase();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -411,6 +424,11 @@ impl Server {
             }
             self.engine
                 .handle_timeouts(&mut self.shared, Instant::now());
+            self.service_dirty();
+            // The work left for later, in a phase of its own.
+            self.engine.new_phase();
+            self.engine.admit_waiting(&mut self.shared, Instant::now());
+            self.engine.serve_deferred(&mut self.shared, Instant::now());
             self.service_dirty();
             self.serve_rereads();
             if let Some(at) = self.accept_retry_at {
@@ -510,11 +528,14 @@ impl Server {
     fn accept(&mut self) {
         loop {
             if self.engine.connections() >= self.max_conns {
+                // As nginx does: the longest-idle keep-alive connection
+                // makes room (its client reconnects when it needs to).
+                if let Some(key) = self.engine.evict_idle() {
+                    self.close_now(key);
+                    continue;
+                }
                 if !self.accept_paused {
-                    log::warn!(
-                        "{} connections open (--max-connections): accepting paused",
-                        self.engine.connections()
-                    );
+                    self.warn_paused();
                 }
                 self.accept_paused = true;
                 return;
@@ -537,7 +558,9 @@ impl Server {
                         blocked: false,
                         read_paused: false,
                     };
-                    self.engine.open(io, Some(peer), Instant::now());
+                    let now = Instant::now();
+                    let key = self.engine.open(io, Some(peer), now);
+                    self.engine.check_peer_limit(&mut self.shared, key, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
@@ -555,6 +578,31 @@ impl Server {
                     return;
                 }
             }
+        }
+    }
+
+    /// Logs that accepting paused, at most every [`PAUSE_WARN_EVERY`] (a
+    /// server at its limit pauses often; the log must not flood).
+    fn warn_paused(&mut self) {
+        let now = Instant::now();
+        match &mut self.pause_warned {
+            Some((at, n)) if now < *at + PAUSE_WARN_EVERY => *n += 1,
+            _ => {
+                let more = self.pause_warned.map_or(0, |(_, n)| n);
+                log::warn!(
+                    "{} connections open (--max-connections), none idle: accepting paused \
+                     ({more} more pauses since the last warning)",
+                    self.engine.connections()
+                );
+                self.pause_warned = Some((now, 0));
+            }
+        }
+    }
+
+    /// Closes and forgets connection `key` at once (it was evicted).
+    fn close_now(&mut self, key: usize) {
+        if let Some(mut io) = self.engine.remove(key) {
+            let _ = self.poll.registry().deregister(&mut io.sock);
         }
     }
 
@@ -607,7 +655,8 @@ impl Server {
     fn read(&mut self, key: usize, read_closed: bool) {
         for _ in 0..READ_BUDGET {
             let now = Instant::now();
-            let wants = self.engine.wants_read(key);
+            let allowance = self.engine.read_allowance(key).min(SCRATCH);
+            let wants = allowance > 0;
             let Some(io) = self.engine.io_mut(key) else {
                 return;
             };
@@ -630,7 +679,7 @@ impl Server {
             let Some(io) = self.engine.io_mut(key) else {
                 return;
             };
-            match io.sock.read(&mut self.scratch) {
+            match io.sock.read(&mut self.scratch[..allowance]) {
                 Ok(0) => return self.engine.handle_eof(&mut self.shared, key, now),
                 Ok(n) => self
                     .engine

@@ -652,7 +652,7 @@ fn client_leaving_a_sim_stream() {
     assert_eq!(h.deadline(), None);
     // Nothing more happens, whatever comes in.
     h.at(1000).timeout();
-    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(h.pending(), "");
 }
 
@@ -760,7 +760,8 @@ fn max_stream_duration_ends_with_deadline_exceeded() {
 #[test]
 fn header_timeout_gives_408_then_closes() {
     let mut h = H::new(&["--header-timeout-ms", "1000"]);
-    h.at(10).read(b"POST /v1/chat/stream HTTP/1.1\r\nHost");
+    h.at(10)
+        .read(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nHost");
     assert_eq!(h.pending(), "");
     assert!(!h.holds_output_buffer());
     assert_eq!(h.deadline(), Some(ms(1010)));
@@ -794,7 +795,7 @@ fn header_timeout_gives_408_then_closes() {
 #[test]
 fn idle_keep_alive_connection_closes_without_a_response() {
     let mut h = H::new(&["--idle-timeout-ms", "5000"]);
-    h.at(100).read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.at(100).read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(
         h.flush(),
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Request-Id: 1000\r\n\r\nok"
@@ -814,7 +815,7 @@ fn pipelined_request_is_answered_after_the_stream() {
     let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
     let words = sim_words("x", 3, 64);
     let mut input = post(r#"{"prompt":"x","max_tokens":3}"#);
-    input.push_str("GET /healthz HTTP/1.1\r\n\r\n");
+    input.push_str("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     h.read(input.as_bytes());
     assert!(h.is_streaming());
     assert_eq!(h.pending(), sse_head("1000"));
@@ -843,7 +844,7 @@ fn pipelined_request_arriving_during_the_stream_waits_too() {
     h.flush();
     // Arrives in two reads while the stream runs.
     h.at(10).read(b"GET /readyz HTT");
-    h.at(20).read(b"P/1.1\r\n\r\n");
+    h.at(20).read(b"P/1.1\r\nHost: x\r\n\r\n");
     assert!(h.wants_read());
     assert!(h.svc.ops_calls.is_empty());
     h.run_until(1000);
@@ -913,7 +914,9 @@ fn bad_json_gets_400_and_keeps_the_connection() {
 #[test]
 fn malformed_head_gets_400_and_closes() {
     let mut h = H::new(&[]);
-    h.read(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
+    h.read(
+        b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
     assert_eq!(
         h.pending(),
         full_response(
@@ -927,7 +930,7 @@ fn malformed_head_gets_400_and_closes() {
     h.flush();
     assert!(h.wants_half_close());
     // More input is ignored.
-    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(h.pending(), "");
     h.half_closed();
     assert_eq!(h.deadline(), Some(Duration::from_secs(2)));
@@ -940,7 +943,7 @@ fn malformed_head_gets_400_and_closes() {
 #[test]
 fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
     let mut h = H::new(&[]);
-    h.read(b"GET /nope HTTP/1.1\r\n\r\n");
+    h.read(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(
         h.flush(),
         full_response(
@@ -949,7 +952,7 @@ fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
             &error_body("not_found", "no such endpoint: /nope")
         )
     );
-    h.read(b"DELETE /v1/chat/stream HTTP/1.1\r\n\r\n");
+    h.read(b"DELETE /v1/chat/stream HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(
         h.flush(),
         full_response(
@@ -961,7 +964,7 @@ fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
             )
         )
     );
-    h.read(b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    h.read(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(
         h.flush(),
         full_response(
@@ -980,7 +983,7 @@ fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
 #[test]
 fn get_with_last_event_id_gets_204_without_a_length() {
     let mut h = H::new(&[]);
-    h.read(b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\nLast-Event-ID: 1000:65\r\n\r\n");
+    h.read(b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1000:65\r\n\r\n");
     assert_eq!(
         h.flush(),
         "HTTP/1.1 204 No Content\r\nX-Request-Id: 1000\r\n\r\n"
@@ -993,7 +996,7 @@ fn get_with_last_event_id_gets_204_without_a_length() {
 #[test]
 fn get_stream_from_the_query_string() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
-    h.read(b"GET /v1/chat/stream?prompt=hello+world&max_tokens=2 HTTP/1.1\r\n\r\n");
+    h.read(b"GET /v1/chat/stream?prompt=hello+world&max_tokens=2 HTTP/1.1\r\nHost: x\r\n\r\n");
     let words = sim_words("hello world", 2, 64);
     let t = h.flush();
     let (chunks, _) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
@@ -1010,7 +1013,7 @@ fn client_request_id_is_echoed_and_the_stream_id_names_events() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let body = r#"{"prompt":"x","max_tokens":1}"#;
     let req = format!(
-        "POST /v1/chat/stream HTTP/1.1\r\nX-Request-Id: my-req-1\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nX-Request-Id: my-req-1\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     h.read(req.as_bytes());
@@ -1243,7 +1246,7 @@ fn expect_100_continue_before_the_body() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let body = r#"{"prompt":"x","max_tokens":1}"#;
     let head = format!(
-        "POST /v1/chat/stream HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     h.read(head.as_bytes());
@@ -1264,7 +1267,7 @@ fn expect_100_continue_before_the_body() {
 fn idle_session_holds_no_output_buffer() {
     let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
     assert!(!h.holds_output_buffer());
-    h.read(b"POST /v1/chat/stream HTTP/1.1\r\nContent-Le");
+    h.read(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Le");
     assert!(!h.holds_output_buffer(), "a partial request writes nothing");
     h.read(b"ngth: 29\r\n\r\n{\"prompt\":\"x\",\"max_tokens\":2}");
     assert!(h.is_streaming());
@@ -1276,7 +1279,7 @@ fn idle_session_holds_no_output_buffer() {
     );
     h.run_until(1000);
     assert!(!h.holds_output_buffer(), "between requests");
-    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     h.flush();
     assert!(!h.holds_output_buffer());
     assert_eq!(h.e.pooled_buffers(), 1, "one allocation, reused");
@@ -1300,7 +1303,7 @@ fn connection_close_on_http11_stream_closes_after_done() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let body = r#"{"prompt":"x","max_tokens":1}"#;
     let req = format!(
-        "POST /v1/chat/stream HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     h.read(req.as_bytes());
@@ -1385,7 +1388,7 @@ fn expect_100_continue_is_not_sent_when_the_body_is_here() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let body = r#"{"prompt":"x","max_tokens":1}"#;
     let req = format!(
-        "POST /v1/chat/stream HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     h.read(req.as_bytes());
@@ -1433,7 +1436,7 @@ fn timeouts_cancel_the_worker_job() {
 #[test]
 fn partial_pipelined_head_gets_the_header_timeout() {
     let mut h = H::new(&["--header-timeout-ms", "1000", "--idle-timeout-ms", "60000"]);
-    h.read(b"GET /healthz HTTP/1.1\r\n\r\nGET /hea");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /hea");
     h.flush();
     assert_eq!(h.deadline(), Some(ms(1000)));
     h.at(1000).timeout();
@@ -1458,7 +1461,7 @@ fn pipelined_input_over_the_limit_is_not_lost() {
     ]);
     h.read(post(r#"{"prompt":"x","max_tokens":2}"#).as_bytes());
     h.flush();
-    let one = "GET /healthz HTTP/1.1\r\n\r\n";
+    let one = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
     // Past one head's worth (256 bytes here) reading pauses while the
     // stream runs, but what was already read is kept.
     h.at(1).read(one.repeat(16).as_bytes());
