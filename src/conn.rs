@@ -16,11 +16,14 @@
 //! Inputs are `handle_*` calls with `now`; outputs are [`Conn::pending`]
 //! bytes, [`Conn::next_deadline`], and the state queries. Requests come out
 //! of [`Conn::parse`], which the engine calls while [`Conn::is_reading`].
-//! Between a head and its body the machine stops ([`Parsed::Head`]) until
-//! the engine admits the body ([`Conn::admit_body`]): no byte of it is read
-//! before, and `100 Continue` is sent only then. What the connection holds
-//! of a request ([`Conn::charge`]) is what the engine counts against the
-//! server-wide budget of buffered request bytes.
+//! Between a head and its body the machine reports the head
+//! ([`Parsed::Head`]) so the engine can refuse the request at once or fund
+//! its body from the server-wide budget of buffered request bytes
+//! ([`Conn::fund`]). An unfunded body is still read from the bytes already
+//! received (a small request that came whole is served), but no more is
+//! read from the socket, and `100 Continue` is sent, only once it is funded.
+//! What the connection holds of a request ([`Conn::charge`]) is what the
+//! engine counts against that budget.
 
 use std::time::{Duration, Instant};
 
@@ -50,8 +53,8 @@ pub enum Parsed {
     /// A whole request, already consumed.
     Request(Request),
     /// The head of a request with a body, already consumed ([`Conn::head`]
-    /// shows it). Nothing more is parsed until the engine calls
-    /// [`Conn::admit_body`], or [`Conn::drop_request`] after refusing it.
+    /// shows it). The engine funds the body ([`Conn::fund`]) now or later,
+    /// or refuses the request ([`Conn::drop_request`]) before parsing on.
     /// `expect_continue`: the client waits for `100 Continue`.
     Head { expect_continue: bool },
     /// A request the server cannot read; the rest of the input is dropped
@@ -136,8 +139,9 @@ pub struct Conn {
     input_blocked: bool,
     /// The last [`Conn::parse`] found an incomplete request.
     waiting_for_bytes: bool,
-    /// A head is parsed; its body waits for [`Conn::admit_body`].
-    awaiting_body: bool,
+    /// A body is being read without a reservation: only from bytes
+    /// already received, until [`Conn::fund`].
+    unfunded: bool,
     /// That head asked for `100 Continue`.
     continue_wanted: bool,
     /// Bytes of the budget the engine reserved for the body being read.
@@ -163,7 +167,7 @@ impl Conn {
             peer_closed: false,
             input_blocked: false,
             waiting_for_bytes: false,
-            awaiting_body: false,
+            unfunded: false,
             continue_wanted: false,
             reserved: 0,
             answering_head: false,
@@ -212,7 +216,7 @@ impl Conn {
         // past the high-water mark the client's bytes wait in TCP. A body
         // not admitted yet waits there too.
         !self.input_full
-            && !self.awaiting_body
+            && !self.unfunded
             && !self.peer_closed
             && !self.is_closed()
             && self.out.len() < cfg.high_water()
@@ -235,16 +239,16 @@ impl Conn {
     }
 
     /// Request bytes this connection holds or has been promised: its unread
-    /// input and the budget reserved for the body being read (which covers
-    /// the decoded body). The engine sums this over connections.
+    /// input, and the body being read (what is decoded so far, or the whole
+    /// reservation made for it). The engine sums this over connections.
     pub fn charge(&self) -> usize {
-        self.inbuf.len() + self.reserved
+        self.inbuf.len() + self.reserved.max(self.reader.body_len())
     }
 
-    /// Whether the head of a request is parsed and its body waits for
-    /// [`Conn::admit_body`].
-    pub fn is_awaiting_body(&self) -> bool {
-        self.awaiting_body && self.is_reading()
+    /// Whether a body is being read without a reservation (it waits for
+    /// [`Conn::fund`] before more of it is read from the socket).
+    pub fn is_unfunded(&self) -> bool {
+        self.unfunded && self.is_reading()
     }
 
     /// The head of the request whose body is being (or waits to be) read.
@@ -264,7 +268,7 @@ impl Conn {
         self.is_reading()
             && self.served > 0
             && self.head_started.is_none()
-            && !self.awaiting_body
+            && !self.unfunded
             && self.inbuf.is_empty()
             && self.out.is_empty()
     }
@@ -332,11 +336,7 @@ impl Conn {
         input: &[u8],
         at: &mut usize,
     ) -> Option<Parsed> {
-        if !self.is_reading()
-            || self.awaiting_body
-            || *at >= input.len()
-            || self.out.len() >= cfg.high_water()
-        {
+        if !self.is_reading() || *at >= input.len() || self.out.len() >= cfg.high_water() {
             return None;
         }
         match self.reader.poll(&input[*at..], &cfg.limits()) {
@@ -359,7 +359,7 @@ impl Conn {
                     self.head_started = Some(now);
                 }
                 self.answering_head = self.head().is_some_and(|h| h.method == Method::Head);
-                self.awaiting_body = true;
+                self.unfunded = true;
                 self.continue_wanted = expect_continue;
                 Some(Parsed::Head { expect_continue })
             }
@@ -367,6 +367,8 @@ impl Conn {
                 *at += consumed;
                 self.head_started = None;
                 self.reserved = 0;
+                self.unfunded = false;
+                self.continue_wanted = false;
                 self.answering_head = request.method == Method::Head;
                 self.current = Some(Box::new((
                     ReqLine {
@@ -392,8 +394,7 @@ impl Conn {
                         None => (None, None),
                     },
                 };
-                self.reader.reset();
-                self.reserved = 0;
+                self.drop_request();
                 self.answering_head = line.as_ref().is_some_and(|l| l.method == "HEAD");
                 if let Some(l) = &line {
                     self.current = Some(Box::new((l.clone(), now)));
@@ -404,14 +405,15 @@ impl Conn {
         }
     }
 
-    /// Reads the body of the head [`Conn::parse`] stopped at, holding
-    /// `reserve` bytes of the server's budget until the request is whole;
-    /// `100 Continue` goes out now if the client waits for it.
-    pub fn admit_body(&mut self, bufs: &mut BufPool, reserve: usize) {
-        if !self.awaiting_body {
+    /// Funds the body being read with `reserve` bytes of the server's
+    /// budget, held until the request is whole: the rest of it may now be
+    /// read from the socket, and `100 Continue` goes out if the client
+    /// waits for it.
+    pub fn fund(&mut self, bufs: &mut BufPool, reserve: usize) {
+        if !self.unfunded {
             return;
         }
-        self.awaiting_body = false;
+        self.unfunded = false;
         self.reserved = reserve;
         if std::mem::take(&mut self.continue_wanted) {
             self.out.append(bufs, |b| {
@@ -420,11 +422,11 @@ impl Conn {
         }
     }
 
-    /// Forgets the request [`Conn::parse`] stopped at (it was refused on
-    /// its head; the caller answers and closes, and drops the input).
+    /// Forgets the request being read (refused on its head, or timed out;
+    /// the caller answers and closes, and drops the input).
     pub fn drop_request(&mut self) {
         self.reader.reset();
-        self.awaiting_body = false;
+        self.unfunded = false;
         self.continue_wanted = false;
         self.reserved = 0;
         self.head_started = None;

@@ -54,6 +54,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const BACKLOG: i32 = 8192;
 /// Reads of [`SCRATCH`] bytes one connection gets per turn.
 const READ_BUDGET: usize = 4;
+/// Bytes read from all connections together in one phase of a turn; the
+/// rest waits for the next (a flood of uploads on many connections must
+/// not keep the timers waiting any more than one connection may).
+const PHASE_READ_BUDGET: usize = 1 << 20;
 /// The "accepting paused" warning is logged at most this often.
 const PAUSE_WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -255,6 +259,8 @@ pub struct Server {
     drain: Option<Drain>,
     /// Connections (key, serial) left with unread input by their read budget.
     reread: Vec<(usize, u32)>,
+    /// Bytes that may still be read in this phase ([`PHASE_READ_BUDGET`]).
+    read_left: usize,
 }
 
 impl Server {
@@ -347,6 +353,7 @@ impl Server {
             signals: None,
             drain: None,
             reread: Vec::new(),
+            read_left: PHASE_READ_BUDGET,
         })
     }
 
@@ -390,7 +397,7 @@ impl Server {
             } else {
                 Some(Duration::ZERO)
             };
-            self.engine.new_phase();
+            self.new_phase();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -426,8 +433,8 @@ impl Server {
                 .handle_timeouts(&mut self.shared, Instant::now());
             self.service_dirty();
             // The work left for later, in a phase of its own.
-            self.engine.new_phase();
-            self.engine.admit_waiting(&mut self.shared, Instant::now());
+            self.new_phase();
+            self.engine.fund_waiting();
             self.engine.serve_deferred(&mut self.shared, Instant::now());
             self.service_dirty();
             self.serve_rereads();
@@ -581,6 +588,12 @@ impl Server {
         }
     }
 
+    /// A phase of the turn begins: fresh budgets for reading and routing.
+    fn new_phase(&mut self) {
+        self.read_left = PHASE_READ_BUDGET;
+        self.engine.new_phase();
+    }
+
     /// Logs that accepting paused, at most every [`PAUSE_WARN_EVERY`] (a
     /// server at its limit pauses often; the log must not flood).
     fn warn_paused(&mut self) {
@@ -648,12 +661,16 @@ impl Server {
     }
 
     /// Reads the socket into the engine until `WouldBlock`, at most
-    /// [`READ_BUDGET`] reads at a time: a client that sends faster than it
-    /// is answered must not keep the loop from every other connection. A
-    /// connection with more to read goes on [`Server::reread`], served on the
-    /// next pass of the loop.
+    /// [`READ_BUDGET`] reads at a time (and [`PHASE_READ_BUDGET`] bytes for
+    /// all connections in a phase), each no larger than the engine allows:
+    /// a client that sends faster than it is answered must not keep the
+    /// loop from every other connection. A connection with more to read
+    /// goes on [`Server::reread`], served on the next pass of the loop.
     fn read(&mut self, key: usize, read_closed: bool) {
         for _ in 0..READ_BUDGET {
+            if self.read_left == 0 {
+                break;
+            }
             let now = Instant::now();
             let allowance = self.engine.read_allowance(key).min(SCRATCH);
             let wants = allowance > 0;
@@ -681,9 +698,11 @@ impl Server {
             };
             match io.sock.read(&mut self.scratch[..allowance]) {
                 Ok(0) => return self.engine.handle_eof(&mut self.shared, key, now),
-                Ok(n) => self
-                    .engine
-                    .handle_read(&mut self.shared, key, &self.scratch[..n], now),
+                Ok(n) => {
+                    self.read_left = self.read_left.saturating_sub(n);
+                    self.engine
+                        .handle_read(&mut self.shared, key, &self.scratch[..n], now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return self.engine.handle_reset(&mut self.shared, key, now),

@@ -5,14 +5,17 @@
 //! connections per client address (`--max-connections-per-ip`).
 //!
 //! The budget counts what every connection holds of its requests
-//! ([`crate::conn::Conn::charge`]): unread input, and for a body being read, a
-//! reservation of its whole size made before its first byte is read (its
-//! `Content-Length`, or `--max-body-bytes` when chunked). A body is admitted
-//! only when its reservation fits, first come first served; until then its
-//! bytes wait in TCP. So every admitted body can finish (no two uploads
-//! wait for each other's memory), and what the server holds never grows
-//! past the budget by more than one request head per connection (heads are
-//! still read, so that `/healthz` is answered during a flood).
+//! ([`crate::conn::Conn::charge`]): unread input, and for a body being read,
+//! a reservation of its whole size (its `Content-Length`, or
+//! `--max-body-bytes` when chunked). A body is funded when its head is read
+//! if its reservation fits, else when it does, first come first served;
+//! until then no more of it is read from the socket (it waits in TCP),
+//! though what already arrived is read (a small request that came whole is
+//! served at once). So every funded body can finish (no two uploads wait
+//! for each other's memory), and what the server holds never grows past
+//! the budget by more than one request head per connection: heads are
+//! still read, so that `/healthz` is answered during a flood, but near the
+//! budget only one head's worth at a time.
 //!
 //! Routing (JSON parsing included) is bounded per phase of a loop turn:
 //! after [`ROUTE_BUDGET`] bytes of bodies, further complete requests wait
@@ -40,7 +43,7 @@ const HEADROOM: usize = 256 * 1024;
 pub(super) struct Intake {
     /// Sum of every connection's [`crate::conn::Conn::charge`].
     pub charged: usize,
-    /// Connections whose body waits for room, first come first served.
+    /// Connections whose body waits for funding, first come first served.
     waiting: VecDeque<(usize, u32)>,
     /// Kept-alive connections by when they went idle (entries are checked
     /// when used: a connection that got busy since is skipped).
@@ -110,21 +113,20 @@ impl<S> Engine<S> {
         self.intake.charged
     }
 
-    /// Admits the bodies waiting for the budget that fit now, first come
-    /// first served, and reads what they already sent. The server calls it
-    /// once per loop turn.
-    pub fn admit_waiting(&mut self, svc: &mut dyn Services, now: Instant) {
+    /// Funds the bodies waiting for the budget that fit now, first come
+    /// first served (the server then reads them again). The server calls
+    /// it once per loop turn.
+    pub fn fund_waiting(&mut self) {
         while let Some(&(key, serial)) = self.intake.waiting.front() {
             let valid = self
                 .conns
                 .get(key)
-                .is_some_and(|l| l.serial == serial && l.conn.is_awaiting_body());
-            if valid && !self.admit_body(key) {
+                .is_some_and(|l| l.serial == serial && l.conn.is_unfunded());
+            if valid && !self.fund_body(key) {
                 return;
             }
             self.intake.waiting.pop_front();
             if valid {
-                self.process(svc, key, &[], now);
                 self.touch(key);
             }
         }
@@ -288,34 +290,32 @@ impl<S> Engine<S> {
         }
     }
 
-    /// The head of `key`'s request is parsed and a body follows: reads it
+    /// The head of `key`'s request is parsed and a body follows: funds it
     /// if its reservation fits (and no earlier body waits), else queues it.
-    /// True if admitted.
-    pub(super) fn admit_or_queue(&mut self, key: usize) -> bool {
-        // Entries of connections gone or admitted are dropped from the front.
+    pub(super) fn fund_or_queue(&mut self, key: usize) {
+        // Entries of connections gone or funded are dropped from the front.
         while let Some(&(k, s)) = self.intake.waiting.front() {
             if self
                 .conns
                 .get(k)
-                .is_some_and(|l| l.serial == s && l.conn.is_awaiting_body())
+                .is_some_and(|l| l.serial == s && l.conn.is_unfunded())
             {
                 break;
             }
             self.intake.waiting.pop_front();
         }
-        if self.intake.waiting.is_empty() && self.admit_body(key) {
-            return true;
+        if self.intake.waiting.is_empty() && self.fund_body(key) {
+            return;
         }
         if let Some(link) = self.conns.get(key) {
             self.intake.waiting.push_back((key, link.serial));
             self.metrics.budget_waits.fetch_add(1, Relaxed);
         }
-        false
     }
 
-    /// Admits `key`'s body if its reservation fits (always when nothing
-    /// else is held: a body is never refused for want of room it could get).
-    fn admit_body(&mut self, key: usize) -> bool {
+    /// Funds `key`'s body if its reservation fits (always when nothing else
+    /// is held: a body is never refused for want of room it could get).
+    fn fund_body(&mut self, key: usize) -> bool {
         let budget = self.cfg.max_buffered_bytes;
         let max_body = self.cfg.max_body_bytes;
         let Some(link) = self.conns.get_mut(key) else {
@@ -326,12 +326,12 @@ impl<S> Engine<S> {
             Some(BodySize::Chunked) => max_body,
             None => 0,
         };
-        // What it holds now (its unread input) becomes part of its body.
+        // What it holds now becomes part of its body: only the others count.
         let others = self.intake.charged - link.mark.charged;
         if others + need > budget && others > 0 {
             return false;
         }
-        link.conn.admit_body(&mut self.bufs, need);
+        link.conn.fund(&mut self.bufs, need);
         self.account(key);
         true
     }

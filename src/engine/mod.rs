@@ -550,9 +550,7 @@ impl<S> Engine<S> {
                         at = input.len();
                         break;
                     }
-                    if !self.admit_or_queue(key) {
-                        break;
-                    }
+                    self.fund_or_queue(key);
                 }
                 Some(Parsed::Request(req)) => {
                     self.routed(req.body.len());
@@ -861,7 +859,7 @@ impl<S> Engine<S> {
                 let rid = format!("{:x}", svc.next_id());
                 // A body that waited for the budget all along was the
                 // server's delay, not the client's.
-                let (meta, reply) = if link.conn.is_awaiting_body() {
+                let (meta, reply) = if link.conn.is_unfunded() {
                     log::debug!("request body never admitted to the budget: 503");
                     router::overloaded_close(&self.cfg, rid)
                 } else {

@@ -328,6 +328,14 @@ impl RequestReader {
         }
     }
 
+    /// Bytes of the body decoded so far.
+    pub fn body_len(&self) -> usize {
+        match &self.state {
+            State::Body(b) => b.request.body.len(),
+            State::Head => 0,
+        }
+    }
+
     /// Discards progress (after an error, or a request refused on its head).
     pub fn reset(&mut self) {
         *self = Self::default();
