@@ -535,7 +535,7 @@ impl<S> Engine<S> {
         let input: &[u8] = if owned.is_empty() { data } else { &owned };
         let mut at = 0;
         loop {
-            if !self.may_route(key) {
+            if at < input.len() && !self.may_route(key) {
                 break;
             }
             let Some(link) = self.conns.get_mut(key) else {
