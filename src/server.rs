@@ -536,10 +536,13 @@ impl Server {
         loop {
             if self.engine.connections() >= self.max_conns {
                 // As nginx does: the longest-idle keep-alive connection
-                // makes room (its client reconnects when it needs to).
-                if let Some(key) = self.engine.evict_idle() {
-                    self.close_now(key);
-                    continue;
+                // makes room (its client reconnects when it needs to) —
+                // only for a connection that is waiting.
+                if self.connection_waiting() {
+                    if let Some(key) = self.engine.evict_idle() {
+                        self.close_now(key);
+                        continue;
+                    }
                 }
                 if !self.accept_paused {
                     self.warn_paused();
@@ -610,6 +613,20 @@ impl Server {
                 self.pause_warned = Some((now, 0));
             }
         }
+    }
+
+    /// Whether a connection waits in the listen backlog (a zero-timeout
+    /// `poll` of the listener: at the limit, only then is one evicted).
+    fn connection_waiting(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, and its count.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & libc::POLLIN != 0
     }
 
     /// Closes and forgets connection `key` at once (it was evicted).

@@ -283,6 +283,17 @@ impl Drop for Binary {
     }
 }
 
+/// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`, …).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 // ------------------------------------------------------------------ requests
 
 /// `POST path` with a JSON body, `Host`, and `extra` header lines (each ending in CRLF).
@@ -446,6 +457,21 @@ impl Client {
         use socket2::{Domain, Socket, Type};
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
         s.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        s.connect(&addr.into()).expect("connect");
+        let sock: TcpStream = s.into();
+        sock.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        sock.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+        sock.set_nodelay(true).unwrap();
+        Client::from_stream(sock)
+    }
+
+    /// Connects from the loopback address `from` (e.g. `127.0.0.2`), so a
+    /// test can be two clients at once for per-address limits.
+    pub fn connect_from(addr: SocketAddr, from: &str) -> Client {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+        let local: SocketAddr = format!("{from}:0").parse().expect("an IP address");
+        s.bind(&local.into()).expect("bind the client's address");
         s.connect(&addr.into()).expect("connect");
         let sock: TcpStream = s.into();
         sock.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
