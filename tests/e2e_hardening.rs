@@ -280,8 +280,8 @@ fn connections_beyond_the_per_address_limit_get_429_and_close() {
 
 #[test]
 fn pipelined_large_bodies_do_not_stall_another_clients_stream() {
-    const FLOODERS: usize = 4;
-    const BODIES: usize = 12;
+    const FLOODERS: usize = 32;
+    const BODIES: usize = 4;
     let srv = start(&["--sim-ttft-ms", "0", "--sim-itl-ms", "20"]);
     // Valid JSON to the end (1 MiB of it), refused only after: every
     // byte is parsed on the loop.
@@ -328,12 +328,20 @@ fn pipelined_large_bodies_do_not_stall_another_clients_stream() {
     let deferred = load(&srv.metrics.requests_deferred);
     assert!(deferred > 0, "no request waited for a later turn");
     assert_eq!(answered.load(SeqCst), (FLOODERS * BODIES) as u64);
-    // Loose on purpose (a debug build, and the flooders share two cores
-    // with the server): before, the gap grew with the number of bodies
-    // that completed in the same turn.
+    // Before, every body that completed in a turn was parsed in it: the
+    // gap grew with the number of pipelining clients (170-270 ms here
+    // with 32, in a debug build); now about 30 ms. The bound leaves room
+    // for two shared cores.
     let worst = gaps.iter().skip(1).max().copied().unwrap_or_default();
-    eprintln!("worst inter-token gap beside {FLOODERS} pipelining clients: {worst:?}");
-    assert!(worst < Duration::from_millis(400), "worst gap {worst:?}");
+    let text = srv.metrics.render(false);
+    let within = prom_value(&text, "sluice_inter_token_seconds_bucket{le=\"0.05\"}").unwrap();
+    let all = prom_value(&text, "sluice_inter_token_seconds_count").unwrap();
+    eprintln!(
+        "beside {FLOODERS} pipelining clients: worst inter-token gap {worst:?}; \
+         the server saw {} of {all} gaps over 50 ms",
+        all - within
+    );
+    assert!(worst < Duration::from_millis(100), "worst gap {worst:?}");
 }
 
 // ------------------------------------------------------------- 6. HEAD
@@ -550,4 +558,198 @@ fn accepting_paused_is_not_logged_at_every_pause() {
         .collect();
     assert_eq!(paused.len(), 1, "{paused:?}");
     assert_eq!(load(&m.connections_evicted), 0, "no connection was idle");
+}
+
+// ------------------------------------------- full size, run by hand
+//
+// The floods of the issue at full size, for the figures in the README:
+//   cargo build --release
+//   cargo test --test e2e_hardening -- --ignored --nocapture --test-threads 1
+// They measure target/release/sluice when it exists (else the debug build)
+// with default flags, and print what they measured.
+
+/// The build the full-size floods measure.
+fn measured(args: &[&str]) -> Binary {
+    let release = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/release/sluice"
+    ));
+    let program = if release.exists() {
+        release
+    } else {
+        std::path::Path::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    eprintln!("measuring {}", program.display());
+    let mut all = vec!["--log-level", "error"];
+    all.extend_from_slice(args);
+    Binary::spawn_program(program, &all, &[])
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+#[test]
+#[ignore = "full size: run by hand for the README's figures"]
+fn full_size_100_mib_of_chunk_framing_on_one_connection() {
+    let bin = measured(&[]);
+    healthz_within(bin.addr, Duration::from_secs(5));
+    let head = b"POST /v1/chat/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+    // 1-byte chunks with 1 KiB extensions, 100 MiB of them.
+    let piece = format!("1;{}\r\nx\r\n", "e".repeat(1017)).repeat(64);
+    let t = Instant::now();
+    let answer = upload(bin.addr, head, piece.as_bytes(), 100 << 20, b"", true);
+    let status = parse_responses(&answer).first().map(|r| r.status());
+    let peak = hwm(&bin);
+    eprintln!(
+        "100 MiB of 1-byte chunks with 1 KiB extensions: answer {status:?} after {:?}; VmHWM {:.1} MiB, VmRSS {:.1} MiB",
+        t.elapsed(),
+        mib(peak),
+        mib(proc_kib(bin.pid(), "VmRSS"))
+    );
+    assert_eq!(status, Some(400));
+    assert!(peak < 64 * MIB, "VmHWM {peak} KiB");
+    // Fair framing up to the body limit: 1 MiB of 1-byte chunks (6 MiB).
+    let mut body = "1\r\n \r\n".repeat((1 << 20) - 40);
+    body.insert_str(0, "1e\r\n{\"prompt\":\"hi\",\"max_tokens\":2 \r\n");
+    body.push_str("1\r\n}\r\n0\r\n\r\n");
+    let mut c = Client::connect(bin.addr);
+    let t = Instant::now();
+    c.send(head);
+    c.send(body.as_bytes());
+    assert_eq!(c.read_head().status, 200);
+    c.events_to_end();
+    let peak = hwm(&bin);
+    eprintln!(
+        "6 MiB of 1-byte chunks for a 1 MiB body: streamed after {:?}; VmHWM {:.1} MiB",
+        t.elapsed(),
+        mib(peak)
+    );
+    assert!(peak < 64 * MIB, "VmHWM {peak} KiB");
+}
+
+#[test]
+#[ignore = "full size: run by hand for the README's figures"]
+fn full_size_3000_uploads_of_1_mib_less_one_byte() {
+    const CONNS: usize = 3000;
+    let bin = measured(&[]);
+    healthz_within(bin.addr, Duration::from_secs(5));
+    let mut req = format!(
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        1 << 20
+    )
+    .into_bytes();
+    req.resize(req.len() + (1 << 20) - 1, b' ');
+    let mut socks: Vec<(TcpStream, usize)> = (0..CONNS)
+        .map(|_| {
+            let s = TcpStream::connect(bin.addr).unwrap();
+            s.set_nonblocking(true).unwrap();
+            (s, 0)
+        })
+        .collect();
+    let t = Instant::now();
+    let mut worst_healthz = Duration::ZERO;
+    let mut next_probe = Instant::now();
+    while t.elapsed() < Duration::from_secs(7) {
+        let mut progress = false;
+        for (s, sent) in socks.iter_mut().filter(|(_, n)| *n < req.len()) {
+            if let Ok(n) = s.write(&req[*sent..]) {
+                *sent += n;
+                progress = true;
+            }
+        }
+        if Instant::now() >= next_probe {
+            worst_healthz = worst_healthz.max(healthz_within(bin.addr, Duration::from_secs(1)));
+            next_probe = Instant::now() + Duration::from_millis(250);
+        }
+        if !progress {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let sent: usize = socks.iter().map(|(_, n)| n).sum();
+    let text = scrape(bin.addr);
+    let held = prom_value(&text, "sluice_request_bytes_buffered").unwrap_or(-1.0);
+    let peak = hwm(&bin);
+    eprintln!(
+        "{CONNS} connections sent {:.0} MiB of bodies in 7 s: {:.0} MiB held, VmHWM {:.1} MiB, worst /healthz {worst_healthz:?}",
+        sent as f64 / 1048576.0,
+        held / 1048576.0,
+        mib(peak)
+    );
+    assert!(peak < 600 * MIB, "VmHWM {peak} KiB");
+    assert!(worst_healthz < Duration::from_secs(1));
+}
+
+#[test]
+#[ignore = "full size: run by hand for the README's figures"]
+fn full_size_200_idle_keep_alive_connections_at_the_limit() {
+    let bin = measured(&["--max-connections", "200"]);
+    let mut idle: Vec<Client> = (0..200).map(|_| Client::connect(bin.addr)).collect();
+    for c in &mut idle {
+        assert_eq!(c.roundtrip(&get("/healthz", "")).status(), 200);
+    }
+    let mut worst = Duration::ZERO;
+    for _ in 0..100 {
+        let t = Instant::now();
+        let mut c = Client::connect(bin.addr);
+        assert_eq!(c.roundtrip(&get("/healthz", "")).status(), 200);
+        worst = worst.max(t.elapsed());
+        idle.push(c);
+    }
+    eprintln!("100 new clients at --max-connections 200, all held idle: worst {worst:?}");
+    assert!(worst < Duration::from_secs(2));
+}
+
+#[test]
+#[ignore = "full size: run by hand for the README's figures"]
+fn full_size_pipelined_1_mib_bodies_beside_a_stream() {
+    const FLOODERS: usize = 8;
+    const BODIES: usize = 16;
+    let bin = measured(&[]);
+    let body = format!(
+        r#"{{"prompt":"{}","max_tokens":0}}"#,
+        "a".repeat((1 << 20) - 40)
+    );
+    let req = post_stream(&body).repeat(BODIES);
+    let flooders: Vec<_> = (0..FLOODERS)
+        .map(|_| {
+            let (addr, req) = (bin.addr, req.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let mut w = c.sock.try_clone().unwrap();
+                let writer = std::thread::spawn(move || {
+                    let _ = w.write_all(&req);
+                });
+                for _ in 0..BODIES {
+                    assert_eq!(c.read_response().status(), 400);
+                }
+                writer.join().unwrap();
+            })
+        })
+        .collect();
+    let mut c = Client::connect(bin.addr);
+    c.send(&post_stream(r#"{"prompt":"steady","max_tokens":64}"#));
+    assert_eq!(c.read_head().status, 200);
+    let mut last = Instant::now();
+    let mut gaps = Vec::new();
+    while let Some(e) = c.next_event() {
+        gaps.push(last.elapsed());
+        last = Instant::now();
+        let _ = e;
+    }
+    for f in flooders {
+        f.join().unwrap();
+    }
+    gaps.remove(0);
+    gaps.sort();
+    let worst = *gaps.last().unwrap();
+    eprintln!(
+        "inter-token gap (--sim-itl-ms 20) beside {FLOODERS} clients pipelining {BODIES} bodies of 1 MiB: median {:?}, worst {worst:?}",
+        gaps[gaps.len() / 2]
+    );
+    let text = scrape(bin.addr);
+    eprintln!(
+        "requests deferred to a later turn: {:?}",
+        prom_value(&text, "sluice_requests_deferred_total")
+    );
 }

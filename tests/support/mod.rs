@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -173,7 +174,12 @@ pub fn eventually(m: &Metrics, timeout: Duration, what: &str, cond: impl FnMut()
 /// The `sluice` binary, with every `SLUICE_*` variable of this process
 /// removed from its environment: it sees only what the test gives it.
 pub fn sluice_command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    program_command(Path::new(env!("CARGO_BIN_EXE_sluice")))
+}
+
+/// [`sluice_command`] for another build of it (say the release one).
+pub fn program_command(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("SLUICE_") {
             cmd.env_remove(k);
@@ -206,7 +212,12 @@ impl Binary {
     /// otherwise) with only `env` added to a clean environment, and waits
     /// (bounded) for its `listening on` line.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Binary {
-        let mut child = sluice_command()
+        Binary::spawn_program(Path::new(env!("CARGO_BIN_EXE_sluice")), args, env)
+    }
+
+    /// [`Binary::spawn`] of another build (measurements use the release one).
+    pub fn spawn_program(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut child = program_command(program)
             .args(with_defaults(args, &[("--listen", "127.0.0.1:0")]))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
