@@ -148,6 +148,9 @@ pub struct Conn {
     reserved: usize,
     /// The request being answered is a `HEAD`: its answer has no body.
     answering_head: bool,
+    /// The request line and `Origin` of the head whose body is being read,
+    /// for the answer if the body turns out bad.
+    body_of: Option<Box<(ReqLine, Option<String>)>>,
     /// The request being answered and when it was parsed, for the access log.
     current: Option<Box<(ReqLine, Instant)>>,
 }
@@ -171,6 +174,7 @@ impl Conn {
             continue_wanted: false,
             reserved: 0,
             answering_head: false,
+            body_of: None,
             current: None,
         }
     }
@@ -239,10 +243,16 @@ impl Conn {
     }
 
     /// Request bytes this connection holds or has been promised: its unread
-    /// input, and the body being read (what is decoded so far, or the whole
-    /// reservation made for it). The engine sums this over connections.
+    /// input and the body decoded so far, or the reservation made for its
+    /// body if that is more. The engine sums this over connections.
     pub fn charge(&self) -> usize {
-        self.inbuf.len() + self.reserved.max(self.reader.body_len())
+        self.reserved.max(self.inbuf.len() + self.reader.body_len())
+    }
+
+    /// How much more of its reservation the request being read may fill.
+    pub fn reserve_slack(&self) -> usize {
+        self.reserved
+            .saturating_sub(self.inbuf.len() + self.reader.body_len())
     }
 
     /// Whether a body is being read without a reservation (it waits for
@@ -358,7 +368,15 @@ impl Conn {
                 if self.head_started.is_none() {
                     self.head_started = Some(now);
                 }
-                self.answering_head = self.head().is_some_and(|h| h.method == Method::Head);
+                if let Some(h) = self.reader.head() {
+                    self.answering_head = h.method == Method::Head;
+                    let line = ReqLine {
+                        method: h.method_str.clone(),
+                        path: h.path.clone(),
+                    };
+                    let origin = h.header("origin").map(str::to_string);
+                    self.body_of = Some(Box::new((line, origin)));
+                }
                 self.unfunded = true;
                 self.continue_wanted = expect_continue;
                 Some(Parsed::Head { expect_continue })
@@ -369,6 +387,7 @@ impl Conn {
                 self.reserved = 0;
                 self.unfunded = false;
                 self.continue_wanted = false;
+                self.body_of = None;
                 self.answering_head = request.method == Method::Head;
                 self.current = Some(Box::new((
                     ReqLine {
@@ -380,15 +399,9 @@ impl Conn {
                 Some(Parsed::Request(request))
             }
             Err(err) => {
-                let (line, origin) = match self.reader.head() {
+                let (line, origin) = match self.body_of.take() {
                     // The error is in the body: its head is known.
-                    Some(h) => (
-                        Some(ReqLine {
-                            method: h.method_str.clone(),
-                            path: h.path.clone(),
-                        }),
-                        h.header("origin").map(str::to_string),
-                    ),
+                    Some(b) => (Some(b.0), b.1),
                     None => match peek_head(&input[*at..]) {
                         Some((l, o)) => (Some(l), o),
                         None => (None, None),
@@ -426,6 +439,7 @@ impl Conn {
     /// the caller answers and closes, and drops the input).
     pub fn drop_request(&mut self) {
         self.reader.reset();
+        self.body_of = None;
         self.unfunded = false;
         self.continue_wanted = false;
         self.reserved = 0;

@@ -12,10 +12,14 @@
 //! until then no more of it is read from the socket (it waits in TCP),
 //! though what already arrived is read (a small request that came whole is
 //! served at once). So every funded body can finish (no two uploads wait
-//! for each other's memory), and what the server holds never grows past
-//! the budget by more than one request head per connection: heads are
-//! still read, so that `/healthz` is answered during a flood, but near the
-//! budget only one head's worth at a time.
+//! for each other's memory).
+//!
+//! No read takes more than the budget has room for, so the total never
+//! grows past it. Reservations may fill [`FUND_SHARE`] of it; the rest is
+//! kept for request heads (and what arrives with them), which are read
+//! [`HEAD_READ`] bytes at a time once the budget is half full: so that
+//! `/healthz` is still answered while uploads flood the server. A
+//! connection that finds no room is read again when room comes back.
 //!
 //! Routing (JSON parsing included) is bounded per phase of a loop turn:
 //! after [`ROUTE_BUDGET`] bytes of bodies, further complete requests wait
@@ -35,9 +39,12 @@ use crate::router;
 /// Bytes of request bodies routed in one phase of a loop turn before the
 /// rest waits for the next (the first request of a phase always goes).
 pub const ROUTE_BUDGET: usize = 256 * 1024;
-/// Below this much room in the budget, a connection between bodies is read
-/// at most one request head at a time.
-const HEADROOM: usize = 256 * 1024;
+/// Reservations of bodies may take up to 7/8 of the budget; the rest is
+/// for request heads.
+pub const FUND_SHARE: (usize, usize) = (7, 8);
+/// Once the budget is half full, a connection between bodies is read this
+/// much at a time (a request head fits; an upload's first bytes stay few).
+pub const HEAD_READ: usize = 4096;
 
 /// The engine's bookkeeping of what comes in.
 pub(super) struct Intake {
@@ -56,6 +63,8 @@ pub(super) struct Intake {
     routed: bool,
     /// Connections with complete requests left for the next phase.
     deferred: VecDeque<(usize, u32)>,
+    /// Connections not read for want of room in the budget.
+    starved: Vec<(usize, u32)>,
 }
 
 impl Default for Intake {
@@ -70,6 +79,7 @@ impl Default for Intake {
             route_left: usize::MAX,
             routed: false,
             deferred: VecDeque::new(),
+            starved: Vec::new(),
         }
     }
 }
@@ -85,27 +95,58 @@ pub(super) struct Mark {
     pub ip: Option<IpAddr>,
     /// In [`Intake::deferred`]: not read until its kept requests are routed.
     pub deferred: bool,
+    /// In [`Intake::starved`].
+    pub starved: bool,
 }
 
 impl<S> Engine<S> {
     /// How many bytes the server may read from `key` now (0: none). A body
     /// waiting for the budget, or requests left for the next phase, are not
-    /// read; when the budget is nearly full, a connection between bodies is
-    /// read one head at a time.
-    pub fn read_allowance(&self, key: usize) -> usize {
+    /// read; otherwise no more than the budget (and the connection's own
+    /// reservation) has room for. A connection refused for want of room is
+    /// read again when there is some ([`Engine::fund_waiting`]).
+    pub fn read_allowance(&mut self, key: usize) -> usize {
+        let n = self.allowance(key);
+        if n == 0 && self.allowance_ignoring_budget(key) {
+            if let Some(link) = self.conns.get_mut(key).filter(|l| !l.mark.starved) {
+                link.mark.starved = true;
+                self.intake.starved.push((key, link.serial));
+            }
+        }
+        n
+    }
+
+    /// [`Engine::read_allowance`] without noting anything.
+    pub fn allowance(&self, key: usize) -> usize {
         let Some(link) = self.conns.get(key) else {
             return 0;
         };
-        if link.mark.deferred || !link.conn.wants_read(&self.cfg) {
+        let c = &link.conn;
+        if link.mark.deferred || !c.wants_read(&self.cfg) {
             return 0;
         }
-        let tight = self.intake.charged + HEADROOM > self.cfg.max_buffered_bytes;
-        if tight && link.conn.is_reading() && link.conn.body_size().is_none() {
-            return (self.cfg.max_head_bytes + 1)
-                .saturating_sub(link.conn.charge())
-                .max(1);
+        if !c.is_reading() && !c.is_responding() {
+            // Closing: what it reads is dropped.
+            return usize::MAX;
         }
-        usize::MAX
+        let budget = self.cfg.max_buffered_bytes;
+        let room = budget.saturating_sub(self.intake.charged);
+        if c.is_reading() && c.body_size().is_some() {
+            // A funded body: its own reservation's slack, and the room.
+            return c.reserve_slack().saturating_add(room);
+        }
+        if self.intake.charged >= budget / 2 {
+            room.min(HEAD_READ)
+        } else {
+            room
+        }
+    }
+
+    /// Whether `key` would be read but for the budget.
+    fn allowance_ignoring_budget(&self, key: usize) -> bool {
+        self.conns
+            .get(key)
+            .is_some_and(|l| !l.mark.deferred && l.conn.wants_read(&self.cfg))
     }
 
     /// Request bytes held (or reserved) by every connection.
@@ -114,9 +155,18 @@ impl<S> Engine<S> {
     }
 
     /// Funds the bodies waiting for the budget that fit now, first come
-    /// first served (the server then reads them again). The server calls
-    /// it once per loop turn.
+    /// first served, and marks the connections starved of room for reading
+    /// again if there is room (the server reads them again). The server
+    /// calls it once per loop turn.
     pub fn fund_waiting(&mut self) {
+        if !self.intake.starved.is_empty() && self.intake.charged < self.cfg.max_buffered_bytes {
+            for (key, serial) in std::mem::take(&mut self.intake.starved) {
+                if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
+                    link.mark.starved = false;
+                    self.touch(key);
+                }
+            }
+        }
         while let Some(&(key, serial)) = self.intake.waiting.front() {
             let valid = self
                 .conns
@@ -328,7 +378,8 @@ impl<S> Engine<S> {
         };
         // What it holds now becomes part of its body: only the others count.
         let others = self.intake.charged - link.mark.charged;
-        if others + need > budget && others > 0 {
+        let share = budget / FUND_SHARE.1 * FUND_SHARE.0;
+        if others + need > share && others > 0 {
             return false;
         }
         link.conn.fund(&mut self.bufs, need);

@@ -241,7 +241,7 @@ impl<S> Engine<S> {
     /// Whether the server should read `key`'s socket now (see
     /// [`Engine::read_allowance`] for how much).
     pub fn wants_read(&self, key: usize) -> bool {
-        self.read_allowance(key) > 0
+        self.allowance(key) > 0
     }
 
     /// Whether `key` has a stream attached (its FIN means it left).

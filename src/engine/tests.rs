@@ -2239,6 +2239,11 @@ fn a_chunked_body_is_decoded_as_it_arrives() {
     let out = h.flush();
     assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
     assert!(out.contains("chunk extensions too large"), "{out}");
+    // The access log names the request whose body was bad.
+    assert_eq!(
+        h.svc.access.last(),
+        Some(&(400, "/v1/chat/stream".to_string()))
+    );
     assert!(out.contains("Connection: close"), "{out}");
     assert_eq!(h.e.buffered_bytes(), 0);
 }
@@ -2391,4 +2396,47 @@ fn connections_beyond_the_per_address_limit_get_429() {
     let d = open_from(&mut h, "[::ffff:127.0.0.1]:5");
     assert!(h.e.pending(d).is_empty());
     assert_eq!(h.metrics.refused_count(429), 1);
+}
+
+#[test]
+fn no_read_takes_more_than_the_budget_has_room_for() {
+    const BUDGET: usize = 64 << 10;
+    let mut h = H::new(&["--max-buffered-bytes", "65536", "--max-body-bytes", "16384"]);
+    let keys: Vec<usize> = (0..20)
+        .map(|i| open_from(&mut h, &format!("127.0.0.{}:1", i + 2)))
+        .collect();
+    // Each declares 16 KiB and sends all but one byte of it, as fast as it
+    // is allowed (reads of at most 64 KiB).
+    let mut upload = post_len(16384).into_bytes();
+    upload.resize(upload.len() + 16383, b' ');
+    let mut sent = vec![0; keys.len()];
+    for _ in 0..20 {
+        for (i, &k) in keys.iter().enumerate() {
+            let n =
+                h.e.read_allowance(k)
+                    .min(upload.len() - sent[i])
+                    .min(64 << 10);
+            if n > 0 {
+                h.e.handle_read(&mut h.svc, k, &upload[sent[i]..sent[i] + n], h.now);
+                sent[i] += n;
+            }
+            assert!(h.e.buffered_bytes() <= BUDGET, "{}", h.e.buffered_bytes());
+        }
+        h.e.fund_waiting();
+    }
+    // Three bodies are funded (7/8 of 64 KiB); the rest wait, unread, and
+    // the last eighth is left for heads.
+    let funded = keys.iter().filter(|&&k| h.e.wants_read(k)).count();
+    assert_eq!(sent.iter().filter(|&&n| n == upload.len()).count(), 3);
+    assert_eq!(funded, 3, "the funded ones wait for their last byte");
+    assert!(h.e.allowance(K) > 0, "a head can still be read");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(h.flush().starts_with("HTTP/1.1 200 OK"));
+    // The funded ones leave: the next in line are funded and read.
+    for &k in &keys[..3] {
+        h.e.handle_reset(&mut h.svc, k, h.now);
+        h.e.remove(k);
+    }
+    h.e.fund_waiting();
+    assert_eq!(keys.iter().filter(|&&k| h.e.wants_read(k)).count(), 3);
 }
