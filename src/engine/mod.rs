@@ -10,6 +10,10 @@
 //! [`crate::router`]; a stream is created in the [`StreamTable`] and its
 //! connection attached as its subscriber; a stream's encoded events go to
 //! whichever connection is attached now; a connection that leaves detaches.
+//! What comes in is bounded in `intake.rs`: the server-wide budget of
+//! buffered request bytes ([`Engine::read_allowance`], bodies funded first
+//! come first served), routing per phase of a loop turn, idle keep-alive
+//! connections evicted at the connection limit, connections per address.
 //! Tests drive an `Engine<()>` with a simulated clock and scripted
 //! producers, and assert on exact bytes.
 
