@@ -354,27 +354,35 @@ impl Stream {
             prompt_tokens,
             ..
         } = self;
-        let mut emit = |b: &mut Vec<u8>, log: &mut Option<Box<ReplayLog>>, text: &str| {
-            stage::run(stages, text, &mut |t: &str| {
-                if t.is_empty() {
+        // `delta`: a choice's other fields (tool calls and the like): no
+        // token, no seq; only the OpenAI shapes carry them.
+        let mut emit =
+            |b: &mut Vec<u8>, log: &mut Option<Box<ReplayLog>>, text: &str, delta: bool| {
+                if delta {
+                    encoder.delta(b, text);
+                    *last_event_at = now;
                     return;
                 }
-                *tokens += 1;
-                let seq = u64::from(*tokens);
-                let at = b.len();
-                encoder.token(b, log.is_some().then_some((&**sid, seq)), t);
-                if let Some(log) = log.as_mut() {
-                    log.push(seq, &b[at..]);
-                }
-                if let Some(prev) = *last_token_at {
-                    cx.metrics.inter_token.observe(now - prev);
-                } else {
-                    *first_token_at = Some(now);
-                }
-                *last_token_at = Some(now);
-                *last_event_at = now;
-            });
-        };
+                stage::run(stages, text, &mut |t: &str| {
+                    if t.is_empty() {
+                        return;
+                    }
+                    *tokens += 1;
+                    let seq = u64::from(*tokens);
+                    let at = b.len();
+                    encoder.token(b, log.is_some().then_some((&**sid, seq)), t);
+                    if let Some(log) = log.as_mut() {
+                        log.push(seq, &b[at..]);
+                    }
+                    if let Some(prev) = *last_token_at {
+                        cx.metrics.inter_token.observe(now - prev);
+                    } else {
+                        *first_token_at = Some(now);
+                    }
+                    *last_token_at = Some(now);
+                    *last_event_at = now;
+                });
+            };
         // Detached, the replay log's room is the budget.
         let full = |b: &Vec<u8>, log: &Option<Box<ReplayLog>>| {
             if detached {
@@ -388,7 +396,7 @@ impl Stream {
         match prod {
             Prod::Sim { text, next_due } => {
                 while *produced < text.total && *next_due <= now && !full(buf, log) {
-                    emit(buf, log, text.token(*produced));
+                    emit(buf, log, text.token(*produced), false);
                     *produced += 1;
                     *next_due += itl;
                 }
@@ -413,8 +421,12 @@ impl Stream {
                         }));
                         return false;
                     }
-                    emit(buf, log, t);
+                    emit(buf, log, t, false);
                     *produced += 1;
+                    !full(buf, log)
+                }
+                Piece::Delta(raw) => {
+                    emit(buf, log, raw, true);
                     !full(buf, log)
                 }
                 Piece::Done(f) => {
