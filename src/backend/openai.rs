@@ -18,6 +18,8 @@ use std::marker::PhantomData;
 use std::net::TcpStream;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -46,6 +48,72 @@ pub struct UpstreamConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// The probe's check: `GET {base}/models`; any HTTP answer counts as
+/// reachable. The first answer is also read for what a new user gets wrong:
+/// a 404 (the URL probably lacks its `/v1`), or an `--upstream-model` the
+/// upstream does not list.
+fn models_check(
+    client: Arc<Client>,
+    authorization: Option<String>,
+    model: Option<String>,
+    url: String,
+) -> impl FnMut() -> bool + Send + 'static {
+    let mut diagnosed = false;
+    move || {
+        let path = format!("{}/models", client.base_path());
+        let headers: Vec<(&str, &str)> = authorization
+            .iter()
+            .map(|a| ("Authorization", a.as_str()))
+            .collect();
+        let Ok(mut resp) = client.get(&path, &headers, &upstream::Never) else {
+            return false;
+        };
+        let status = resp.status();
+        let mut body = Vec::new();
+        while body.len() < 1 << 20 {
+            match resp.read_body(&mut body) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        resp.release();
+        if !std::mem::replace(&mut diagnosed, true) {
+            diagnose_models(&url, status, &body, model.as_deref());
+        }
+        true
+    }
+}
+
+/// Start-up warnings from the upstream's first `GET …/models` answer.
+fn diagnose_models(url: &str, status: u16, body: &[u8], model: Option<&str>) {
+    match status {
+        200..=299 => {
+            let Some(model) = model else {
+                return;
+            };
+            let listed: Vec<String> = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v["data"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|m| m["id"].as_str().map(String::from))
+                .collect();
+            if !listed.is_empty() && !listed.iter().any(|m| m == model) {
+                log::warn!(
+                    "the upstream at {url} does not list the model {model:?} (--upstream-model); it lists: {}",
+                    listed.join(", ")
+                );
+            }
+        }
+        404 => log::warn!(
+            "GET {url}/models answered 404: --upstream-url is probably missing its API base \
+             (for most servers it ends in /v1, e.g. http://127.0.0.1:8081/v1)"
+        ),
+        401 | 403 => log::warn!("GET {url}/models answered {status}: check --upstream-key"),
+        _ => log::info!("GET {url}/models answered {status}"),
+    }
+}
+
 /// How often `/readyz` reachability is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Largest error body read to find the upstream's message.
@@ -54,7 +122,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The `--backend openai` backend.
 pub struct OpenAiBackend {
     cfg: UpstreamConfig,
-    client: Client,
+    client: Arc<Client>,
     /// Path of the chat completions endpoint.
     path: String,
     /// `Authorization` header value.
@@ -89,10 +157,15 @@ impl OpenAiBackend {
             Some(k) => Some(format!("Bearer {k}")),
             None => None,
         };
+        let client = Arc::new(client);
         let probe = Probe::start(
-            client.host().to_string(),
-            client.port(),
-            cfg.connect_timeout.min(Duration::from_secs(1)),
+            cfg.url.clone(),
+            models_check(
+                client.clone(),
+                authorization.clone(),
+                cfg.model.clone(),
+                cfg.url.clone(),
+            ),
             PROBE_INTERVAL,
         );
         Ok(OpenAiBackend {
