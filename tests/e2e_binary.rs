@@ -215,3 +215,42 @@ fn sighup_reloads_the_key_file_without_dropping_a_stream() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_access_fields() {
+    let bin = Binary::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--sim-ttft-ms",
+            "0",
+            "--sim-itl-ms",
+            "0",
+        ],
+        &[],
+    );
+    let (head, _) = stream_events(bin.addr, &post_stream(r#"{"prompt":"x","max_tokens":2}"#));
+    let sid = head.header("x-stream-id").unwrap().to_string();
+    assert!(log_shows(&bin, "outcome=done"), "{:?}", bin.log());
+    let access: Vec<serde_json::Value> = bin
+        .log()
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("each log line is one JSON object"))
+        .filter(|v: &serde_json::Value| v["target"] == "sluice::access")
+        .collect();
+    let a = access.last().expect("an access line");
+    assert_eq!(a["method"], "POST");
+    assert_eq!(a["path"], "/v1/chat/stream");
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["outcome"], "done");
+    assert_eq!(a["stream"], sid.as_str());
+    assert_eq!(a["tokens"], 2);
+    assert!(
+        a["ttft_ms"].is_number() && a["duration_ms"].is_number(),
+        "{a}"
+    );
+    assert!(a["time"].as_str().unwrap().ends_with('Z'));
+}

@@ -119,6 +119,7 @@ impl<S> Engine<S> {
         };
         let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
         log::info!(
+            target: crate::logging::ACCESS,
             "{} {} 200 request_id={} resume stream={sid} after={after}",
             line.method,
             line.path,

@@ -73,6 +73,8 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct StreamSummary {
     pub id: u64,
+    /// The id clients see.
+    pub sid: Box<str>,
     pub request_id: String,
     pub line: ReqLine,
     pub outcome: Outcome,
@@ -639,6 +641,7 @@ impl Stream {
             .fetch_add(self.tokens as u64, Relaxed);
         Some(StreamSummary {
             id: self.id,
+            sid: self.sid.clone(),
             request_id: self.request_id.clone(),
             line: std::mem::take(&mut self.line),
             outcome,
