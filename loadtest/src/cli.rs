@@ -120,6 +120,10 @@ pub struct Args {
     /// max_tokens of a held stream's request.
     #[arg(long, default_value_t = 4096)]
     pub hold_max_tokens: u64,
+    /// A whole JSON body for held streams (default: the measured request's
+    /// body with --hold-max-tokens).
+    #[arg(long)]
+    pub hold_body: Option<String>,
     /// Held streams per child process (each child has its own fd limit and,
     /// on loopback, its own source address 127.0.0.2, 127.0.0.3, …).
     #[arg(long, default_value_t = 15_000)]
@@ -186,7 +190,9 @@ impl Args {
             return Ok(());
         }
         if self.concurrency.is_none() && self.rate.is_none() {
-            return Err("give a load: --concurrency C (closed loop) or --rate R (open loop)".into());
+            return Err(
+                "give a load: --concurrency C (closed loop) or --rate R (open loop)".into(),
+            );
         }
         if self.concurrency == Some(0) {
             return Err("--concurrency must be at least 1".into());
@@ -207,6 +213,10 @@ impl Args {
         }
         if self.max_inflight == 0 {
             return Err("--max-inflight must be at least 1".into());
+        }
+        if let Some(b) = &self.hold_body {
+            serde_json::from_str::<serde_json::Value>(b)
+                .map_err(|e| format!("--hold-body is not JSON: {e}"))?;
         }
         if let Some(g) = &self.goodput {
             crate::stats::parse_goodput(g)?;
@@ -270,12 +280,18 @@ mod tests {
         let p = |a: &[&str]| {
             let mut v = vec!["sluice-load", "--url", "http://127.0.0.1:1/x"];
             v.extend_from_slice(a);
-            Args::try_parse_from(v).map_err(|e| e.to_string()).and_then(|a| a.validate())
+            Args::try_parse_from(v)
+                .map_err(|e| e.to_string())
+                .and_then(|a| a.validate())
         };
         assert!(p(&["--concurrency", "2", "--requests", "3"]).is_ok());
         assert!(p(&["--rate", "5", "--duration", "1s"]).is_ok());
-        assert!(p(&["--requests", "3"]).unwrap_err().contains("--concurrency"));
-        assert!(p(&["--concurrency", "2"]).unwrap_err().contains("--requests"));
+        assert!(p(&["--requests", "3"])
+            .unwrap_err()
+            .contains("--concurrency"));
+        assert!(p(&["--concurrency", "2"])
+            .unwrap_err()
+            .contains("--requests"));
         assert!(p(&["--concurrency", "2", "--rate", "3", "--requests", "1"]).is_err());
         assert!(p(&["--concurrency", "2", "--requests", "1", "--goodput", "x"]).is_err());
     }

@@ -29,7 +29,10 @@ pub enum Load {
     /// `users` virtual users, each sending its next request when its stream ends.
     Closed { users: usize },
     /// Requests on the arrival process's schedule; at most `max_inflight` at once.
-    Open { arrivals: Arrivals, max_inflight: usize },
+    Open {
+        arrivals: Arrivals,
+        max_inflight: usize,
+    },
 }
 
 /// Client faults: a share of the measured requests gets one of these.
@@ -136,6 +139,7 @@ pub struct Engine<'a> {
     /// Peak CPU in one second (% of one core).
     pub cpu_peak: f64,
     pub cpu_busy_seconds: u64,
+    ticks: u64,
 }
 
 const READ_BUF: usize = 64 * 1024;
@@ -169,6 +173,7 @@ impl<'a> Engine<'a> {
             sampler,
             cpu_peak: 0.0,
             cpu_busy_seconds: 0,
+            ticks: 0,
         })
     }
 
@@ -195,7 +200,10 @@ impl<'a> Engine<'a> {
             self.next_arrival = Some(self.start + arrivals.next_offset());
         }
         // A hard stop, whatever happens: the bound plus the timeout plus slack.
-        let hard_stop = self.plan.duration.map(|d| self.start + d + self.plan.timeout + Duration::from_secs(10));
+        let hard_stop = self
+            .plan
+            .duration
+            .map(|d| self.start + d + self.plan.timeout + Duration::from_secs(10));
         loop {
             let now = Instant::now();
             self.issue_due(now);
@@ -213,14 +221,22 @@ impl<'a> Engine<'a> {
             let wake = self.next_wake(now);
             let wait = wake.saturating_duration_since(Instant::now());
             // epoll waits in whole ms: spin for the last fraction of one.
-            let wait = if wait < Duration::from_micros(500) { Duration::ZERO } else { wait };
+            let wait = if wait < Duration::from_micros(500) {
+                Duration::ZERO
+            } else {
+                wait
+            };
             match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
             for ev in events.iter() {
-                self.on_event(ev.token().0, ev.is_writable(), ev.is_readable() || ev.is_read_closed() || ev.is_error());
+                self.on_event(
+                    ev.token().0,
+                    ev.is_writable(),
+                    ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                );
             }
         }
         if self.plan.progress {
@@ -288,14 +304,22 @@ impl<'a> Engine<'a> {
             Load::Open { max_inflight, .. } => {
                 let max = *max_inflight;
                 while (self.inflight as usize) < max {
-                    let Some((id, intended)) = self.backlog.pop_front() else { break };
+                    let Some((id, intended)) = self.backlog.pop_front() else {
+                        break;
+                    };
                     self.launch(id, None, intended, now);
                 }
                 while let Some(t) = self.next_arrival {
                     if t > now || !self.may_issue(t) {
                         break;
                     }
-                    let Load::Open { arrivals, max_inflight } = &mut self.plan.load else { unreachable!() };
+                    let Load::Open {
+                        arrivals,
+                        max_inflight,
+                    } = &mut self.plan.load
+                    else {
+                        unreachable!()
+                    };
                     let max = *max_inflight;
                     self.next_arrival = Some(self.start + arrivals.next_offset());
                     if (self.inflight as usize) < max && self.backlog.is_empty() {
@@ -338,7 +362,13 @@ impl<'a> Engine<'a> {
         if let Some(l) = last_event_id {
             headers.push(("Last-Event-ID".into(), l.to_string()));
         }
-        build_request("POST", &self.plan.target.path, &self.plan.target.host_header, &headers, body)
+        build_request(
+            "POST",
+            &self.plan.target.path,
+            &self.plan.target.host_header,
+            &headers,
+            body,
+        )
     }
 
     fn request_id(&self, id: u64) -> String {
@@ -354,13 +384,25 @@ impl<'a> Engine<'a> {
 
     fn launch(&mut self, id: u64, user: Option<usize>, intended: Instant, now: Instant) {
         let counted = id >= self.plan.warmup;
-        let fault = if counted { self.pick_fault() } else { Fault::None };
+        let fault = if counted {
+            self.pick_fault()
+        } else {
+            Fault::None
+        };
         let body = self.plan.bodies.next_body().to_vec();
         let request = self.build(id, &body, None);
         let expect = self.plan.request_ids.then(|| self.request_id(id));
-        let job = Job {
+        let mut job = Job {
             id,
-            ex: Exchange::new(self.plan.format, Record::new(counted, intended), expect),
+            ex: Exchange::new(
+                self.plan.format,
+                {
+                    let mut r = Record::new(counted, intended);
+                    r.faulted = fault != Fault::None;
+                    r
+                },
+                expect,
+            ),
             user,
             fault,
             request,
@@ -372,6 +414,9 @@ impl<'a> Engine<'a> {
             retried: false,
             resumed: false,
         };
+        if let Fault::Disconnect(k) | Fault::Resume(k) = fault {
+            job.ex.token_limit = Some(k);
+        }
         self.inflight += 1;
         self.attach(job, now);
     }
@@ -381,7 +426,9 @@ impl<'a> Engine<'a> {
         let deadline = job.deadline;
         let id = job.id;
         while let Some((key, gen)) = self.idle.pop() {
-            let Some(c) = self.conns.get_mut(key) else { continue };
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
             if c.gen != gen || c.job.is_some() {
                 continue;
             }
@@ -438,11 +485,14 @@ impl<'a> Engine<'a> {
 
     fn retarget_timeout(&mut self, key: usize, id: u64, deadline: Instant) {
         // The timeout entry names the connection now carrying the job.
-        self.timers.push(Reverse((deadline, id, key, TimerKind::Timeout)));
+        self.timers
+            .push(Reverse((deadline, id, key, TimerKind::Timeout)));
     }
 
     fn on_event(&mut self, key: usize, writable: bool, readable: bool) {
-        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
         let mut just_connected = false;
         if c.connecting {
             match c.t.connected() {
@@ -466,7 +516,9 @@ impl<'a> Engine<'a> {
     }
 
     fn write(&mut self, key: usize) {
-        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
         if c.connecting {
             return;
         }
@@ -494,7 +546,9 @@ impl<'a> Engine<'a> {
 
     fn read(&mut self, key: usize) {
         loop {
-            let Some(c) = self.conns.get_mut(key) else { return };
+            let Some(c) = self.conns.get_mut(key) else {
+                return;
+            };
             if c.connecting {
                 return;
             }
@@ -515,13 +569,15 @@ impl<'a> Engine<'a> {
             if let Fault::Slow(bps) = job.fault {
                 let now = Instant::now();
                 let (allow, last) = job.bucket.get_or_insert((0.0, now));
-                *allow = (*allow + bps as f64 * now.duration_since(*last).as_secs_f64()).min(bps as f64);
+                *allow =
+                    (*allow + bps as f64 * now.duration_since(*last).as_secs_f64()).min(bps as f64);
                 *last = now;
                 if *allow < 1.0 {
                     let wait = Duration::from_secs_f64((1.0 - *allow) / bps as f64);
                     c.paused = true;
                     let id = job.id;
-                    self.timers.push(Reverse((now + wait, id, key, TimerKind::Unpause)));
+                    self.timers
+                        .push(Reverse((now + wait, id, key, TimerKind::Unpause)));
                     return;
                 }
                 limit = limit.min(*allow as usize);
@@ -561,8 +617,12 @@ impl<'a> Engine<'a> {
 
     /// Client faults that act on token counts. True when the connection is gone or paused.
     fn apply_fault(&mut self, key: usize, now: Instant) -> bool {
-        let Some(c) = self.conns.get_mut(key) else { return true };
-        let Some(job) = c.job.as_mut() else { return true };
+        let Some(c) = self.conns.get_mut(key) else {
+            return true;
+        };
+        let Some(job) = c.job.as_mut() else {
+            return true;
+        };
         match job.fault {
             Fault::Disconnect(k) if job.ex.rec.tokens >= k && !job.ex.has_terminal() => {
                 job.ex.abort(Outcome::Disconnected, now);
@@ -573,10 +633,13 @@ impl<'a> Engine<'a> {
                 job.stall_done = true;
                 c.paused = true;
                 let id = job.id;
-                self.timers.push(Reverse((now + d, id, key, TimerKind::Unpause)));
+                self.timers
+                    .push(Reverse((now + d, id, key, TimerKind::Unpause)));
                 true
             }
-            Fault::Resume(k) if !job.resumed && job.ex.rec.tokens >= k && !job.ex.has_terminal() => {
+            Fault::Resume(k)
+                if !job.resumed && job.ex.rec.tokens >= k && !job.ex.has_terminal() =>
+            {
                 self.resume(key, now);
                 true
             }
@@ -586,7 +649,9 @@ impl<'a> Engine<'a> {
 
     /// Drops the connection mid-stream and asks for the rest with Last-Event-ID.
     fn resume(&mut self, key: usize, now: Instant) {
-        let Some(mut c) = self.remove_conn(key) else { return };
+        let Some(mut c) = self.remove_conn(key) else {
+            return;
+        };
         let mut job = c.job.take().expect("resume needs a job");
         self.stats.resume_attempted += u64::from(job.ex.rec.counted);
         let Some(last) = job.ex.rec.last_event_id.clone() else {
@@ -619,7 +684,9 @@ impl<'a> Engine<'a> {
                 break;
             }
             self.timers.pop();
-            let Some(c) = self.conns.get_mut(key) else { continue };
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
             if c.job.as_ref().is_none_or(|j| j.id != id) {
                 continue;
             }
@@ -663,15 +730,25 @@ impl<'a> Engine<'a> {
 
     /// The stream on `key` is over.
     fn finish(&mut self, key: usize, keep_alive: bool, now: Instant) {
-        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
         let Some(mut job) = c.job.take() else { return };
         c.paused = false;
         // A keep-alive connection the server had already closed: retry once on a new one.
-        if job.ex.rec.outcome == Outcome::Reset && job.reused && !job.retried && job.ex.rec.head.is_none() {
+        if job.ex.rec.outcome == Outcome::Reset
+            && job.reused
+            && !job.retried
+            && job.ex.rec.head.is_none()
+        {
             self.close(key);
-            let rec = Record::new(job.ex.rec.counted, job.ex.rec.intended);
+            let mut rec = Record::new(job.ex.rec.counted, job.ex.rec.intended);
+            rec.faulted = job.ex.rec.faulted;
             let expect = self.plan.request_ids.then(|| self.request_id(job.id));
             job.ex = Exchange::new(self.plan.format, rec, expect);
+            if let Fault::Disconnect(k) | Fault::Resume(k) = job.fault {
+                job.ex.token_limit = Some(k);
+            }
             job.retried = true;
             job.reused = false;
             self.attach_fresh(job, now);
@@ -727,7 +804,12 @@ impl<'a> Engine<'a> {
     }
 
     fn abort_all(&mut self, now: Instant) {
-        let keys: Vec<usize> = self.conns.iter().filter(|(_, c)| c.job.is_some()).map(|(k, _)| k).collect();
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.job.is_some())
+            .map(|(k, _)| k)
+            .collect();
         for key in keys {
             if let Some(job) = self.conns.get_mut(key).and_then(|c| c.job.as_mut()) {
                 job.ex.abort(Outcome::Timeout, now);
@@ -749,7 +831,14 @@ impl<'a> Engine<'a> {
         }
         let held = (self.sampler.held_open)();
         let inflight = self.inflight;
-        let s = self.stats.second(now - Duration::from_millis(1));
+        // the tick near k s samples second k-1 of the series
+        self.ticks = now
+            .duration_since(self.start)
+            .as_secs_f64()
+            .round()
+            .max(1.0) as u64;
+        let at = self.start + Duration::from_secs(self.ticks - 1);
+        let s = self.stats.second(at);
         s.inflight = inflight;
         s.held_open = held;
         s.cpu_percent = cpu;
@@ -758,7 +847,11 @@ impl<'a> Engine<'a> {
             let rate = (done - self.last_done) as f64;
             self.last_done = done;
             let p99 = self.stats.ttft.quantile_ms(0.99);
-            let warn = if cpu > 80.0 { "  (client CPU high: it may be measuring itself)" } else { "" };
+            let warn = if cpu > 80.0 {
+                "  (client CPU high: it may be measuring itself)"
+            } else {
+                ""
+            };
             progress::print_line(&format!(
                 "[{:>5.0}s] done {done}  in flight {inflight}  {rate:.0}/s  ttft p99 {p99:.2} ms  held {held}  cpu {cpu:.0}%{warn}",
                 now.duration_since(self.start).as_secs_f64()

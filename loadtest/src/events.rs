@@ -18,15 +18,23 @@ pub enum Format {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
     /// Non-empty generated text (`chars` = its length in chars).
-    Token { chars: usize },
+    Token {
+        chars: usize,
+    },
     /// An event that carries no token (role-only delta, usage chunk, an
     /// unknown event name, a chunk with only `finish_reason`).
-    Other { finish: bool },
+    Other {
+        finish: bool,
+    },
     Heartbeat,
     /// The successful end. `server_ttft_ms`: sluice's own `done.ttft_ms`.
-    Done { server_ttft_ms: Option<f64> },
+    Done {
+        server_ttft_ms: Option<f64>,
+    },
     /// A failure reported in the stream.
-    Error { code: String },
+    Error {
+        code: String,
+    },
 }
 
 pub fn classify(format: Format, ev: &Event) -> Kind {
@@ -41,7 +49,11 @@ fn native(ev: &Event) -> Kind {
         "token" => {
             let chars = serde_json::from_str::<Value>(&ev.data)
                 .ok()
-                .and_then(|v| v.get("t").and_then(Value::as_str).map(|t| t.chars().count()))
+                .and_then(|v| {
+                    v.get("t")
+                        .and_then(Value::as_str)
+                        .map(|t| t.chars().count())
+                })
                 .unwrap_or(0);
             if chars > 0 {
                 Kind::Token { chars }
@@ -133,16 +145,32 @@ mod tests {
     #[test]
     fn native_events() {
         let n = Format::Native;
-        assert_eq!(classify(n, &ev("token", r#"{"t":"Hé"}"#)), Kind::Token { chars: 2 });
-        assert_eq!(classify(n, &ev("token", r#"{"t":""}"#)), Kind::Other { finish: false });
-        assert_eq!(classify(n, &ev("heartbeat", r#"{"phase":"queued"}"#)), Kind::Heartbeat);
         assert_eq!(
-            classify(n, &ev("done", r#"{"finish_reason":"stop","ttft_ms":0.153}"#)),
-            Kind::Done { server_ttft_ms: Some(0.153) }
+            classify(n, &ev("token", r#"{"t":"Hé"}"#)),
+            Kind::Token { chars: 2 }
+        );
+        assert_eq!(
+            classify(n, &ev("token", r#"{"t":""}"#)),
+            Kind::Other { finish: false }
+        );
+        assert_eq!(
+            classify(n, &ev("heartbeat", r#"{"phase":"queued"}"#)),
+            Kind::Heartbeat
+        );
+        assert_eq!(
+            classify(
+                n,
+                &ev("done", r#"{"finish_reason":"stop","ttft_ms":0.153}"#)
+            ),
+            Kind::Done {
+                server_ttft_ms: Some(0.153)
+            }
         );
         assert_eq!(
             classify(n, &ev("error", r#"{"code":"overloaded","retryable":true}"#)),
-            Kind::Error { code: "overloaded".into() }
+            Kind::Error {
+                code: "overloaded".into()
+            }
         );
     }
 
@@ -159,9 +187,19 @@ mod tests {
         assert_eq!(classify(o, &ev("", fin)), Kind::Other { finish: true });
         let legacy = r#"{"choices":[{"text":"abc","index":0}]}"#;
         assert_eq!(classify(o, &ev("", legacy)), Kind::Token { chars: 3 });
-        assert_eq!(classify(o, &ev("", "[DONE]")), Kind::Done { server_ttft_ms: None });
+        assert_eq!(
+            classify(o, &ev("", "[DONE]")),
+            Kind::Done {
+                server_ttft_ms: None
+            }
+        );
         let err = r#"{"error":{"code":"upstream_error","message":"x"}}"#;
-        assert_eq!(classify(o, &ev("", err)), Kind::Error { code: "upstream_error".into() });
+        assert_eq!(
+            classify(o, &ev("", err)),
+            Kind::Error {
+                code: "upstream_error".into()
+            }
+        );
         let usage = r#"{"choices":[],"usage":{"completion_tokens":3}}"#;
         assert_eq!(classify(o, &ev("", usage)), Kind::Other { finish: false });
     }

@@ -59,8 +59,11 @@ pub struct Record {
     pub request_id_echoed: bool,
     /// Sequence numbers from event ids `<stream>:<seq>` (resume checks).
     pub seqs: Vec<u64>,
-    /// The stream id part of the last event id seen.
+    /// The last event id seen (for Last-Event-ID).
     pub last_event_id: Option<String>,
+    /// A client fault was applied: counted in `streams.*` and `faults.*`,
+    /// kept out of the latency figures (they would measure the fault).
+    pub faulted: bool,
 }
 
 impl Record {
@@ -83,6 +86,7 @@ impl Record {
             request_id_echoed: false,
             seqs: Vec::new(),
             last_event_id: None,
+            faulted: false,
         }
     }
 
@@ -124,6 +128,8 @@ pub struct Exchange {
     terminal: bool,
     last_token: Option<Instant>,
     expect_request_id: Option<String>,
+    /// Events after this many tokens are not looked at (the client is about to leave).
+    pub token_limit: Option<u64>,
     pub rec: Record,
 }
 
@@ -144,6 +150,7 @@ impl Exchange {
             terminal: false,
             last_token: None,
             expect_request_id,
+            token_limit: None,
             rec,
         }
     }
@@ -266,7 +273,7 @@ impl Exchange {
 
     fn take_events(&mut self, now: Instant) {
         for ev in self.events.drain(..) {
-            if self.terminal {
+            if self.terminal || self.token_limit.is_some_and(|k| self.rec.tokens >= k) {
                 break;
             }
             if self.rec.first_event.is_none() {
@@ -350,7 +357,10 @@ mod tests {
         x.on_bytes(&chunk("event: token\ndata: {\"t\":\"b\"}\n\n"), at(t0, 46));
         let mut tail = chunk("event: done\ndata: {\"ttft_ms\":12.5}\n\n");
         tail.extend_from_slice(b"0\r\n\r\n");
-        assert_eq!(x.on_bytes(&tail, at(t0, 51)), Step::Finished { keep_alive: true });
+        assert_eq!(
+            x.on_bytes(&tail, at(t0, 51)),
+            Step::Finished { keep_alive: true }
+        );
         let r = &x.rec;
         assert_eq!(r.since_sent(r.head), Some(10_000));
         assert_eq!(r.since_sent(r.first_byte), Some(20_000));

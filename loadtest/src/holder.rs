@@ -48,7 +48,10 @@ impl Holders {
         let k = args.hold_idle;
         let mut children = Vec::new();
         if k == 0 {
-            return Ok(Holders { target: 0, children });
+            return Ok(Holders {
+                target: 0,
+                children,
+            });
         }
         let n = k.div_ceil(args.hold_per_process);
         let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
@@ -67,7 +70,9 @@ impl Holders {
                 let ip = Ipv4Addr::new(127, 0, ((2 + i) / 250) as u8, (2 + i % 250) as u8);
                 cmd.arg("--holder-source").arg(ip.to_string());
             }
-            let mut child = cmd.spawn().map_err(|e| format!("cannot start a holder process: {e}"))?;
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("cannot start a holder process: {e}"))?;
             let counts = Arc::new(ChildCounts::default());
             counts.alive.store(true, Ordering::Relaxed);
             let out = child.stdout.take().expect("piped");
@@ -75,7 +80,10 @@ impl Holders {
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines() {
                     let Ok(line) = line else { break };
-                    let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+                    let v: Vec<u64> = line
+                        .split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect();
                     if let [open, reopened, failed] = v[..] {
                         c.open.store(open, Ordering::Relaxed);
                         c.reopened.store(reopened, Ordering::Relaxed);
@@ -87,7 +95,10 @@ impl Holders {
             });
             children.push((child, counts));
         }
-        Ok(Holders { target: k, children })
+        Ok(Holders {
+            target: k,
+            children,
+        })
     }
 
     pub fn open(&self) -> u64 {
@@ -107,7 +118,10 @@ impl Holders {
     }
 
     fn sum(&self, f: impl Fn(&ChildCounts) -> &AtomicU64) -> u64 {
-        self.children.iter().map(|(_, c)| f(c).load(Ordering::Relaxed)).sum()
+        self.children
+            .iter()
+            .map(|(_, c)| f(c).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Waits until every held stream is open, a child died, or `limit` passed.
@@ -125,7 +139,10 @@ impl Holders {
             if open >= self.target {
                 break;
             }
-            let dead = self.children.iter().any(|(_, c)| !c.alive.load(Ordering::Relaxed));
+            let dead = self
+                .children
+                .iter()
+                .any(|(_, c)| !c.alive.load(Ordering::Relaxed));
             if dead || start.elapsed() >= limit {
                 if progress {
                     crate::progress::end_line();
@@ -195,8 +212,12 @@ pub fn run_child(args: &Args) -> Result<(), String> {
     } else {
         None
     };
-    let mut bodies = Bodies::from_args(args, args.hold_max_tokens)?;
-    let body = bodies.next_body().to_vec();
+    let body = match &args.hold_body {
+        Some(b) => b.clone().into_bytes(),
+        None => Bodies::from_args(args, args.hold_max_tokens)?
+            .next_body()
+            .to_vec(),
+    };
     let headers = parse_headers(&args.headers);
     let request = build_request("POST", &target.path, &target.host_header, &headers, &body);
     let source: Option<IpAddr> = args.holder_source;
@@ -237,7 +258,10 @@ pub fn run_child(args: &Args) -> Result<(), String> {
     loop {
         let now = Instant::now();
         // (Re)connect what is due, a bounded number at a time.
-        let mut connecting = held.iter().filter(|(_, h)| matches!(h.state, State::Connecting)).count();
+        let mut connecting = held
+            .iter()
+            .filter(|(_, h)| matches!(h.state, State::Connecting))
+            .count();
         for (key, h) in held.iter_mut() {
             if connecting >= MAX_CONNECTING {
                 break;
@@ -246,13 +270,17 @@ pub fn run_child(args: &Args) -> Result<(), String> {
                 if at > now {
                     continue;
                 }
-                match transport::connect(target.addr, source)
-                    .and_then(|s| Transport::new(s, tls.as_ref().map(|c| (c, target.host.as_str()))))
-                {
+                match transport::connect(target.addr, source).and_then(|s| {
+                    Transport::new(s, tls.as_ref().map(|c| (c, target.host.as_str())))
+                }) {
                     Ok(mut t) => {
                         if poll
                             .registry()
-                            .register(t.socket(), Token(key), Interest::READABLE | Interest::WRITABLE)
+                            .register(
+                                t.socket(),
+                                Token(key),
+                                Interest::READABLE | Interest::WRITABLE,
+                            )
                             .is_ok()
                         {
                             h.t = Some(t);
@@ -272,8 +300,14 @@ pub fn run_child(args: &Args) -> Result<(), String> {
             }
         }
         if now >= next_report {
-            let open = held.iter().filter(|(_, h)| matches!(h.state, State::Open)).count();
-            if writeln!(out, "{open} {reopened} {failed}").and_then(|_| out.flush()).is_err() {
+            let open = held
+                .iter()
+                .filter(|(_, h)| matches!(h.state, State::Open))
+                .count();
+            if writeln!(out, "{open} {reopened} {failed}")
+                .and_then(|_| out.flush())
+                .is_err()
+            {
                 return Ok(()); // the parent is gone
             }
             next_report = now + Duration::from_millis(200);
@@ -287,7 +321,16 @@ pub fn run_child(args: &Args) -> Result<(), String> {
             let Some(h) = held.get_mut(key) else { continue };
             let now = Instant::now();
             let closed = ev.is_read_closed() || ev.is_error();
-            let ended = service(h, &request, mode, format, &mut buf, now, closed, &mut reopened);
+            let ended = service(
+                h,
+                &request,
+                mode,
+                format,
+                &mut buf,
+                now,
+                closed,
+                &mut reopened,
+            );
             match ended {
                 None => {}
                 Some(clean) => {

@@ -338,7 +338,10 @@ mod tests {
         let cases: &[(&[u8], &[u8])] = &[
             (b"5\r\nhello\r\n0\r\n\r\n", b"hello"),
             (b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"hello world"),
-            (b"A;ext=1\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n", b"0123456789"),
+            (
+                b"A;ext=1\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n",
+                b"0123456789",
+            ),
             (b"3\nabc\n0\n\n", b"abc"),
             (b"0\r\n\r\n", b""),
         ];
@@ -348,7 +351,12 @@ mod tests {
             with_next.extend_from_slice(b"HTTP/1.1 200 OK");
             for split in 0..=with_next.len() {
                 let (out, done, consumed) = decode_split(Framing::Chunked, &with_next, split);
-                assert_eq!(&out, want, "split {split} of {:?}", String::from_utf8_lossy(wire));
+                assert_eq!(
+                    &out,
+                    want,
+                    "split {split} of {:?}",
+                    String::from_utf8_lossy(wire)
+                );
                 assert!(done);
                 assert_eq!(consumed, wire.len(), "split {split}");
             }
@@ -357,9 +365,18 @@ mod tests {
 
     #[test]
     fn chunked_rejects_garbage() {
-        for wire in [&b"zz\r\n"[..], b"\r\n", b"5\r\nhelloX", b"fffffffffffffffffffff\r\n"] {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"5\r\nhelloX",
+            b"fffffffffffffffffffff\r\n",
+        ] {
             let mut d = BodyDecoder::new(Framing::Chunked);
-            assert_eq!(d.decode(wire, &mut Vec::new()), Err(HttpError::BadChunk), "{wire:?}");
+            assert_eq!(
+                d.decode(wire, &mut Vec::new()),
+                Err(HttpError::BadChunk),
+                "{wire:?}"
+            );
         }
     }
 
@@ -397,11 +414,19 @@ mod tests {
 
         let h = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
         let (head, n) = parse_head(h, false).unwrap().unwrap();
-        assert_eq!((head.status, head.framing, head.keep_alive), (503, Framing::Length(2), false));
+        assert_eq!(
+            (head.status, head.framing, head.keep_alive),
+            (503, Framing::Length(2), false)
+        );
         assert_eq!(&h[n..], b"{}");
 
-        assert_eq!(parse_head(b"HTTP/1.1 abc\r\n\r\n", false), Err(HttpError::BadHead));
-        let (head, _) = parse_head(b"HTTP/1.1 204 No Content\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(
+            parse_head(b"HTTP/1.1 abc\r\n\r\n", false),
+            Err(HttpError::BadHead)
+        );
+        let (head, _) = parse_head(b"HTTP/1.1 204 No Content\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.framing, Framing::Length(0));
     }
 

@@ -61,7 +61,11 @@ fn main() {
 fn run(args: &Args) -> Result<(), String> {
     let url = args.url.clone().unwrap_or_default();
     let target = request::Target::parse(&url)?;
-    let tls_needed = target.tls || args.metrics_url.as_deref().is_some_and(|u| u.starts_with("https:"));
+    let tls_needed = target.tls
+        || args
+            .metrics_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https:"));
     let tls = if tls_needed {
         Some(transport::tls_config(args.cacert.as_deref())?)
     } else {
@@ -89,12 +93,17 @@ fn run(args: &Args) -> Result<(), String> {
             ));
         }
         open_at_start = holders.open();
-        eprintln!("holding {open_at_start} streams in {} processes", holders.processes());
+        eprintln!(
+            "holding {open_at_start} streams in {} processes",
+            holders.processes()
+        );
     }
 
     // 2. the server's counters before
     let before = match &args.metrics_url {
-        Some(m) => Some(metrics::scrape(m, tls.as_ref()).map_err(|e| format!("--metrics-url: {e}"))?),
+        Some(m) => {
+            Some(metrics::scrape(m, tls.as_ref()).map_err(|e| format!("--metrics-url: {e}"))?)
+        }
         None => None,
     };
 
@@ -102,7 +111,13 @@ fn run(args: &Args) -> Result<(), String> {
     let load = match (args.concurrency, args.rate) {
         (Some(c), _) => engine::Load::Closed { users: c },
         (None, Some(r)) => engine::Load::Open {
-            arrivals: arrival::Arrivals::new(args.arrival, r, args.burstiness, args.ramp_up, args.seed),
+            arrivals: arrival::Arrivals::new(
+                args.arrival,
+                r,
+                args.burstiness,
+                args.ramp_up,
+                args.seed,
+            ),
             max_inflight: args.max_inflight,
         },
         (None, None) => unreachable!("validated"),
@@ -131,26 +146,38 @@ fn run(args: &Args) -> Result<(), String> {
         source_ip: args.source_ip,
         slos,
         progress,
-        run_id: format!("sl{:x}", std::process::id() as u64 ^ (wall_start.elapsed().as_nanos() as u64)),
+        run_id: format!(
+            "sl{:x}",
+            std::process::id() as u64 ^ (wall_start.elapsed().as_nanos() as u64)
+        ),
     };
     let held_open = || holders.open();
     let cpu_before = progress::cpu_time(false);
     let measure_start = Instant::now();
-    let engine = engine::Engine::new(plan, engine::Sampler { held_open: &held_open })
-        .map_err(|e| format!("cannot start the event loop: {e}"))?;
-    let (stats, cpu_peak, busy) = engine.run().map_err(|e| format!("event loop failed: {e}"))?;
+    let engine = engine::Engine::new(
+        plan,
+        engine::Sampler {
+            held_open: &held_open,
+        },
+    )
+    .map_err(|e| format!("cannot start the event loop: {e}"))?;
+    let (stats, cpu_peak, busy) = engine
+        .run()
+        .map_err(|e| format!("event loop failed: {e}"))?;
     let measure_wall = measure_start.elapsed().as_secs_f64();
-    let cpu_percent = 100.0 * (progress::cpu_time(false) - cpu_before).as_secs_f64() / measure_wall.max(1e-9);
+    let cpu_percent =
+        100.0 * (progress::cpu_time(false) - cpu_before).as_secs_f64() / measure_wall.max(1e-9);
 
     // 4. the server's counters after, and how fast its open streams fall back
     let open_at_end = holders.open();
     let server = match (&args.metrics_url, &before) {
         (Some(m), Some(b)) => {
-            let after = metrics::scrape(m, tls.as_ref()).map_err(|e| format!("--metrics-url: {e}"))?;
-            let baseline = b.get("sluice_streams_open").unwrap_or(0.0)
-                + open_at_end as f64
+            let after =
+                metrics::scrape(m, tls.as_ref()).map_err(|e| format!("--metrics-url: {e}"))?;
+            let baseline = b.get("sluice_streams_open").unwrap_or(0.0) + open_at_end as f64
                 - open_at_start as f64;
-            let (settle, last) = metrics::settle(m, tls.as_ref(), baseline.max(0.0), Duration::from_secs(10));
+            let (settle, last) =
+                metrics::settle(m, tls.as_ref(), baseline.max(0.0), Duration::from_secs(10));
             Some(metrics::server_json(b, &after, settle, last))
         }
         _ => None,
@@ -170,7 +197,8 @@ fn run(args: &Args) -> Result<(), String> {
     let had_holders = holders.target > 0;
     holders.stop();
     let holder_cpu = had_holders.then(|| {
-        100.0 * progress::cpu_time(true).as_secs_f64() / wall_start.elapsed().as_secs_f64().max(1e-9)
+        100.0 * progress::cpu_time(true).as_secs_f64()
+            / wall_start.elapsed().as_secs_f64().max(1e-9)
     });
 
     if cpu_percent > 80.0 || busy > 0 {
@@ -197,7 +225,8 @@ fn run(args: &Args) -> Result<(), String> {
         std::fs::write(p, text + "\n").map_err(|e| format!("--json {}: {e}", p.display()))?;
     }
     if let Some(p) = &args.html {
-        std::fs::write(p, html::run_page(&j)).map_err(|e| format!("--html {}: {e}", p.display()))?;
+        std::fs::write(p, html::run_page(&j))
+            .map_err(|e| format!("--html {}: {e}", p.display()))?;
     }
     Ok(())
 }

@@ -32,7 +32,9 @@ impl Scrape {
                 None => line.find(char::is_whitespace).unwrap_or(line.len()),
             };
             let (key, rest) = line.split_at(split);
-            let Some(v) = rest.split_whitespace().next() else { continue };
+            let Some(v) = rest.split_whitespace().next() else {
+                continue;
+            };
             let v = match v {
                 "+Inf" => f64::INFINITY,
                 "-Inf" => f64::NEG_INFINITY,
@@ -71,7 +73,11 @@ impl Scrape {
             .filter(|(k, _)| k.starts_with(&prefix))
             .filter_map(|(k, &c)| {
                 let le = k.split("le=\"").nth(1)?.split('"').next()?;
-                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
                 Some((le, c))
             })
             .collect();
@@ -111,7 +117,11 @@ pub fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f
             if le.is_infinite() {
                 return Some(prev.0);
             }
-            let within = if c > prev.1 { (rank - prev.1) / (c - prev.1) } else { 1.0 };
+            let within = if c > prev.1 {
+                (rank - prev.1) / (c - prev.1)
+            } else {
+                1.0
+            };
             return Some(prev.0 + (le - prev.0) * within);
         }
         prev = (le, c);
@@ -126,19 +136,23 @@ pub fn fetch(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Strin
         "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n",
         t.path, t.host_header
     );
-    let sock = TcpStream::connect_timeout(&t.addr, Duration::from_secs(5)).map_err(|e| format!("{url}: {e}"))?;
+    let sock = TcpStream::connect_timeout(&t.addr, Duration::from_secs(5))
+        .map_err(|e| format!("{url}: {e}"))?;
     sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut raw = Vec::new();
     if t.tls {
         let cfg = tls.ok_or("https metrics need TLS settings")?.clone();
-        let name = rustls::pki_types::ServerName::try_from(t.host.clone()).map_err(|e| e.to_string())?;
+        let name =
+            rustls::pki_types::ServerName::try_from(t.host.clone()).map_err(|e| e.to_string())?;
         let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
         let mut s = rustls::StreamOwned::new(conn, sock);
-        s.write_all(req.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("{url}: {e}"))?;
         let _ = s.read_to_end(&mut raw);
     } else {
         let mut s = sock;
-        s.write_all(req.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("{url}: {e}"))?;
         s.read_to_end(&mut raw).map_err(|e| format!("{url}: {e}"))?;
     }
     let (head, n) = crate::http::parse_head(&raw, false)
@@ -149,7 +163,8 @@ pub fn fetch(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Strin
     }
     let mut body = Vec::new();
     let mut d = crate::http::BodyDecoder::new(head.framing);
-    d.decode(&raw[n..], &mut body).map_err(|e| format!("{url}: {e}"))?;
+    d.decode(&raw[n..], &mut body)
+        .map_err(|e| format!("{url}: {e}"))?;
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -161,7 +176,12 @@ const TTFT: &str = "sluice_time_to_first_token_seconds";
 
 /// After the run: polls until `sluice_streams_open` is back to `baseline`
 /// (or `limit` passes); returns the ms it took and the last value.
-pub fn settle(url: &str, tls: Option<&Arc<rustls::ClientConfig>>, baseline: f64, limit: Duration) -> (Option<f64>, Option<f64>) {
+pub fn settle(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    baseline: f64,
+    limit: Duration,
+) -> (Option<f64>, Option<f64>) {
     let start = Instant::now();
     let mut last = None;
     while start.elapsed() < limit {
@@ -181,7 +201,12 @@ pub fn settle(url: &str, tls: Option<&Arc<rustls::ClientConfig>>, baseline: f64,
 }
 
 /// The `server` object of the report.
-pub fn server_json(before: &Scrape, after: &Scrape, settle_ms: Option<f64>, open_after_settle: Option<f64>) -> Value {
+pub fn server_json(
+    before: &Scrape,
+    after: &Scrape,
+    settle_ms: Option<f64>,
+    open_after_settle: Option<f64>,
+) -> Value {
     let delta = |name: &str| -> Value {
         match (before.sum(name), after.sum(name)) {
             (Some(b), Some(a)) => json!(a - b),
@@ -190,10 +215,22 @@ pub fn server_json(before: &Scrape, after: &Scrape, settle_ms: Option<f64>, open
         }
     };
     let mut m = Map::new();
-    m.insert("streams_started".into(), delta("sluice_streams_started_total"));
-    m.insert("streams_completed".into(), delta("sluice_streams_completed_total"));
-    m.insert("streams_errored".into(), delta("sluice_streams_errored_total"));
-    m.insert("streams_disconnected".into(), delta("sluice_streams_disconnected_total"));
+    m.insert(
+        "streams_started".into(),
+        delta("sluice_streams_started_total"),
+    );
+    m.insert(
+        "streams_completed".into(),
+        delta("sluice_streams_completed_total"),
+    );
+    m.insert(
+        "streams_errored".into(),
+        delta("sluice_streams_errored_total"),
+    );
+    m.insert(
+        "streams_disconnected".into(),
+        delta("sluice_streams_disconnected_total"),
+    );
     m.insert("tokens_sent".into(), delta("sluice_tokens_sent_total"));
     let mut codes = Map::new();
     let b = before.by_label("sluice_streams_errored_total", "code");
@@ -204,27 +241,56 @@ pub fn server_json(before: &Scrape, after: &Scrape, settle_ms: Option<f64>, open
         }
     }
     m.insert("streams_errored_by_code".into(), Value::Object(codes));
-    m.insert("streams_open_before".into(), json!(before.get("sluice_streams_open")));
-    m.insert("streams_open_after".into(), json!(after.get("sluice_streams_open")));
-    m.insert("connections_open_before".into(), json!(before.get("sluice_connections_open")));
-    m.insert("connections_open_after".into(), json!(after.get("sluice_connections_open")));
-    m.insert("streams_open_settle_ms".into(), json!(settle_ms.map(crate::stats::round3)));
+    m.insert(
+        "streams_open_before".into(),
+        json!(before.get("sluice_streams_open")),
+    );
+    m.insert(
+        "streams_open_after".into(),
+        json!(after.get("sluice_streams_open")),
+    );
+    m.insert(
+        "connections_open_before".into(),
+        json!(before.get("sluice_connections_open")),
+    );
+    m.insert(
+        "connections_open_after".into(),
+        json!(after.get("sluice_connections_open")),
+    );
+    m.insert(
+        "streams_open_settle_ms".into(),
+        json!(settle_ms.map(crate::stats::round3)),
+    );
     m.insert("streams_open_after_settle".into(), json!(open_after_settle));
     let (bb, ab) = (before.buckets(TTFT), after.buckets(TTFT));
     let mut t = Map::new();
     if !ab.is_empty() {
         for (k, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)] {
-            t.insert(k.into(), json!(quantile(&bb, &ab, q).map(|s| crate::stats::round3(s * 1000.0))));
+            t.insert(
+                k.into(),
+                json!(quantile(&bb, &ab, q).map(|s| crate::stats::round3(s * 1000.0))),
+            );
         }
         let count = ab.last().map_or(0.0, |x| x.1) - bb.last().map_or(0.0, |x| x.1);
-        let sum = after.sum(&format!("{TTFT}_sum")).unwrap_or(0.0) - before.sum(&format!("{TTFT}_sum")).unwrap_or(0.0);
+        let sum = after.sum(&format!("{TTFT}_sum")).unwrap_or(0.0)
+            - before.sum(&format!("{TTFT}_sum")).unwrap_or(0.0);
         t.insert("count".into(), json!(count));
-        t.insert("mean".into(), json!((count > 0.0).then(|| crate::stats::round3(sum / count * 1000.0))));
+        t.insert(
+            "mean".into(),
+            json!((count > 0.0).then(|| crate::stats::round3(sum / count * 1000.0))),
+        );
         let buckets: Vec<Value> = ab
             .iter()
             .map(|&(le, c)| {
                 let b = bb.iter().find(|x| x.0 == le).map_or(0.0, |x| x.1);
-                json!([if le.is_infinite() { Value::from("+Inf") } else { json!(le * 1000.0) }, c - b])
+                json!([
+                    if le.is_infinite() {
+                        Value::from("+Inf")
+                    } else {
+                        json!(le * 1000.0)
+                    },
+                    c - b
+                ])
             })
             .collect();
         t.insert("buckets_ms".into(), Value::Array(buckets));
@@ -249,7 +315,10 @@ sluice_time_to_first_token_seconds_sum 2.5\nsluice_time_to_first_token_seconds_c
         let s = Scrape::parse(TEXT);
         assert_eq!(s.get("sluice_streams_open"), Some(3.0));
         assert_eq!(s.sum("sluice_streams_errored_total"), Some(3.0));
-        assert_eq!(s.by_label("sluice_streams_errored_total", "code")["overloaded"], 2.0);
+        assert_eq!(
+            s.by_label("sluice_streams_errored_total", "code")["overloaded"],
+            2.0
+        );
         let b = s.buckets("sluice_time_to_first_token_seconds");
         assert_eq!(b.len(), 3);
         let empty = Scrape::default().buckets("x");
@@ -265,7 +334,15 @@ sluice_time_to_first_token_seconds_sum 2.5\nsluice_time_to_first_token_seconds_c
     #[test]
     fn server_deltas() {
         let before = Scrape::parse("sluice_streams_completed_total 5\nsluice_streams_open 1\n");
-        let after = Scrape::parse(TEXT.to_string().as_str().replace("sluice_streams_open 3", "sluice_streams_completed_total 9\nsluice_streams_open 3").as_str());
+        let after = Scrape::parse(
+            TEXT.to_string()
+                .as_str()
+                .replace(
+                    "sluice_streams_open 3",
+                    "sluice_streams_completed_total 9\nsluice_streams_open 3",
+                )
+                .as_str(),
+        );
         let v = server_json(&before, &after, Some(12.0), Some(1.0));
         assert_eq!(v["streams_completed"], json!(4.0));
         assert_eq!(v["streams_errored_by_code"]["overloaded"], json!(2.0));

@@ -24,7 +24,13 @@ fn hist(h: &Hist) -> Value {
 
 pub fn to_json(s: &Stats, info: &RunInfo) -> Value {
     let secs = s.measured_secs();
-    let per_s = |n: u64| if secs > 0.0 { round3(n as f64 / secs) } else { 0.0 };
+    let per_s = |n: u64| {
+        if secs > 0.0 {
+            round3(n as f64 / secs)
+        } else {
+            0.0
+        }
+    };
     let mut root = Map::new();
     root.insert("schema".into(), json!("sluice-load/1"));
     root.insert("run".into(), {
@@ -39,7 +45,11 @@ pub fn to_json(s: &Stats, info: &RunInfo) -> Value {
     root.insert("ttft_first_event_ms".into(), hist(&s.ttft_first_event));
     root.insert(
         "ttft_intended_ms".into(),
-        if s.open_loop { hist(&s.ttft_intended) } else { Value::Null },
+        if s.open_loop {
+            hist(&s.ttft_intended)
+        } else {
+            Value::Null
+        },
     );
     root.insert("send_lag_ms".into(), hist(&s.send_lag));
     root.insert("itl_ms".into(), hist(&s.itl));
@@ -93,6 +103,7 @@ pub fn to_json(s: &Stats, info: &RunInfo) -> Value {
     root.insert(
         "faults".into(),
         json!({
+            "faulted_streams": s.faulted,
             "disconnected": s.disconnected,
             "resume": {
                 "attempted": s.resume_attempted,
@@ -162,14 +173,22 @@ pub fn table(j: &Value) -> String {
     );
     let codes = |v: &Value| -> String {
         v.as_object()
-            .map(|m| m.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "))
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .unwrap_or_default()
     };
     o += &format!("http status: {}\n", codes(&st["http_status"]));
     if st["error_code"].as_object().is_some_and(|m| !m.is_empty()) {
         o += &format!("error codes: {}\n", codes(&st["error_code"]));
     }
-    o += &format!("\n{:<30} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n", "ms", "p50", "p90", "p99", "p99.9", "max", "mean");
+    o += &format!(
+        "\n{:<30} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+        "ms", "p50", "p90", "p99", "p99.9", "max", "mean"
+    );
     for (label, key) in [
         ("ttft (first token) *", "ttft_ms"),
         ("ttft (first event)", "ttft_first_event_ms"),
@@ -183,7 +202,10 @@ pub fn table(j: &Value) -> String {
         ("server histogram ttft", "server.ttft_ms"),
     ] {
         let v = key.split('.').fold(j, |v, k| &v[k]);
-        if v.is_null() || v.as_object().is_some_and(|m| m.get("p50").is_none_or(Value::is_null)) {
+        if v.is_null()
+            || v.as_object()
+                .is_some_and(|m| m.get("p50").is_none_or(Value::is_null))
+        {
             continue;
         }
         o += &format!(

@@ -29,8 +29,13 @@ impl Target {
             "https" => true,
             other => return Err(format!("--url {s:?}: scheme {other} (want http or https)")),
         };
-        let host = u.host_str().ok_or_else(|| format!("--url {s:?}: no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = u
+            .host_str()
+            .ok_or_else(|| format!("--url {s:?}: no host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let port = u.port_or_known_default().unwrap_or(80);
         let addr = (host.as_str(), port)
             .to_socket_addrs()
@@ -88,7 +93,13 @@ impl Bodies {
                 }
                 let obj: Map<String, Value> = serde_json::from_str(line)
                     .map_err(|e| format!("--prompts {} line {}: {e}", path.display(), i + 1))?;
-                v.push(shape(args.format, legacy, args.model.as_deref(), obj, max_tokens));
+                v.push(shape(
+                    args.format,
+                    legacy,
+                    args.model.as_deref(),
+                    obj,
+                    max_tokens,
+                ));
             }
             if v.is_empty() {
                 return Err(format!("--prompts {}: no lines", path.display()));
@@ -97,7 +108,13 @@ impl Bodies {
         } else {
             let mut obj = Map::new();
             obj.insert("prompt".into(), json!(args.prompt));
-            vec![shape(args.format, legacy, args.model.as_deref(), obj, max_tokens)]
+            vec![shape(
+                args.format,
+                legacy,
+                args.model.as_deref(),
+                obj,
+                max_tokens,
+            )]
         };
         Ok(Bodies {
             items,
@@ -167,7 +184,10 @@ mod tests {
     fn targets() {
         let t = Target::parse("http://127.0.0.1:8080/v1/chat/stream?x=1").unwrap();
         assert!(!t.tls && t.is_loopback());
-        assert_eq!((t.host_header.as_str(), t.path.as_str()), ("127.0.0.1:8080", "/v1/chat/stream?x=1"));
+        assert_eq!(
+            (t.host_header.as_str(), t.path.as_str()),
+            ("127.0.0.1:8080", "/v1/chat/stream?x=1")
+        );
         let t = Target::parse("https://localhost/v1").unwrap();
         assert!(t.tls);
         assert_eq!(t.addr.port(), 443);
@@ -192,15 +212,25 @@ mod tests {
     #[test]
     fn prompts_file_round_robin_and_random() {
         let dir = std::env::temp_dir().join(format!("sluice-load-prompts-{}", std::process::id()));
-        std::fs::write(&dir, "{\"prompt\":\"a\"}\n\n{\"prompt\":\"b\",\"max_tokens\":3}\n").unwrap();
+        std::fs::write(
+            &dir,
+            "{\"prompt\":\"a\"}\n\n{\"prompt\":\"b\",\"max_tokens\":3}\n",
+        )
+        .unwrap();
         let p = dir.to_str().unwrap();
         let mut b = Bodies::from_args(&args(&["--prompts", p]), 9).unwrap();
-        let got: Vec<Value> = (0..3).map(|_| serde_json::from_slice(b.next_body()).unwrap()).collect();
+        let got: Vec<Value> = (0..3)
+            .map(|_| serde_json::from_slice(b.next_body()).unwrap())
+            .collect();
         assert_eq!(got[0], json!({"prompt": "a", "max_tokens": 9}));
         assert_eq!(got[1], json!({"prompt": "b", "max_tokens": 3}));
         assert_eq!(got[2], got[0]);
         let pick = |seed: &str| {
-            let mut b = Bodies::from_args(&args(&["--prompts", p, "--prompt-order", "random", "--seed", seed]), 9).unwrap();
+            let mut b = Bodies::from_args(
+                &args(&["--prompts", p, "--prompt-order", "random", "--seed", seed]),
+                9,
+            )
+            .unwrap();
             (0..32).map(|_| b.next_body().to_vec()).collect::<Vec<_>>()
         };
         assert_eq!(pick("4"), pick("4"));

@@ -138,7 +138,12 @@ mod tests {
                 p.feed(&wire[..i], &mut out);
                 p.feed(&wire[i..j], &mut out);
                 p.feed(&wire[j..], &mut out);
-                assert_eq!(out, want, "split {i},{j} of {:?}", String::from_utf8_lossy(wire));
+                assert_eq!(
+                    out,
+                    want,
+                    "split {i},{j} of {:?}",
+                    String::from_utf8_lossy(wire)
+                );
             }
         }
         let mut p = Parser::new();
@@ -161,11 +166,17 @@ mod tests {
                 vec![ev("token", "a", None), ev("done", "b", Some("s:2"))],
             ),
             (b"data: x\rdata: y\r\r", vec![ev("", "x\ny", None)]),
-            (b": keep-alive\n\ndata: [DONE]\n\n", vec![ev("", "[DONE]", None)]),
+            (
+                b": keep-alive\n\ndata: [DONE]\n\n",
+                vec![ev("", "[DONE]", None)],
+            ),
             (b"data:nospace\n\n", vec![ev("", "nospace", None)]),
             (b"event: ping\n\n", vec![]),
             (b"data\n\n", vec![ev("", "", None)]),
-            (b"retry: 1000\nunknown: 1\ndata: z\n\n", vec![ev("", "z", None)]),
+            (
+                b"retry: 1000\nunknown: 1\ndata: z\n\n",
+                vec![ev("", "z", None)],
+            ),
             (b"data: incomplete\n", vec![]),
             (
                 "data: {\"t\":\"h\u{e9}\u{1F600}\"}\n\n".as_bytes(),

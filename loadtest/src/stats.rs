@@ -46,7 +46,11 @@ impl Hist {
             return 0.0;
         }
         // the histogram's bucket edge can pass the exact maximum
-        (self.h.median_equivalent(self.h.value_at_quantile(q)).min(self.max)) as f64 / 1000.0
+        (self
+            .h
+            .median_equivalent(self.h.value_at_quantile(q))
+            .min(self.max)) as f64
+            / 1000.0
     }
 
     /// `{p50, p90, p99, p999, max, mean, count}` in ms, or null when empty.
@@ -118,7 +122,10 @@ pub fn parse_goodput(s: &str) -> Result<Vec<Slo>, String> {
             .ok_or_else(|| format!("--goodput {part:?}: want metric:ms, e.g. ttft_ms:500"))?;
         let k = k.trim();
         if !SLO_METRICS.contains(&k) {
-            return Err(format!("--goodput: unknown metric {k:?} (known: {})", SLO_METRICS.join(", ")));
+            return Err(format!(
+                "--goodput: unknown metric {k:?} (known: {})",
+                SLO_METRICS.join(", ")
+            ));
         }
         let max_ms: f64 = n
             .trim()
@@ -158,6 +165,8 @@ pub struct Stats {
     pub incomplete: u64,
     pub disconnected: u64,
     pub connect_error: u64,
+    /// Streams given a client fault (kept out of the latency figures).
+    pub faulted: u64,
     pub http_status: BTreeMap<u16, u64>,
     pub error_code: BTreeMap<String, u64>,
     pub ttft: Hist,
@@ -228,7 +237,10 @@ impl Stats {
             Outcome::Incomplete => {
                 self.errored += 1;
                 self.incomplete += 1;
-                *self.error_code.entry("no_terminal_event".into()).or_default() += 1;
+                *self
+                    .error_code
+                    .entry("no_terminal_event".into())
+                    .or_default() += 1;
             }
             Outcome::Reset | Outcome::Pending => self.reset += 1,
             Outcome::Timeout => self.timeout += 1,
@@ -240,6 +252,17 @@ impl Stats {
         }
         self.tokens += r.tokens;
         self.bytes += r.bytes;
+        if let Some(end) = r.end {
+            self.last_end = Some(self.last_end.map_or(end, |l| l.max(end)));
+        }
+        if let Some(sent) = r.sent {
+            self.first_sent = Some(self.first_sent.map_or(sent, |f| f.min(sent)));
+        }
+        if r.faulted {
+            self.faulted += 1;
+            self.add_to_series(r, None);
+            return;
+        }
         if r.request_id_echoed {
             self.request_id_echoed += 1;
         }
@@ -271,7 +294,6 @@ impl Stats {
         if let Some(sent) = r.sent {
             self.send_lag
                 .record(sent.saturating_duration_since(r.intended).as_micros() as u64);
-            self.first_sent = Some(self.first_sent.map_or(sent, |f| f.min(sent)));
         }
         for &g in &r.gaps_us {
             self.itl.record(g as u64);
@@ -293,13 +315,16 @@ impl Stats {
                 self.goodput_met += 1;
             }
         }
-        if let Some(end) = r.end {
-            self.last_end = Some(self.last_end.map_or(end, |l| l.max(end)));
-        }
         self.add_to_series(r, ttft);
     }
 
-    fn meets(&self, r: &Record, ttft: Option<u64>, intended: Option<u64>, total: Option<u64>) -> bool {
+    fn meets(
+        &self,
+        r: &Record,
+        ttft: Option<u64>,
+        intended: Option<u64>,
+        total: Option<u64>,
+    ) -> bool {
         let gaps = &r.gaps_us;
         let mean_gap = if gaps.is_empty() {
             Some(0)
@@ -334,8 +359,12 @@ impl Stats {
                 s.failed += 1;
             }
         }
-        if let (Some(first), Some(us)) = (r.first_token, ttft) {
-            self.second(first).ttft_us.push(us.min(u32::MAX as u64) as u32);
+        if let Some(first) = r.first_token {
+            if let Some(us) = ttft {
+                self.second(first)
+                    .ttft_us
+                    .push(us.min(u32::MAX as u64) as u32);
+            }
             // each token in the second it arrived
             let mut t = first;
             self.second(t).tokens += 1;
@@ -431,7 +460,11 @@ mod tests {
         assert_eq!(s.error_code["overloaded"], 1);
         assert_eq!(s.http_status[&200], 101);
         // 3 significant digits: within 0.1 %
-        assert!((s.ttft.quantile_ms(0.5) - 50.0).abs() <= 0.05, "{}", s.ttft.quantile_ms(0.5));
+        assert!(
+            (s.ttft.quantile_ms(0.5) - 50.0).abs() <= 0.05,
+            "{}",
+            s.ttft.quantile_ms(0.5)
+        );
         assert!((s.ttft.quantile_ms(0.99) - 99.0).abs() <= 0.1);
         assert_eq!(s.ttft.summary()["max"], json!(100.0));
         assert_eq!(s.itl.count(), 200);
@@ -446,8 +479,14 @@ mod tests {
         assert_eq!(
             parse_goodput("ttft_ms:500, itl_ms:50").unwrap(),
             vec![
-                Slo { metric: "ttft_ms".into(), max_ms: 500.0 },
-                Slo { metric: "itl_ms".into(), max_ms: 50.0 }
+                Slo {
+                    metric: "ttft_ms".into(),
+                    max_ms: 500.0
+                },
+                Slo {
+                    metric: "itl_ms".into(),
+                    max_ms: 50.0
+                }
             ]
         );
         assert!(parse_goodput("tpot:5").is_err());

@@ -60,7 +60,10 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn new(sock: TcpStream, tls: Option<(&Arc<rustls::ClientConfig>, &str)>) -> io::Result<Self> {
+    pub fn new(
+        sock: TcpStream,
+        tls: Option<(&Arc<rustls::ClientConfig>, &str)>,
+    ) -> io::Result<Self> {
         Ok(match tls {
             None => Transport::Plain(sock),
             Some((cfg, host)) => {
