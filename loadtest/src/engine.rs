@@ -186,7 +186,7 @@ impl<'a> Engine<'a> {
         if self.total_wanted().is_some_and(|n| self.issued >= n) {
             return false;
         }
-        !self.plan.duration.is_some_and(|d| t >= self.start + d)
+        self.plan.duration.is_none_or(|d| t < self.start + d)
     }
 
     /// Runs the whole load; returns the aggregated results.

@@ -69,8 +69,8 @@ impl Transport {
             Some((cfg, host)) => {
                 let name = ServerName::try_from(host.to_string())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                let conn = rustls::ClientConnection::new(cfg.clone(), name)
-                    .map_err(|e| io::Error::new(io::ErrorKind::Other, e))?;
+                let conn =
+                    rustls::ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
                 Transport::Tls(sock, Box::new(conn))
             }
         })
