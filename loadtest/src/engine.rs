@@ -239,8 +239,15 @@ impl<'a> Engine<'a> {
                 );
             }
         }
+        // the last, partial second gets its sample too
+        let now = Instant::now();
+        let cpu = self.cpu.sample(now);
+        let (held, inflight) = ((self.sampler.held_open)(), self.inflight);
+        let s = self.stats.second(now);
+        if !s.sampled {
+            (s.sampled, s.held_open, s.inflight, s.cpu_percent) = (true, held, inflight, cpu);
+        }
         if self.plan.progress {
-            self.tick(Instant::now());
             progress::end_line();
         }
         for (_, c) in self.conns.iter_mut() {
@@ -710,6 +717,13 @@ impl<'a> Engine<'a> {
         let now = Instant::now();
         if let Some(c) = self.conns.get_mut(key) {
             if let Some(job) = c.job.as_mut() {
+                // Failing before the request left (a refused TLS handshake) is a connect error.
+                let outcome =
+                    if outcome == Outcome::Reset && job.ex.rec.sent.is_none() && !job.reused {
+                        Outcome::ConnectError
+                    } else {
+                        outcome
+                    };
                 job.ex.abort(outcome, now);
                 self.finish(key, false, now);
                 return;
@@ -842,6 +856,7 @@ impl<'a> Engine<'a> {
         s.inflight = inflight;
         s.held_open = held;
         s.cpu_percent = cpu;
+        s.sampled = true;
         if self.plan.progress {
             let done = self.stats.started;
             let rate = (done - self.last_done) as f64;

@@ -142,9 +142,9 @@ fn series(s: &Stats) -> Value {
         "tokens": col(&|x| json!(x.tokens)),
         "ttft_p50_ms": col(&|x| json!(Stats::second_ttft_ms(x, 0.5).map(round3))),
         "ttft_p99_ms": col(&|x| json!(Stats::second_ttft_ms(x, 0.99).map(round3))),
-        "inflight": col(&|x| json!(x.inflight)),
-        "held_open": col(&|x| json!(x.held_open)),
-        "cpu_percent": col(&|x| json!(round3(x.cpu_percent))),
+        "inflight": col(&|x| json!(x.sampled.then_some(x.inflight))),
+        "held_open": col(&|x| json!(x.sampled.then_some(x.held_open))),
+        "cpu_percent": col(&|x| json!(x.sampled.then(|| round3(x.cpu_percent)))),
     })
 }
 

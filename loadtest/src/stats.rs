@@ -153,6 +153,8 @@ pub struct Second {
     pub inflight: u64,
     pub held_open: u64,
     pub cpu_percent: f64,
+    /// The loop sampled in-flight, held and CPU for this second.
+    pub sampled: bool,
 }
 
 #[derive(Debug, Default)]

@@ -127,7 +127,8 @@ impl Transport {
     pub fn write_done(&self) -> bool {
         match self {
             Transport::Plain(_) => true,
-            Transport::Tls(_, c) => !c.wants_write(),
+            // Plaintext waits in rustls until the handshake is over.
+            Transport::Tls(_, c) => !c.is_handshaking() && !c.wants_write(),
         }
     }
 
