@@ -54,6 +54,18 @@ enum Fault {
     Resume(u64),
 }
 
+/// A UUID-shaped (version 4 layout) request id: 64 bits of the run, 48 of the request number.
+pub fn request_id(run: u64, id: u64) -> String {
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        run >> 32,
+        (run >> 16) & 0xffff,
+        (run >> 4) & 0xfff,
+        ((run & 0xf) << 8) | ((id >> 48) & 0xff),
+        id & 0xffff_ffff_ffff
+    )
+}
+
 /// Everything the loop needs to know.
 pub struct Plan {
     pub target: Target,
@@ -73,8 +85,9 @@ pub struct Plan {
     pub source_ip: Option<IpAddr>,
     pub slos: Vec<Slo>,
     pub progress: bool,
-    /// Prefix of our X-Request-Id values.
-    pub run_id: String,
+    /// Random part of our X-Request-Id values (which are UUID-shaped:
+    /// some servers, llama-cpp-python's among them, refuse anything else).
+    pub run_id: u64,
 }
 
 struct Job {
@@ -379,7 +392,7 @@ impl<'a> Engine<'a> {
     }
 
     fn request_id(&self, id: u64) -> String {
-        format!("{}-{id}", self.plan.run_id)
+        request_id(self.plan.run_id, id)
     }
 
     /// Issues request number `self.issued` (or a backlogged one) now.
@@ -529,12 +542,18 @@ impl<'a> Engine<'a> {
         if c.connecting {
             return;
         }
+        // The send time is taken just *before* the call that completes the
+        // request: the server cannot have read it earlier, so our TTFT is
+        // never below the server's own (a stamp after the call could be, when
+        // this thread is descheduled as the call returns).
+        let mut stamp = Instant::now();
         if c.t.flush_tls().is_err() {
             self.fail_conn(key, Outcome::Reset);
             return;
         }
         let Some(job) = c.job.as_mut() else { return };
         while c.written < job.request.len() {
+            stamp = Instant::now();
             match c.t.write(&job.request[c.written..]) {
                 Ok(0) => break,
                 Ok(n) => c.written += n,
@@ -547,7 +566,7 @@ impl<'a> Engine<'a> {
             }
         }
         if c.written == job.request.len() && c.t.write_done() && job.ex.rec.sent.is_none() {
-            job.ex.request_written(Instant::now());
+            job.ex.request_written(stamp);
         }
     }
 
@@ -872,5 +891,16 @@ impl<'a> Engine<'a> {
                 now.duration_since(self.start).as_secs_f64()
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_uuid_shaped() {
+        let a = super::request_id(0x0123_4567_89ab_cdef, 5);
+        assert_eq!(a, "01234567-89ab-4cde-8f00-000000000005");
+        assert_eq!(a.len(), 36);
+        assert_ne!(a, super::request_id(0x0123_4567_89ab_cdef, 6));
     }
 }

@@ -146,10 +146,13 @@ fn run(args: &Args) -> Result<(), String> {
         source_ip: args.source_ip,
         slos,
         progress,
-        run_id: format!(
-            "sl{:x}",
-            std::process::id() as u64 ^ (wall_start.elapsed().as_nanos() as u64)
-        ),
+        run_id: arrival::Rng::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ ((std::process::id() as u64) << 32),
+        )
+        .next_u64(),
     };
     let held_open = || holders.open();
     let cpu_before = progress::cpu_time(false);

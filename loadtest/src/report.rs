@@ -98,6 +98,7 @@ pub fn to_json(s: &Stats, info: &RunInfo) -> Value {
             "transport_ms": hist(&s.transport),
             "transport_share": if s.joined_ttft_sum_us > 0 { round3(s.transport_sum_us as f64 / s.joined_ttft_sum_us as f64) } else { 0.0 },
             "server_above_client": s.transport_negative,
+            "server_above_client_max_ms": round3(s.transport_negative_max_us as f64 / 1000.0),
         }),
     );
     root.insert(

@@ -182,6 +182,8 @@ pub struct Stats {
     pub server_ttft: Hist,
     pub transport: Hist,
     pub transport_negative: u64,
+    /// The largest excess of the server's TTFT over ours, µs.
+    pub transport_negative_max_us: u64,
     pub transport_sum_us: u128,
     pub joined_ttft_sum_us: u128,
     pub request_id_echoed: u64,
@@ -260,13 +262,13 @@ impl Stats {
         if let Some(sent) = r.sent {
             self.first_sent = Some(self.first_sent.map_or(sent, |f| f.min(sent)));
         }
+        if r.request_id_echoed {
+            self.request_id_echoed += 1;
+        }
         if r.faulted {
             self.faulted += 1;
             self.add_to_series(r, None);
             return;
-        }
-        if r.request_id_echoed {
-            self.request_id_echoed += 1;
         }
         let ttft = r.since_sent(r.first_token);
         if let Some(us) = ttft {
@@ -308,6 +310,8 @@ impl Stats {
                 self.transport_sum_us += (client_us - server_us) as u128;
             } else {
                 self.transport_negative += 1;
+                self.transport_negative_max_us =
+                    self.transport_negative_max_us.max(server_us - client_us);
             }
             self.joined_ttft_sum_us += client_us as u128;
         }

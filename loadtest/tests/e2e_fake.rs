@@ -276,3 +276,96 @@ fn held_streams_live_in_child_processes() {
         assert_eq!(f(&v, "streams.done"), 1.0);
     }
 }
+
+#[test]
+fn resume_with_last_event_id_gets_every_token_once() {
+    let _g = serial();
+    let s = start();
+    let url = format!("http://{}/native", s.addr);
+    let (v, table) = run(&[
+        "--url",
+        &url,
+        "--concurrency",
+        "2",
+        "--requests",
+        "4",
+        "--prompt",
+        "resumable",
+        "--resume-after",
+        "2",
+        "--fault-fraction",
+        "1",
+    ]);
+    assert_eq!(f(&v, "streams.done"), 4.0, "{table}");
+    assert_eq!(f(&v, "tokens"), 24.0, "{table}");
+    assert_eq!(f(&v, "faults.resume.attempted"), 4.0, "{table}");
+    assert_eq!(f(&v, "faults.resume.exactly_once"), 4.0, "{table}");
+    assert_eq!(f(&v, "faults.resume.duplicates"), 0.0);
+    assert_eq!(f(&v, "faults.resume.missing"), 0.0);
+    // 4 first requests + 4 resumes
+    assert_eq!(s.requests.load(std::sync::atomic::Ordering::Relaxed), 8);
+
+    // a server without resume (no event ids): counted as unsupported
+    let (v, _) = run(&[
+        "--url",
+        &url,
+        "--concurrency",
+        "1",
+        "--requests",
+        "2",
+        "--prompt",
+        "many",
+        "--resume-after",
+        "2",
+        "--fault-fraction",
+        "1",
+    ]);
+    assert_eq!(f(&v, "faults.resume.unsupported"), 2.0);
+    assert_eq!(f(&v, "streams.disconnected"), 2.0);
+}
+
+#[test]
+fn compare_prints_ratios_and_draws_one_chart() {
+    let _g = serial();
+    let s = start();
+    let url = format!("http://{}/native", s.addr);
+    let a = tmp("cmp-a.json");
+    let b = tmp("cmp-b.json");
+    for (p, n) in [(&a, "2"), (&b, "4")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-load"))
+            .args([
+                "--url",
+                &url,
+                "--concurrency",
+                n,
+                "--requests",
+                n,
+                "--prompt",
+                "ok",
+                "--no-progress",
+                "--json",
+            ])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let html = tmp("cmp.html");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-load"))
+        .arg("--compare")
+        .arg(&a)
+        .arg(&b)
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("streams.done") && text.contains("2.00x"),
+        "{text}"
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("cmp-a") && page.contains("cmp-b") && page.contains("<svg"));
+    assert!(!page.contains("<script"));
+}

@@ -54,6 +54,7 @@ fn serve(s: TcpStream, count: Arc<AtomicU64>) -> std::io::Result<()> {
         let mut path = String::new();
         let mut len = 0usize;
         let mut rid = None;
+        let mut last_id: Option<String> = None;
         let mut first = true;
         loop {
             let mut line = String::new();
@@ -72,6 +73,8 @@ fn serve(s: TcpStream, count: Arc<AtomicU64>) -> std::io::Result<()> {
             let (k, v) = l.split_once(':').unwrap_or((l, ""));
             if k.eq_ignore_ascii_case("content-length") {
                 len = v.trim().parse().unwrap_or(0);
+            } else if k.eq_ignore_ascii_case("last-event-id") {
+                last_id = Some(v.trim().to_string());
             } else if k.eq_ignore_ascii_case("x-request-id") {
                 rid = Some(v.trim().to_string());
             }
@@ -96,7 +99,7 @@ fn serve(s: TcpStream, count: Arc<AtomicU64>) -> std::io::Result<()> {
             "error",
             "hang",
             "hold",
-            "slow-open",
+            "resumable",
             "many",
         ]
         .into_iter()
@@ -149,6 +152,23 @@ fn serve(s: TcpStream, count: Arc<AtomicU64>) -> std::io::Result<()> {
                     return Ok(());
                 }
             },
+            "resumable" => {
+                // six tokens with ids rs:1..rs:6, done rs:7; a Last-Event-ID
+                // rs:k replays from k+1
+                let from = last_id
+                    .and_then(|l| l.rsplit(':').next().and_then(|n| n.parse::<u64>().ok()))
+                    .unwrap_or(0);
+                for seq in from + 1..=6 {
+                    at(50 + 20 * seq);
+                    let e = format!("id: rs:{seq}\nevent: token\ndata: {{\"t\":\"w{seq}\"}}\n\n");
+                    if w.write_all(&chunk(&e)).is_err() {
+                        return Ok(());
+                    }
+                }
+                w.write_all(&chunk("id: rs:7\nevent: done\ndata: {}\n\n"))?;
+                w.write_all(b"0\r\n\r\n")?;
+                continue;
+            }
             "many" => {
                 for i in 0..20 {
                     thread::sleep(ms(10));

@@ -80,7 +80,9 @@ PY="$VENV/bin/python"
 
 # ---- 2. the binaries
 if [ -z "${SLUICE_BIN:-}" ] || [ -z "${SLUICE_LOAD_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --release --quiet -p sluice -p sluice-load)
+  # two builds, as the other interop scripts do (one build of both packages
+  # would unify their features and rebuild sluice)
+  (cd "$ROOT" && cargo build --release --quiet --bin sluice && cargo build --release --quiet -p sluice-load)
 fi
 SLUICE="${SLUICE_BIN:-$ROOT/target/release/sluice}"
 LOAD="${SLUICE_LOAD_BIN:-$ROOT/target/release/sluice-load}"
