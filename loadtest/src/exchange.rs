@@ -273,8 +273,16 @@ impl Exchange {
 
     fn take_events(&mut self, now: Instant) {
         for ev in self.events.drain(..) {
-            if self.terminal || self.token_limit.is_some_and(|k| self.rec.tokens >= k) {
+            if self.terminal {
                 break;
+            }
+            let kind = classify(self.format, &ev);
+            if self.token_limit.is_some_and(|k| self.rec.tokens >= k)
+                && !matches!(kind, Kind::Done { .. } | Kind::Error { .. })
+            {
+                // The client is leaving; only an end that already arrived
+                // in the same read still counts (the server saw it finish).
+                continue;
             }
             if self.rec.first_event.is_none() {
                 self.rec.first_event = Some(now);
@@ -288,7 +296,7 @@ impl Exchange {
                 }
                 self.rec.last_event_id = Some(id.clone());
             }
-            match classify(self.format, &ev) {
+            match kind {
                 Kind::Token { .. } => {
                     self.rec.tokens += 1;
                     self.rec.first_token.get_or_insert(now);
@@ -402,5 +410,22 @@ data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
         x.on_bytes(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", t0);
         assert_eq!(x.on_eof(t0), Step::Finished { keep_alive: false });
         assert_eq!(x.rec.outcome, Outcome::Reset);
+    }
+
+    #[test]
+    fn token_limit_still_sees_an_end_in_the_same_read() {
+        let t0 = Instant::now();
+        let mut x = Exchange::new(Format::Native, Record::new(true, t0), None);
+        x.token_limit = Some(1);
+        x.request_written(t0);
+        let mut wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        wire.extend(chunk(
+            "event: token\ndata: {\"t\":\"a\"}\n\nevent: token\ndata: {\"t\":\"b\"}\n\n",
+        ));
+        wire.extend(chunk("event: done\ndata: {}\n\n"));
+        wire.extend_from_slice(b"0\r\n\r\n");
+        assert_eq!(x.on_bytes(&wire, t0), Step::Finished { keep_alive: true });
+        assert_eq!(x.rec.outcome, Outcome::Done);
+        assert_eq!(x.rec.tokens, 1);
     }
 }
