@@ -598,8 +598,10 @@ impl<'a> Engine<'a> {
                 *allow =
                     (*allow + bps as f64 * now.duration_since(*last).as_secs_f64()).min(bps as f64);
                 *last = now;
-                if *allow < 1.0 {
-                    let wait = Duration::from_secs_f64((1.0 - *allow) / bps as f64);
+                // read in slices of 100 ms worth of bytes, not byte by byte
+                let quantum = (bps as f64 / 10.0).clamp(1.0, 16384.0);
+                if *allow < quantum {
+                    let wait = Duration::from_secs_f64((quantum - *allow) / bps as f64);
                     c.paused = true;
                     let id = job.id;
                     self.timers

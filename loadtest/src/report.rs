@@ -149,6 +149,15 @@ fn series(s: &Stats) -> Value {
     })
 }
 
+/// A number as a person writes it (no `.0` on counts); `-` when missing.
+fn num(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x == x.trunc() && x.abs() < 1e15 => format!("{}", x as i64),
+        Some(x) => format!("{x}"),
+        None => "-".into(),
+    }
+}
+
 fn ms(v: &Value, k: &str) -> String {
     match v.get(k).and_then(Value::as_f64) {
         Some(x) => format!("{x:.3}"),
@@ -200,7 +209,7 @@ pub fn table(j: &Value) -> String {
         ("total (done streams)", "total_ms"),
         ("server ttft (joined)", "server_join.server_ttft_ms"),
         ("transport (client - server)", "server_join.transport_ms"),
-        ("server histogram ttft", "server.ttft_ms"),
+        ("server /metrics ttft (buckets)", "server.ttft_ms"),
     ] {
         let v = key.split('.').fold(j, |v, k| &v[k]);
         if v.is_null()
@@ -264,8 +273,9 @@ pub fn table(j: &Value) -> String {
     if !sv.is_null() {
         o += &format!(
             "server /metrics: started {}, completed {}, errored {}, disconnected {}; streams open before {} after {}; back to baseline in {} ms\n",
-            sv["streams_started"], sv["streams_completed"], sv["streams_errored"], sv["streams_disconnected"],
-            sv["streams_open_before"], sv["streams_open_after"], sv["streams_open_settle_ms"]
+            num(&sv["streams_started"]), num(&sv["streams_completed"]), num(&sv["streams_errored"]),
+            num(&sv["streams_disconnected"]), num(&sv["streams_open_before"]), num(&sv["streams_open_after"]),
+            num(&sv["streams_open_settle_ms"])
         );
     }
     let c = &j["client"];
