@@ -610,6 +610,9 @@ impl<'a> Engine<'a> {
                 }
                 limit = limit.min(*allow as usize);
             }
+            // TLS: a read can finish the handshake and flush the request
+            // queued behind it; that flush is the send, so stamp before.
+            let before = matches!(c.t, Transport::Tls(..)).then(Instant::now);
             let res = c.t.read(&mut self.buf[..limit]);
             let now = Instant::now();
             let step = match res {
@@ -621,8 +624,14 @@ impl<'a> Engine<'a> {
                     job.ex.on_bytes(&self.buf[..n], now)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // TLS: a handshake may have finished; flush and stamp the send.
-                    if matches!(c.t, Transport::Tls(..)) {
+                    if let Some(before) = before {
+                        if c.written == job.request.len()
+                            && c.t.write_done()
+                            && job.ex.rec.sent.is_none()
+                        {
+                            job.ex.request_written(before);
+                        }
+                        // what the read left queued (and its stamp)
                         self.write(key);
                     }
                     return;
