@@ -100,8 +100,23 @@ pub fn chart(title: &str, xlabel: &str, ylabel: &str, lines: &[Line], log_x: boo
         y1 = y0 + 1.0;
     }
     if log_x {
-        x0 = x0.floor();
-        x1 = x1.ceil().max(x0 + 1.0);
+        // widen to the nearest 1, 2 or 5 × 10^k on each side
+        let steps = [1.0f64, 2.0, 5.0, 10.0];
+        let (d0, d1) = (x0.floor(), x1.floor());
+        x0 = steps
+            .iter()
+            .rev()
+            .map(|m| d0 + m.log10())
+            .find(|&v| v <= x0 + 1e-12)
+            .unwrap_or(d0);
+        x1 = steps
+            .iter()
+            .map(|m| d1 + m.log10())
+            .find(|&v| v >= x1 - 1e-12)
+            .unwrap_or(d1 + 1.0);
+        if x1 <= x0 {
+            x1 = x0 + 2f64.log10();
+        }
     } else if x1 <= x0 {
         x1 = x0 + 1.0;
     }
@@ -117,11 +132,17 @@ pub fn chart(title: &str, xlabel: &str, ylabel: &str, lines: &[Line], log_x: boo
     );
     let xt: Vec<f64> = if log_x {
         let mut v = Vec::new();
-        let mut e = x0;
+        let mut e = x0.floor();
+        // less than about a decade shown: more ticks
+        let mults: &[f64] = if x1 - x0 < 1.3 {
+            &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+        } else {
+            &[1.0, 2.0, 5.0]
+        };
         while e <= x1 + 1e-9 {
-            for m in [1.0, 2.0, 5.0] {
+            for &m in mults {
                 let t = m * 10f64.powf(e);
-                if t.log10() <= x1 + 1e-9 {
+                if t.log10() >= x0 - 1e-9 && t.log10() <= x1 + 1e-9 {
                     v.push(t);
                 }
             }
