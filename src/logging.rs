@@ -12,8 +12,11 @@
 //! Who wakes that thread:
 //! - the event loop never does from a `log` call: it marks itself with
 //!   [`mark_loop_thread`] and calls [`end_of_turn`] once per loop turn,
-//!   after its writes, which wakes the log thread only if the loop queued a
-//!   line during the turn and the thread sleeps;
+//!   after its writes, which wakes the log thread only when the loop has
+//!   queued [`LOOP_BATCH`] lines and the thread sleeps: under load a wake
+//!   (a futex call, and a thread competing for the CPU with the clients)
+//!   costs one per batch, not one per request; fewer lines wait at most
+//!   [`POLL`];
 //! - any other thread (workers, upstream probes, `main`) wakes it from the
 //!   `log` call itself, so their lines reach stderr at once;
 //! - as a safety net the log thread also looks every [`POLL`] on its own
@@ -46,6 +49,8 @@ const MAX_LINES: usize = 8192;
 const MAX_BYTES: usize = 1 << 20;
 /// How often the log thread looks for lines nobody woke it for.
 const POLL: Duration = Duration::from_millis(100);
+/// Lines the loop queues before its `end_of_turn` wakes the log thread.
+const LOOP_BATCH: usize = 512;
 
 thread_local! {
     /// Set on the event-loop thread: its `log` calls only append.
@@ -426,6 +431,8 @@ struct Queue {
     dropped: AtomicU64,
     max_lines: usize,
     max_bytes: usize,
+    /// Lines the loop queues before `end_of_turn` wakes the log thread.
+    loop_batch: usize,
 }
 
 impl Queue {
@@ -445,6 +452,7 @@ impl Queue {
             dropped: AtomicU64::new(0),
             max_lines,
             max_bytes,
+            loop_batch: LOOP_BATCH.min(max_lines),
         }
     }
 
@@ -490,7 +498,7 @@ impl Queue {
         }
         self.loop_lines.store(false, Relaxed);
         let mut st = self.lock();
-        let woke = !st.batch.is_empty() && std::mem::take(&mut st.idle);
+        let woke = st.batch.lines.len() >= self.loop_batch && std::mem::take(&mut st.idle);
         drop(st);
         if woke {
             self.wake.notify_one();
@@ -732,14 +740,17 @@ mod tests {
     }
 
     #[test]
-    fn the_loop_wakes_the_log_thread_once_per_turn_and_only_at_its_end() {
-        let q = Queue::new(100, 10_000);
+    fn the_loop_wakes_the_log_thread_once_per_batch_and_only_at_a_turns_end() {
+        let mut q = Queue::new(100, 10_000);
+        q.loop_batch = 5;
         q.park();
-        for i in 0..5 {
+        for i in 0..4 {
             let woke = q.push(Level::Info, "t", &format!("line {i}"), false);
             assert!(!woke, "a log call on the loop never wakes");
         }
-        assert!(q.end_of_turn(), "the end of the turn wakes");
+        assert!(!q.end_of_turn(), "fewer than a batch wait for the poll");
+        assert!(!q.push(Level::Info, "t", "line 4", false));
+        assert!(q.end_of_turn(), "a batch: the end of the turn wakes");
         assert!(!q.end_of_turn(), "once");
         // Asleep again with nothing new: a turn that logged nothing wakes nobody.
         drain(&q, &mut Lines::default());
@@ -747,9 +758,11 @@ mod tests {
         assert!(!q.end_of_turn());
         // A thread already awake is not woken again.
         q.lock().idle = false;
-        q.push(Level::Info, "t", "x", false);
+        for _ in 0..5 {
+            q.push(Level::Info, "t", "x", false);
+        }
         assert!(!q.end_of_turn());
-        assert_eq!(drain(&q, &mut Lines::default()), 1);
+        assert_eq!(drain(&q, &mut Lines::default()), 5);
     }
 
     #[test]
