@@ -289,13 +289,14 @@ impl Conn {
             }
             Ok(ReadStatus::Complete { request, consumed }) => {
                 *at += consumed;
-                self.head_started = None;
+                // The access log's duration runs from the request's first byte.
+                let since = self.head_started.take().unwrap_or(now);
                 self.current = Some(Box::new((
                     ReqLine {
                         method: request.method_str.clone(),
                         path: request.path.clone(),
                     },
-                    now,
+                    since,
                 )));
                 Some(Parsed::Request(request))
             }
@@ -305,7 +306,9 @@ impl Conn {
                     None => (None, None),
                 };
                 if let Some(l) = &line {
-                    self.current = Some(Box::new((l.clone(), now)));
+                    // The access log's duration runs from the first byte.
+                    let since = self.head_started.unwrap_or(now);
+                    self.current = Some(Box::new((l.clone(), since)));
                 }
                 *at = input.len();
                 Some(Parsed::Bad { err, line, origin })
@@ -425,6 +428,13 @@ impl Conn {
                 match self.next_deadline(cfg) {
                     Some(d) if now >= d => {
                         if self.head_started.is_some() || self.served == 0 {
+                            // No request line to log, but a real duration.
+                            let since = self.head_started.unwrap_or(self.read_since);
+                            let line = ReqLine {
+                                method: "-".into(),
+                                path: "-".into(),
+                            };
+                            self.current = Some(Box::new((line, since)));
                             Expired::RequestTimeout
                         } else {
                             self.close(bufs);
