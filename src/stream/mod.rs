@@ -141,7 +141,8 @@ pub struct Stream {
     id: u64,
     /// The id as clients see it (`X-Stream-Id`, `id:` lines).
     sid: Box<str>,
-    request_id: String,
+    /// The request's id when the client chose one (else it is `sid`).
+    request_id: Option<Box<str>>,
     line: ReqLine,
     /// The most tokens relayed: a backend that goes on is cut off here.
     max_tokens: u32,
@@ -186,8 +187,8 @@ impl Stream {
         };
         Stream {
             id: a.id,
+            request_id: (a.request_id != *a.sid).then(|| a.request_id.into()),
             sid: a.sid,
-            request_id: a.request_id,
             line: a.line,
             max_tokens: gen.max_tokens,
             prod,
@@ -225,7 +226,7 @@ impl Stream {
     }
 
     pub fn request_id(&self) -> &str {
-        &self.request_id
+        self.request_id.as_deref().unwrap_or(&self.sid)
     }
 
     /// The attached connection (slab key, serial).
@@ -651,7 +652,7 @@ impl Stream {
         Some(StreamSummary {
             id: self.id,
             sid: self.sid.clone(),
-            request_id: self.request_id.clone(),
+            request_id: self.request_id().to_string(),
             line: std::mem::take(&mut self.line),
             outcome,
             tokens: self.tokens,
