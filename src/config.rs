@@ -23,6 +23,13 @@ pub enum BackendKind {
     Openai,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogLevel {
@@ -250,6 +257,12 @@ pub struct Config {
     /// Log verbosity (logs go to stderr and never block streaming).
     #[arg(long, env = "SLUICE_LOG_LEVEL", value_enum, default_value = "info")]
     pub log_level: LogLevel,
+
+    /// Log lines as text, or as one JSON object per line (time, level,
+    /// target, message; access lines also method, path, status, request_id,
+    /// peer, principal, stream, outcome, tokens, ttft_ms, duration_ms).
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 impl Config {

@@ -383,7 +383,8 @@ impl Conn {
             }
             Ok(ReadStatus::Complete { request, consumed }) => {
                 *at += consumed;
-                self.head_started = None;
+                // The access log's duration runs from the request's first byte.
+                let since = self.head_started.take().unwrap_or(now);
                 self.reserved = 0;
                 self.unfunded = false;
                 self.continue_wanted = false;
@@ -394,7 +395,7 @@ impl Conn {
                         method: request.method_str.clone(),
                         path: request.path.clone(),
                     },
-                    now,
+                    since,
                 )));
                 Some(Parsed::Request(request))
             }
@@ -407,10 +408,12 @@ impl Conn {
                         None => (None, None),
                     },
                 };
+                // The access log's duration runs from the first byte.
+                let since = self.head_started.unwrap_or(now);
                 self.drop_request();
                 self.answering_head = line.as_ref().is_some_and(|l| l.method == "HEAD");
                 if let Some(l) = &line {
-                    self.current = Some(Box::new((l.clone(), now)));
+                    self.current = Some(Box::new((l.clone(), since)));
                 }
                 *at = input.len();
                 Some(Parsed::Bad { err, line, origin })
@@ -559,6 +562,17 @@ impl Conn {
                 match self.next_deadline(cfg) {
                     Some(d) if now >= d => {
                         if self.head_started.is_some() || self.served == 0 {
+                            // A real duration, and the request line when
+                            // the head came (its body did not).
+                            let since = self.head_started.unwrap_or(self.read_since);
+                            let line = match &self.body_of {
+                                Some(b) => b.0.clone(),
+                                None => ReqLine {
+                                    method: "-".into(),
+                                    path: "-".into(),
+                                },
+                            };
+                            self.current = Some(Box::new((line, since)));
                             Expired::RequestTimeout
                         } else {
                             self.close(bufs);

@@ -12,8 +12,11 @@
 //! Who wakes that thread:
 //! - the event loop never does from a `log` call: it marks itself with
 //!   [`mark_loop_thread`] and calls [`end_of_turn`] once per loop turn,
-//!   after its writes, which wakes the log thread only if the loop queued a
-//!   line during the turn and the thread sleeps;
+//!   after its writes, which wakes the log thread only when the loop has
+//!   queued [`LOOP_BATCH`] lines and the thread sleeps: under load a wake
+//!   (a futex call, and a thread competing for the CPU with the clients)
+//!   costs one per batch, not one per request; fewer lines wait at most
+//!   [`POLL`];
 //! - any other thread (workers, upstream probes, `main`) wakes it from the
 //!   `log` call itself, so their lines reach stderr at once;
 //! - as a safety net the log thread also looks every [`POLL`] on its own
@@ -46,6 +49,8 @@ const MAX_LINES: usize = 8192;
 const MAX_BYTES: usize = 1 << 20;
 /// How often the log thread looks for lines nobody woke it for.
 const POLL: Duration = Duration::from_millis(100);
+/// Lines the loop queues before its `end_of_turn` wakes the log thread.
+const LOOP_BATCH: usize = 512;
 
 thread_local! {
     /// Set on the event-loop thread: its `log` calls only append.
@@ -57,8 +62,24 @@ thread_local! {
 
 // ------------------------------------------------------------------ API
 
-/// Installs the logger once per process; later calls only keep the first level.
+/// How lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// simple_logger's: `TIMESTAMP LEVEL [target] message`.
+    #[default]
+    Text,
+    /// One JSON object per line (see [`json_line`]).
+    Json,
+}
+
+/// Installs the logger once per process (text lines); later calls only keep
+/// the first level.
 pub fn init(level: LevelFilter) {
+    init_with(level, Format::Text)
+}
+
+/// [`init`], choosing the line format.
+pub fn init_with(level: LevelFilter, format: Format) {
     let mut installed = false;
     let front = LOGGER.get_or_init(|| {
         installed = true;
@@ -70,11 +91,14 @@ pub fn init(level: LevelFilter) {
     if installed {
         std::thread::Builder::new()
             .name("sluice-log".into())
-            .spawn(move || {
-                let out = simple_logger::SimpleLogger::new()
-                    .with_level(LevelFilter::Trace)
-                    .with_utc_timestamps();
-                front.queue.run(&mut Stderr(out), POLL);
+            .spawn(move || match format {
+                Format::Text => {
+                    let out = simple_logger::SimpleLogger::new()
+                        .with_level(LevelFilter::Trace)
+                        .with_utc_timestamps();
+                    front.queue.run(&mut Stderr(out), POLL);
+                }
+                Format::Json => front.queue.run(&mut JsonStderr(String::new()), POLL),
             })
             .expect("spawning the log thread");
         let _ = log::set_logger(front);
@@ -232,6 +256,99 @@ impl Sink for Stderr {
     }
 }
 
+/// One JSON object a line on stderr.
+struct JsonStderr(String);
+
+impl Sink for JsonStderr {
+    fn write(&mut self, level: Level, target: &str, message: &str) {
+        self.0.clear();
+        json_line(
+            &mut self.0,
+            std::time::SystemTime::now(),
+            level,
+            target,
+            message,
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = std::io::Write::write_all(&mut err, self.0.as_bytes());
+    }
+}
+
+/// The target of access-log lines: `METHOD PATH STATUS key=value…`, which
+/// the JSON format turns into fields.
+pub const ACCESS: &str = "sluice::access";
+
+/// One log line as JSON, ending with a newline: `time` (RFC 3339, UTC,
+/// milliseconds), `level`, `target`, `message`; an access line (target
+/// [`ACCESS`]) also has `method`, `path`, `status` and each `key=value` of
+/// its message as a field (`request_id`, `peer`, `principal`, `stream`,
+/// `outcome`, `tokens`, `ttft_ms`, `duration_ms`; numbers as numbers).
+pub fn json_line(
+    out: &mut String,
+    at: std::time::SystemTime,
+    level: Level,
+    target: &str,
+    message: &str,
+) {
+    use std::fmt::Write as _;
+    let field = |out: &mut String, k: &str, v: &str, number: bool| {
+        out.push(',');
+        let _ = write!(out, "{}:", serde_json::Value::from(k));
+        if number && v.parse::<f64>().is_ok_and(f64::is_finite) {
+            out.push_str(v);
+        } else {
+            let _ = write!(out, "{}", serde_json::Value::from(v));
+        }
+    };
+    out.push_str("{\"time\":\"");
+    rfc3339(out, at);
+    out.push('"');
+    field(out, "level", level.as_str(), false);
+    field(out, "target", target, false);
+    field(out, "message", message, false);
+    if target == ACCESS {
+        let mut words = message.split(' ');
+        for (k, number) in [("method", false), ("path", false), ("status", true)] {
+            if let Some(w) = words.next() {
+                field(out, k, w, number);
+            }
+        }
+        for w in words {
+            if let Some((k, v)) = w.split_once('=') {
+                let number = matches!(k, "tokens" | "ttft_ms" | "duration_ms" | "after");
+                field(out, k, v, number);
+            }
+        }
+    }
+    out.push_str("}\n");
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
+fn rfc3339(out: &mut String, at: std::time::SystemTime) {
+    use std::fmt::Write as _;
+    let d = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    );
+}
+
 /// Lines as one text buffer plus where each ends, so that queueing a line
 /// at steady state allocates nothing (the log thread hands back an emptied
 /// batch with its capacity).
@@ -314,6 +431,8 @@ struct Queue {
     dropped: AtomicU64,
     max_lines: usize,
     max_bytes: usize,
+    /// Lines the loop queues before `end_of_turn` wakes the log thread.
+    loop_batch: usize,
 }
 
 impl Queue {
@@ -333,6 +452,7 @@ impl Queue {
             dropped: AtomicU64::new(0),
             max_lines,
             max_bytes,
+            loop_batch: LOOP_BATCH.min(max_lines),
         }
     }
 
@@ -378,7 +498,7 @@ impl Queue {
         }
         self.loop_lines.store(false, Relaxed);
         let mut st = self.lock();
-        let woke = !st.batch.is_empty() && std::mem::take(&mut st.idle);
+        let woke = st.batch.lines.len() >= self.loop_batch && std::mem::take(&mut st.idle);
         drop(st);
         if woke {
             self.wake.notify_one();
@@ -487,6 +607,43 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
+    fn json_lines_carry_the_access_fields() {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_764_403_200_123);
+        let mut out = String::new();
+        json_line(
+            &mut out,
+            at,
+            Level::Info,
+            ACCESS,
+            "GET /v1/chat/stream 200 request_id=r1 peer=127.0.0.1:5 principal=alice stream=ab outcome=done tokens=3 ttft_ms=1.500 duration_ms=20.0",
+        );
+        assert!(out.ends_with("}\n"));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["time"], "2025-11-29T08:00:00.123Z");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/v1/chat/stream");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["request_id"], "r1");
+        assert_eq!(v["principal"], "alice");
+        assert_eq!(v["outcome"], "done");
+        assert_eq!(v["tokens"], 3);
+        assert_eq!(v["ttft_ms"], 1.5);
+        assert_eq!(v["duration_ms"], 20.0);
+        let mut out = String::new();
+        json_line(
+            &mut out,
+            at,
+            Level::Warn,
+            "sluice::server",
+            "a \"quoted\" line",
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["message"], "a \"quoted\" line");
+        assert!(v.get("method").is_none());
+    }
+
+    #[test]
     fn escape_table() {
         let table: &[(&str, &str)] = &[
             ("", ""),
@@ -583,14 +740,17 @@ mod tests {
     }
 
     #[test]
-    fn the_loop_wakes_the_log_thread_once_per_turn_and_only_at_its_end() {
-        let q = Queue::new(100, 10_000);
+    fn the_loop_wakes_the_log_thread_once_per_batch_and_only_at_a_turns_end() {
+        let mut q = Queue::new(100, 10_000);
+        q.loop_batch = 5;
         q.park();
-        for i in 0..5 {
+        for i in 0..4 {
             let woke = q.push(Level::Info, "t", &format!("line {i}"), false);
             assert!(!woke, "a log call on the loop never wakes");
         }
-        assert!(q.end_of_turn(), "the end of the turn wakes");
+        assert!(!q.end_of_turn(), "fewer than a batch wait for the poll");
+        assert!(!q.push(Level::Info, "t", "line 4", false));
+        assert!(q.end_of_turn(), "a batch: the end of the turn wakes");
         assert!(!q.end_of_turn(), "once");
         // Asleep again with nothing new: a turn that logged nothing wakes nobody.
         drain(&q, &mut Lines::default());
@@ -598,9 +758,11 @@ mod tests {
         assert!(!q.end_of_turn());
         // A thread already awake is not woken again.
         q.lock().idle = false;
-        q.push(Level::Info, "t", "x", false);
+        for _ in 0..5 {
+            q.push(Level::Info, "t", "x", false);
+        }
         assert!(!q.end_of_turn());
-        assert_eq!(drain(&q, &mut Lines::default()), 1);
+        assert_eq!(drain(&q, &mut Lines::default()), 5);
     }
 
     #[test]

@@ -27,7 +27,11 @@ fn main() {
         eprintln!("sluice: {e}");
         std::process::exit(2);
     }
-    sluice::logging::init(cfg.log_level.to_filter());
+    let format = match cfg.log_format {
+        sluice::config::LogFormat::Text => sluice::logging::Format::Text,
+        sluice::config::LogFormat::Json => sluice::logging::Format::Json,
+    };
+    sluice::logging::init_with(cfg.log_level.to_filter(), format);
     let listen = cfg.listen;
     let fd_limit = sluice::config::fd_limit();
     let max_conns = cfg.effective_max_connections();

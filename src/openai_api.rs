@@ -5,6 +5,7 @@
 //! Every OpenAI field is accepted; the ones the server does not use itself
 //! are kept in [`GenRequest::extra`] and forwarded to an upstream unchanged.
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::api;
@@ -20,10 +21,12 @@ pub struct ChatRequest {
 
 /// Parses a chat completions body; `Err` is a 400 message.
 pub fn parse(body: &[u8], max_tokens_limit: u32) -> Result<ChatRequest, String> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
-    let Value::Object(obj) = v else {
-        return Err("the body must be a JSON object".into());
+    // Fields stay the client's own bytes: only the ones sluice reads are
+    // parsed into values, the rest are forwarded as they came.
+    let obj: Vec<(String, Box<RawValue>)> = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(_)) => raw_fields(body)?,
+        Ok(_) => return Err("the body must be a JSON object".into()),
+        Err(e) => return Err(format!("the body is not valid JSON: {e}")),
     };
     let mut gen = GenRequest {
         max_tokens: max_tokens_limit,
@@ -32,9 +35,30 @@ pub fn parse(body: &[u8], max_tokens_limit: u32) -> Result<ChatRequest, String> 
     let mut stream = false;
     let mut include_usage = false;
     let mut messages = None;
-    for (k, v) in obj {
+    for (k, raw) in obj {
+        let value = || serde_json::from_str::<Value>(raw.get()).map_err(|e| e.to_string());
+        let known = matches!(
+            k.as_str(),
+            "messages"
+                | "model"
+                | "max_tokens"
+                | "max_completion_tokens"
+                | "temperature"
+                | "stop"
+                | "stream"
+                | "stream_options"
+                | "n"
+        );
+        if !known {
+            gen.extra.push((k, raw));
+            continue;
+        }
+        let v = value()?;
         match k.as_str() {
-            "messages" => messages = Some(parse_messages(v)?),
+            "messages" => {
+                messages = Some(parse_messages(v)?);
+                gen.raw_messages = Some(raw);
+            }
             "model" => match v {
                 Value::String(s) => gen.model = Some(s),
                 _ => return Err("model must be a string".into()),
@@ -70,9 +94,7 @@ pub fn parse(body: &[u8], max_tokens_limit: u32) -> Result<ChatRequest, String> 
                     return Err("only n = 1 is supported".into());
                 }
             }
-            _ => {
-                gen.extra.insert(k, v);
-            }
+            _ => unreachable!("only known fields are parsed"),
         }
     }
     gen.messages = messages.ok_or("messages is required")?;
@@ -81,6 +103,32 @@ pub fn parse(body: &[u8], max_tokens_limit: u32) -> Result<ChatRequest, String> 
         stream,
         include_usage,
     })
+}
+
+/// The top-level fields of a JSON object, each as its raw text, in order.
+fn raw_fields(body: &[u8]) -> Result<Vec<(String, Box<RawValue>)>, String> {
+    struct Fields;
+    impl<'de> serde::de::Visitor<'de> for Fields {
+        type Value = Vec<(String, Box<RawValue>)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out: Vec<(String, Box<RawValue>)> = Vec::new();
+            while let Some((k, v)) = m.next_entry::<String, Box<RawValue>>()? {
+                // A repeated field: the last one counts, as in JSON parsers.
+                out.retain(|(o, _)| *o != k);
+                out.push((k, v));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde::Deserializer::deserialize_map(&mut de, Fields)
+        .map_err(|e| format!("the body is not valid JSON: {e}"))
 }
 
 fn parse_messages(v: Value) -> Result<Vec<Message>, String> {
@@ -151,8 +199,9 @@ mod tests {
         assert!(r.stream && r.include_usage);
         assert_eq!(r.gen.max_tokens, 7);
         assert_eq!(r.gen.messages[0].content, "hi");
-        assert_eq!(r.gen.extra.get("top_p"), Some(&serde_json::json!(0.5)));
-        assert_eq!(r.gen.extra.get("seed"), Some(&serde_json::json!(3)));
+        assert_eq!(r.gen.extra_field("top_p").map(RawValue::get), Some("0.5"));
+        assert_eq!(r.gen.extra_field("seed").map(RawValue::get), Some("3"));
+        assert!(r.gen.raw_messages.is_some());
         assert!(parse(br#"{"messages":[]}"#, 10).is_err());
         assert!(parse(br#"{"model":"m"}"#, 10).is_err());
         assert!(parse(

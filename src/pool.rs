@@ -36,9 +36,15 @@ use crate::sse::{ErrorCode, StreamError};
 #[derive(Debug)]
 pub enum Piece<'a> {
     Token(&'a str),
+    /// Fields of a streamed choice besides its text, as raw JSON: an
+    /// object like `{"delta":{"tool_calls":[…]},"logprobs":…}`.
+    Delta(&'a str),
     Done(Finish),
     Error(StreamError),
 }
+
+/// Marks a queued length as a [`Piece::Delta`] (lengths never get near it).
+const DELTA: usize = 1 << (usize::BITS - 1);
 
 /// Streams with new pieces, and the one waker of the loop.
 pub struct ReadyList {
@@ -150,6 +156,16 @@ impl TokenSink {
     /// tokens wait. Empty text is not a token. Tokens pushed after
     /// [`TokenSink::finish`] are dropped.
     pub fn push_token(&self, text: &str) -> Result<(), Cancelled> {
+        self.push_item(text, 0)
+    }
+
+    /// Hands a choice's other fields (see [`Piece::Delta`]) to the stream,
+    /// in order with the tokens; blocks like [`TokenSink::push_token`].
+    pub fn push_delta(&self, raw: &str) -> Result<(), Cancelled> {
+        self.push_item(raw, DELTA)
+    }
+
+    fn push_item(&self, text: &str, kind: usize) -> Result<(), Cancelled> {
         if text.is_empty() {
             return self.check();
         }
@@ -167,7 +183,7 @@ impl TokenSink {
         }
         let was_empty = st.is_empty();
         st.text.push_str(text);
-        st.lens.push_back(text.len());
+        st.lens.push_back(text.len() | kind);
         drop(st);
         if was_empty {
             self.ready.push(self.slot, self.id);
@@ -224,12 +240,17 @@ impl TokenSink {
         let st = &mut *guard;
         let mut more = true;
         while more {
-            let Some(len) = st.lens.pop_front() else {
+            let Some(entry) = st.lens.pop_front() else {
                 break;
             };
             let start = st.head;
-            st.head += len;
-            more = f(Piece::Token(&st.text[start..st.head]));
+            st.head += entry & !DELTA;
+            let text = &st.text[start..st.head];
+            more = f(if entry & DELTA != 0 {
+                Piece::Delta(text)
+            } else {
+                Piece::Token(text)
+            });
         }
         if st.lens.is_empty() {
             st.head = 0;
@@ -292,6 +313,10 @@ impl TokenSink {
 impl TokenOut for TokenSink {
     fn push_token(&self, text: &str) -> Result<(), Cancelled> {
         TokenSink::push_token(self, text)
+    }
+
+    fn push_delta(&self, raw: &str) -> Result<(), Cancelled> {
+        TokenSink::push_delta(self, raw)
     }
 
     fn sleep(&self, d: Duration) -> Result<(), Cancelled> {
@@ -566,6 +591,7 @@ mod tests {
     fn show(p: Piece<'_>) -> String {
         match p {
             Piece::Token(t) => t.to_owned(),
+            Piece::Delta(d) => format!("delta:{d}"),
             Piece::Done(f) => format!("done:{}", f.finish_reason),
             Piece::Error(e) => format!("error:{}", e.message),
         }
@@ -702,7 +728,7 @@ mod tests {
             }
             assert_eq!(sink.has_pieces(), !model.is_empty());
             let st = lock(&sink.state);
-            let queued: usize = st.lens.iter().sum();
+            let queued: usize = st.lens.iter().map(|l| l & !DELTA).sum();
             assert_eq!(st.head + queued, st.text.len());
         }
     }

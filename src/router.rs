@@ -578,7 +578,7 @@ fn cost_control(cfg: &Config, gen: &mut GenRequest) -> Result<(), String> {
         }
     }
     for f in &cfg.drop_field {
-        gen.extra.remove(f);
+        gen.drop_extra(f);
         match f.as_str() {
             "temperature" => gen.temperature = None,
             "stop" => gen.stop.clear(),

@@ -172,6 +172,7 @@ impl Services for Shared {
             .line
             .map_or(("-", "-"), |l| (l.method.as_str(), l.path.as_str()));
         log::info!(
+            target: crate::logging::ACCESS,
             "{method} {path} {} request_id={} peer={peer} principal={} duration_ms={:.3}",
             a.status,
             a.request_id,
@@ -202,13 +203,14 @@ impl Services for Shared {
         let peer = e.peer.map(|p| p.to_string()).unwrap_or_default();
         let ttft = s.ttft.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
         log::info!(
-            "{} {} {} request_id={} peer={peer} principal={} stream={:x} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
+            target: crate::logging::ACCESS,
+            "{} {} {} request_id={} peer={peer} principal={} stream={} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
             s.line.method,
             s.line.path,
             e.status,
             s.request_id,
             s.principal.as_deref().unwrap_or("-"),
-            s.id,
+            s.sid,
             s.tokens,
             s.duration.as_secs_f64() * 1000.0
         );

@@ -107,6 +107,8 @@ pub struct DoneInfo<'a> {
 
 /// `event: token` with `{"t": text}`.
 pub fn token(buf: &mut Vec<u8>, text: &str) {
+    // One reservation for the frame (escapes may still grow it).
+    buf.reserve(text.len() + 32);
     buf.extend_from_slice(b"event: token\ndata: {\"t\":");
     // Writing a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, text);

@@ -950,3 +950,144 @@ fn a_body_over_the_limit_is_413_in_openai_shape_with_cors() {
     assert_eq!(kind, "invalid_request_error");
     assert_eq!(code, "payload_too_large");
 }
+
+// ---------------------------------------------------------------- tool calls
+
+/// An upstream answer that calls a tool, in the shape OpenAI streams it:
+/// the call's id and name first, its arguments in two pieces, then
+/// `finish_reason: tool_calls` and usage.
+fn tool_call_stream() -> Vec<u8> {
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id":"up","object":"chat.completion.chunk","created":1,"model":"m",
+                   "choices":[{"index":0,"delta":delta,"logprobs":null,"finish_reason":finish}]})
+        )
+    };
+    let mut body = String::new();
+    body += &chunk(json!({"role":"assistant","content":null}), Value::Null);
+    body += &chunk(
+        json!({"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]}),
+        Value::Null,
+    );
+    body += &chunk(
+        json!({"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}),
+        Value::Null,
+    );
+    body += &chunk(
+        json!({"tool_calls":[{"index":0,"function":{"arguments":"\"Paris\"}"}}]}),
+        Value::Null,
+    );
+    body += &chunk(json!({}), json!("tool_calls"));
+    body += &format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        json!({"id":"up","object":"chat.completion.chunk","created":1,"model":"m","choices":[],
+               "usage":{"prompt_tokens":4294967295u64,"completion_tokens":9,"total_tokens":9}})
+    );
+    format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n{body}")
+        .into_bytes()
+}
+
+fn tool_request(stream: bool) -> Value {
+    json!({
+        "model": "m",
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+        "tools": [{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "weather?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id":"call_0","type":"function","function":{"name":"get_weather","arguments":"{}"}}]},
+            {"role": "tool", "tool_call_id": "call_0", "name": "get_weather", "content": "sunny"}
+        ]
+    })
+}
+
+#[test]
+fn tool_calls_pass_through_both_ways_streaming_and_not() {
+    let fake = FakeUpstream::start(Script::Raw(tool_call_stream()));
+    let url = fake.url();
+    let srv = start(&[
+        "--backend",
+        "openai",
+        "--upstream-url",
+        &url,
+        "--system-prompt",
+        "be brief",
+    ]);
+    let mut c = srv.connect();
+
+    // Streaming: the tool-call deltas arrive as the upstream sent them.
+    let r = c.roundtrip(&chat(&tool_request(true)));
+    assert_eq!(r.status(), 200, "{}", r.text());
+    let chunks: Vec<Value> = datas(&r.body)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| parse(d))
+        .collect();
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|ch| ch["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert_eq!(calls.len(), 3, "{chunks:?}");
+    assert_eq!(calls[0][0]["id"], "call_1");
+    assert_eq!(calls[0][0]["function"]["name"], "get_weather");
+    let args: String = calls
+        .iter()
+        .map(|c| c[0]["function"]["arguments"].as_str().unwrap())
+        .collect();
+    assert_eq!(args, r#"{"city":"Paris"}"#);
+    let finish = chunks
+        .iter()
+        .find_map(|ch| ch["choices"][0]["finish_reason"].as_str())
+        .unwrap();
+    assert_eq!(finish, "tool_calls");
+    let usage = chunks.iter().find_map(|ch| ch.get("usage")).unwrap();
+    assert_eq!(usage["total_tokens"], 4294967295u64 + 9, "no wrap: {usage}");
+
+    // The request went upstream as the client sent it, system prompt first.
+    let sent = &fake.requests()[0].body;
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role":"system","content":"be brief"})
+    );
+    assert_eq!(sent["messages"][1]["content"][1]["type"], "image_url");
+    assert_eq!(sent["messages"][2]["tool_calls"][0]["id"], "call_0");
+    assert_eq!(sent["messages"][3]["tool_call_id"], "call_0");
+    assert_eq!(sent["messages"][3]["name"], "get_weather");
+    assert_eq!(sent["tools"][0]["function"]["name"], "get_weather");
+
+    // Not streaming: one message with the calls merged.
+    let r = c.roundtrip(&chat(&tool_request(false)));
+    assert_eq!(r.status(), 200, "{}", r.text());
+    let v = r.json();
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["content"], Value::Null, "{v}");
+    assert_eq!(m["tool_calls"][0]["id"], "call_1", "{v}");
+    assert_eq!(m["tool_calls"][0]["type"], "function");
+    assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather");
+    assert_eq!(
+        m["tool_calls"][0]["function"]["arguments"],
+        r#"{"city":"Paris"}"#
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[test]
+fn without_a_usage_chunk_the_prompt_count_is_left_out_not_zero() {
+    let fake = FakeUpstream::start(Script::Raw(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n\
+          data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\n\
+          data: [DONE]\n\n"
+            .to_vec(),
+    ));
+    let url = fake.url();
+    let srv = start(&["--backend", "openai", "--upstream-url", &url]);
+    let r = srv.connect().roundtrip(&chat(&json!({
+        "messages": [{"role": "user", "content": "x"}]
+    })));
+    let v = r.json();
+    assert_eq!(v["usage"], json!({"completion_tokens": 1}), "{v}");
+    let (_, evs) = stream_events(srv.addr, &post_stream(r#"{"prompt":"x"}"#));
+    let done = evs.last().unwrap().json();
+    assert!(done["usage"].get("prompt_tokens").is_none(), "{done}");
+}

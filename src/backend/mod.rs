@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use serde_json::value::RawValue;
+
 use crate::sse::StreamError;
 
 /// One chat message.
@@ -27,7 +29,7 @@ pub struct Message {
 }
 
 /// What a generation is asked for, after validation.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct GenRequest {
     pub messages: Vec<Message>,
     /// The most tokens the stream relays (the request's, or the limit).
@@ -40,8 +42,47 @@ pub struct GenRequest {
     pub temperature: Option<f64>,
     pub stop: Vec<String>,
     pub model: Option<String>,
-    /// Other OpenAI fields, forwarded to an upstream unchanged.
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The client's `messages` exactly as sent (tool calls, tool results,
+    /// content parts and all), forwarded upstream as they are; none for the
+    /// native endpoint, whose messages are text.
+    pub raw_messages: Option<Box<RawValue>>,
+    /// Other OpenAI fields, forwarded to an upstream unchanged, as the
+    /// client's own bytes (no parsed tree is kept).
+    pub extra: Vec<(String, Box<RawValue>)>,
+}
+
+impl PartialEq for GenRequest {
+    fn eq(&self, o: &Self) -> bool {
+        let raw = |a: &Option<Box<RawValue>>| a.as_ref().map(|r| r.get().to_string());
+        let extra = |e: &[(String, Box<RawValue>)]| {
+            e.iter()
+                .map(|(k, v)| (k.clone(), v.get().to_string()))
+                .collect::<Vec<_>>()
+        };
+        self.messages == o.messages
+            && self.max_tokens == o.max_tokens
+            && self.max_tokens_field == o.max_tokens_field
+            && self.temperature == o.temperature
+            && self.stop == o.stop
+            && self.model == o.model
+            && raw(&self.raw_messages) == raw(&o.raw_messages)
+            && extra(&self.extra) == extra(&o.extra)
+    }
+}
+
+impl GenRequest {
+    /// The forwarded field `name`, if the client sent it.
+    pub fn extra_field(&self, name: &str) -> Option<&RawValue> {
+        self.extra
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| &**v)
+    }
+
+    /// Removes the forwarded field `name`.
+    pub fn drop_extra(&mut self, name: &str) {
+        self.extra.retain(|(k, _)| k != name);
+    }
 }
 
 /// How a successful generation ended.
@@ -77,6 +118,18 @@ pub trait TokenOut {
     /// the model. Empty text is not a token: nothing is queued. `Err` once
     /// the stream is cancelled.
     fn push_token(&self, text: &str) -> Result<(), Cancelled>;
+
+    /// Hands the other fields of a streamed choice (tool calls, refusal,
+    /// reasoning, logprobs) to the stream as one raw JSON object
+    /// `{"delta":{…},"logprobs":…}`, in order with the tokens. Only the
+    /// OpenAI endpoint relays them; by default they are dropped.
+    fn push_delta(&self, _raw: &str) -> Result<(), Cancelled> {
+        if self.is_cancelled() {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
 
     /// Waits like a model thinking; returns early with `Err` on cancel.
     fn sleep(&self, d: Duration) -> Result<(), Cancelled>;

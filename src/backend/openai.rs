@@ -18,7 +18,10 @@ use std::marker::PhantomData;
 use std::net::TcpStream;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::{Backend, Finish, GenRequest, TokenOut};
@@ -45,6 +48,72 @@ pub struct UpstreamConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// The probe's check: `GET {base}/models`; any HTTP answer counts as
+/// reachable. The first answer is also read for what a new user gets wrong:
+/// a 404 (the URL probably lacks its `/v1`), or an `--upstream-model` the
+/// upstream does not list.
+fn models_check(
+    client: Arc<Client>,
+    authorization: Option<String>,
+    model: Option<String>,
+    url: String,
+) -> impl FnMut() -> bool + Send + 'static {
+    let mut diagnosed = false;
+    move || {
+        let path = format!("{}/models", client.base_path());
+        let headers: Vec<(&str, &str)> = authorization
+            .iter()
+            .map(|a| ("Authorization", a.as_str()))
+            .collect();
+        let Ok(mut resp) = client.get(&path, &headers, &upstream::Never) else {
+            return false;
+        };
+        let status = resp.status();
+        let mut body = Vec::new();
+        while body.len() < 1 << 20 {
+            match resp.read_body(&mut body) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        resp.release();
+        if !std::mem::replace(&mut diagnosed, true) {
+            diagnose_models(&url, status, &body, model.as_deref());
+        }
+        true
+    }
+}
+
+/// Start-up warnings from the upstream's first `GET …/models` answer.
+fn diagnose_models(url: &str, status: u16, body: &[u8], model: Option<&str>) {
+    match status {
+        200..=299 => {
+            let Some(model) = model else {
+                return;
+            };
+            let listed: Vec<String> = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v["data"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|m| m["id"].as_str().map(String::from))
+                .collect();
+            if !listed.is_empty() && !listed.iter().any(|m| m == model) {
+                log::warn!(
+                    "the upstream at {url} does not list the model {model:?} (--upstream-model); it lists: {}",
+                    listed.join(", ")
+                );
+            }
+        }
+        404 => log::warn!(
+            "GET {url}/models answered 404: --upstream-url is probably missing its API base \
+             (for most servers it ends in /v1, e.g. http://127.0.0.1:8081/v1)"
+        ),
+        401 | 403 => log::warn!("GET {url}/models answered {status}: check --upstream-key"),
+        _ => log::info!("GET {url}/models answered {status}"),
+    }
+}
+
 /// How often `/readyz` reachability is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Largest error body read to find the upstream's message.
@@ -53,7 +122,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The `--backend openai` backend.
 pub struct OpenAiBackend {
     cfg: UpstreamConfig,
-    client: Client,
+    client: Arc<Client>,
     /// Path of the chat completions endpoint.
     path: String,
     /// `Authorization` header value.
@@ -88,10 +157,15 @@ impl OpenAiBackend {
             Some(k) => Some(format!("Bearer {k}")),
             None => None,
         };
+        let client = Arc::new(client);
         let probe = Probe::start(
-            client.host().to_string(),
-            client.port(),
-            cfg.connect_timeout.min(Duration::from_secs(1)),
+            cfg.url.clone(),
+            models_check(
+                client.clone(),
+                authorization.clone(),
+                cfg.model.clone(),
+                cfg.url.clone(),
+            ),
             PROBE_INTERVAL,
         );
         Ok(OpenAiBackend {
@@ -103,32 +177,74 @@ impl OpenAiBackend {
         })
     }
 
-    /// The JSON body sent upstream.
-    pub fn request_body(&self, req: &GenRequest) -> Value {
-        let mut messages = Vec::with_capacity(req.messages.len() + 1);
-        if let Some(sp) = &self.cfg.system_prompt {
-            messages.push(json!({"role": "system", "content": sp}));
-        }
-        for m in &req.messages {
-            messages.push(json!({"role": m.role, "content": m.content}));
-        }
-        let mut body = req.extra.clone();
+    /// The JSON body sent upstream: the client's messages and other
+    /// fields as it sent them (raw bytes), `--system-prompt` first, and the
+    /// fields sluice sets itself.
+    pub fn request_body(&self, req: &GenRequest) -> Vec<u8> {
+        let mut b =
+            Vec::with_capacity(256 + req.raw_messages.as_ref().map_or(0, |m| m.get().len()));
+        let field = |b: &mut Vec<u8>, name: &str| {
+            if b.len() > 1 {
+                b.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut *b, name);
+            b.push(b':');
+        };
+        b.push(b'{');
         if let Some(model) = self.cfg.model.as_ref().or(req.model.as_ref()) {
-            body.insert("model".into(), json!(model));
+            field(&mut b, "model");
+            let _ = serde_json::to_writer(&mut b, model);
         }
-        body.insert("messages".into(), Value::Array(messages));
-        body.insert("stream".into(), json!(true));
-        body.insert("stream_options".into(), json!({"include_usage": true}));
-        if let Some(field) = req.max_tokens_field {
-            body.insert(field.into(), json!(req.max_tokens));
+        field(&mut b, "messages");
+        b.push(b'[');
+        let mut first = true;
+        if let Some(sp) = &self.cfg.system_prompt {
+            let _ = serde_json::to_writer(&mut b, &json!({"role": "system", "content": sp}));
+            first = false;
+        }
+        match &req.raw_messages {
+            Some(raw) => {
+                // A validated, non-empty JSON array: its items follow ours.
+                let inner = raw.get().trim();
+                let inner = &inner[1..inner.len() - 1];
+                if !first && !inner.trim().is_empty() {
+                    b.push(b',');
+                }
+                b.extend_from_slice(inner.as_bytes());
+            }
+            None => {
+                for m in &req.messages {
+                    if !first {
+                        b.push(b',');
+                    }
+                    first = false;
+                    let _ = serde_json::to_writer(&mut b, m);
+                }
+            }
+        }
+        b.push(b']');
+        field(&mut b, "stream");
+        b.extend_from_slice(b"true");
+        field(&mut b, "stream_options");
+        b.extend_from_slice(b"{\"include_usage\":true}");
+        if let Some(name) = req.max_tokens_field {
+            field(&mut b, name);
+            let _ = serde_json::to_writer(&mut b, &req.max_tokens);
         }
         if let Some(t) = req.temperature {
-            body.insert("temperature".into(), json!(t));
+            field(&mut b, "temperature");
+            let _ = serde_json::to_writer(&mut b, &t);
         }
         if !req.stop.is_empty() {
-            body.insert("stop".into(), json!(req.stop));
+            field(&mut b, "stop");
+            let _ = serde_json::to_writer(&mut b, &req.stop);
         }
-        Value::Object(body)
+        for (k, v) in &req.extra {
+            field(&mut b, k);
+            b.extend_from_slice(v.get().as_bytes());
+        }
+        b.push(b'}');
+        b
     }
 
     /// Sends the request; the response head has arrived when this returns.
@@ -175,12 +291,7 @@ impl OpenAiBackend {
 
 impl Backend for OpenAiBackend {
     fn generate(&self, req: &GenRequest, out: &dyn TokenOut) -> Result<Finish, StreamError> {
-        let body = serde_json::to_vec(&self.request_body(req)).map_err(|e| {
-            StreamError::new(
-                ErrorCode::Internal,
-                format!("cannot encode the request: {e}"),
-            )
-        })?;
+        let body = self.request_body(req);
         let watch = Watch(out);
         let mut resp = self.send(&body, &watch)?;
         if resp.status() != 200 {
@@ -283,6 +394,8 @@ struct Relay {
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
     relayed: u32,
+    /// Where a choice's other fields are assembled (reused).
+    other: String,
 }
 
 /// Whether the upstream stream goes on.
@@ -310,12 +423,34 @@ struct Choice<'a> {
     delta: Option<Delta<'a>>,
     #[serde(default, borrow)]
     finish_reason: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    logprobs: Option<&'a RawValue>,
 }
 
 #[derive(serde::Deserialize)]
 struct Delta<'a> {
     #[serde(default, borrow)]
     content: Option<Text<'a>>,
+    /// The fields relayed as they are, besides the text.
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    refusal: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<&'a RawValue>,
+}
+
+impl Delta<'_> {
+    /// The non-null fields relayed besides the text, by name.
+    fn others(&self) -> impl Iterator<Item = (&'static str, &RawValue)> {
+        [
+            ("tool_calls", self.tool_calls),
+            ("refusal", self.refusal),
+            ("reasoning_content", self.reasoning_content),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.filter(|v| v.get() != "null").map(|v| (k, v)))
+    }
 }
 
 /// A JSON string, borrowed from the event's bytes unless it has escapes.
@@ -388,12 +523,44 @@ impl Relay {
             return Err(upstream_error(msg.to_string()));
         }
         if let Some(choice) = chunk.choices.0 {
-            if let Some(Text(text)) = choice.delta.and_then(|d| d.content) {
-                if !text.is_empty() {
-                    if out.push_token(&text).is_err() {
-                        return Err(cancelled());
+            if let Some(delta) = &choice.delta {
+                if let Some(Text(text)) = &delta.content {
+                    if !text.is_empty() {
+                        if out.push_token(text).is_err() {
+                            return Err(cancelled());
+                        }
+                        self.relayed += 1;
                     }
-                    self.relayed += 1;
+                }
+            }
+            // Tool calls, refusal, reasoning, logprobs: relayed as they
+            // came, as one raw object `{"delta":{…},"logprobs":…}`.
+            let logprobs = choice.logprobs.filter(|l| l.get() != "null");
+            let has_others = choice
+                .delta
+                .as_ref()
+                .is_some_and(|d| d.others().next().is_some());
+            if has_others || logprobs.is_some() {
+                let o = &mut self.other;
+                o.clear();
+                o.push_str("{\"delta\":{");
+                for (i, (k, v)) in choice.delta.iter().flat_map(Delta::others).enumerate() {
+                    if i > 0 {
+                        o.push(',');
+                    }
+                    o.push('"');
+                    o.push_str(k);
+                    o.push_str("\":");
+                    o.push_str(v.get());
+                }
+                o.push('}');
+                if let Some(l) = logprobs {
+                    o.push_str(",\"logprobs\":");
+                    o.push_str(l.get());
+                }
+                o.push('}');
+                if out.push_delta(o).is_err() {
+                    return Err(cancelled());
                 }
             }
             if let Some(Text(r)) = choice.finish_reason {
@@ -488,9 +655,8 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::record::Recorder;
+    use crate::backend::record::{Call, Recorder};
     use crate::backend::Message;
-    use serde_json::Map;
 
     fn collect(chunks: &[&[u8]]) -> (Vec<String>, Flow) {
         let mut p = SseParser::default();
@@ -591,6 +757,40 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn tool_calls_refusals_and_logprobs_are_relayed_raw() {
+        let events = [
+            data(json!({"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]})),
+            data(json!({"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"f","arguments":"{\"a\""}}]}}]})),
+            data(json!({"choices":[{"index":0,"delta":{"content":"x","refusal":null},"logprobs":{"content":[{"token":"x","logprob":-0.5}]}}]})),
+            data(json!({"choices":[{"index":0,"delta":{"refusal":"no","reasoning_content":"hmm"}}]})),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let out = Recorder::new();
+        relay(&events, 7, &out).unwrap();
+        // Deltas compared as JSON (the relay keeps the upstream's bytes;
+        // the test's `json!` orders keys its own way).
+        let calls: Vec<Value> = out
+            .calls()
+            .into_iter()
+            .map(|c| match c {
+                Call::Token(t) => json!({ "token": t }),
+                Call::Delta(d) => serde_json::from_str(&d).unwrap(),
+                other => json!(format!("{other:?}")),
+            })
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                json!({"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"f","arguments":"{\"a\""}}]}}),
+                json!({"token": "x"}),
+                json!({"delta":{},"logprobs":{"content":[{"token":"x","logprob":-0.5}]}}),
+                json!({"delta":{"refusal":"no","reasoning_content":"hmm"}}),
+            ]
+        );
     }
 
     #[test]
@@ -748,14 +948,30 @@ mod tests {
             temperature: Some(0.0),
             stop: vec!["x".into()],
             model: Some("ignored".into()),
-            extra: Map::new(),
+            ..GenRequest::default()
         };
-        let v = b.request_body(&req);
+        let v: Value = serde_json::from_slice(&b.request_body(&req)).unwrap();
         assert_eq!(
             v,
             json!({"model":"m1","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],
                    "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,"temperature":0.0,"stop":["x"]})
         );
+        // The OpenAI endpoint's messages and unknown fields go as they came.
+        let chat = crate::openai_api::parse(
+            br#"{"messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":[{"type":"text","text":"42"}]}],"tools":[{"type":"function","function":{"name":"f"}}],"seed":7}"#,
+            4096,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&b.request_body(&chat.gen)).unwrap();
+        assert_eq!(
+            v["messages"][0],
+            json!({"role":"system","content":"be brief"})
+        );
+        assert_eq!(v["messages"][1]["tool_calls"][0]["id"], "c1");
+        assert_eq!(v["messages"][2]["tool_call_id"], "c1");
+        assert_eq!(v["messages"][2]["content"][0]["text"], "42");
+        assert_eq!(v["tools"][0]["function"]["name"], "f");
+        assert_eq!(v["seed"], 7);
         let root = OpenAiBackend::new(config("http://example.test/")).unwrap();
         assert_eq!(root.path, "/chat/completions");
         assert_eq!(root.client.authority(), "example.test");

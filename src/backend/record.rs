@@ -11,6 +11,8 @@ use super::{Cancelled, TokenOut};
 /// One call a backend made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Call {
+    /// A choice's other fields, raw (`push_delta`).
+    Delta(String),
     Token(String),
     Sleep(Duration),
     /// `set_upstream`: whether a socket was registered (`false`: cleared).
@@ -71,6 +73,14 @@ impl TokenOut for Recorder {
         if self.cancel_after == Some(self.tokens.get()) {
             self.cancelled.set(true);
         }
+        Ok(())
+    }
+
+    fn push_delta(&self, raw: &str) -> Result<(), Cancelled> {
+        if self.cancelled.get() {
+            return Err(Cancelled);
+        }
+        self.calls.borrow_mut().push(Call::Delta(raw.to_owned()));
         Ok(())
     }
 

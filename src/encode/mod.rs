@@ -58,6 +58,12 @@ pub trait Encoder: Send {
     /// stream is resumable: a shape that can carry it writes it.
     fn token(&mut self, buf: &mut Vec<u8>, id: Option<(&str, u64)>, text: &str);
 
+    /// A streamed choice's fields besides its text (tool calls, refusal,
+    /// reasoning, logprobs), as a raw JSON object
+    /// `{"delta":{…},"logprobs":…}`. Shapes that cannot carry them drop
+    /// them (the native endpoint: its events are text).
+    fn delta(&mut self, _buf: &mut Vec<u8>, _raw: &str) {}
+
     /// Nothing happened for `--heartbeat-ms`; `phase` is `queued` or `generating`.
     fn heartbeat(&mut self, buf: &mut Vec<u8>, phase: &str);
 

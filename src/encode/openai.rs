@@ -4,6 +4,8 @@
 
 use std::io::Write;
 
+use serde_json::{json, Value};
+
 use super::{Encoder, Summary};
 use crate::errors;
 use crate::sse::StreamError;
@@ -50,12 +52,14 @@ impl ChunkFormat {
         buf.extend_from_slice(b"},\"finish_reason\":null}]}\n\n");
     }
 
-    fn whole(&self, buf: &mut Vec<u8>, text: &str, finish_reason: &str) {
+    fn whole(&self, buf: &mut Vec<u8>, message: &Value, logprobs: &Value, finish_reason: &str) {
         buf.extend_from_slice(b"data: ");
         buf.extend_from_slice(self.prefix.as_bytes());
-        buf.extend_from_slice(b"[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":");
-        let _ = serde_json::to_writer(&mut *buf, text);
-        buf.extend_from_slice(b"},\"finish_reason\":");
+        buf.extend_from_slice(b"[{\"index\":0,\"delta\":");
+        let _ = serde_json::to_writer(&mut *buf, message);
+        buf.extend_from_slice(b",\"logprobs\":");
+        let _ = serde_json::to_writer(&mut *buf, logprobs);
+        buf.extend_from_slice(b",\"finish_reason\":");
         let _ = serde_json::to_writer(&mut *buf, finish_reason);
         buf.extend_from_slice(b"}]}\n\n");
     }
@@ -91,15 +95,23 @@ impl ChunkFormat {
     }
 }
 
-/// OpenAI usage is the backend's own completion count when it has one.
+/// OpenAI usage: the backend's own completion count when it has one, else
+/// the tokens relayed. A prompt count nobody gave is left out (with the
+/// total, which needs it) rather than reported as 0; sums never wrap.
 fn usage(buf: &mut Vec<u8>, s: &Summary) {
-    let p = s.prompt_tokens.unwrap_or(0);
     let completion = s.backend_completion_tokens.unwrap_or(s.tokens);
-    let _ = write!(
-        buf,
-        "{{\"prompt_tokens\":{p},\"completion_tokens\":{completion},\"total_tokens\":{}}}",
-        p + completion
-    );
+    match s.prompt_tokens {
+        Some(p) => {
+            let _ = write!(
+                buf,
+                "{{\"prompt_tokens\":{p},\"completion_tokens\":{completion},\"total_tokens\":{}}}",
+                u64::from(p) + u64::from(completion)
+            );
+        }
+        None => {
+            let _ = write!(buf, "{{\"completion_tokens\":{completion}}}");
+        }
+    }
 }
 
 /// `stream: true`: chunk events, a finish chunk, usage when asked, `[DONE]`.
@@ -123,6 +135,23 @@ impl Encoder for OpenAiSse {
         self.0.content(buf, text)
     }
 
+    fn delta(&mut self, buf: &mut Vec<u8>, raw: &str) {
+        // `raw` is `{"delta":{…},…}`: its members go into the choice.
+        let inner = raw.trim();
+        let Some(inner) = inner
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .filter(|r| !r.trim().is_empty())
+        else {
+            return;
+        };
+        buf.extend_from_slice(b"data: ");
+        buf.extend_from_slice(self.0.prefix.as_bytes());
+        buf.extend_from_slice(b"[{\"index\":0,");
+        buf.extend_from_slice(inner.as_bytes());
+        buf.extend_from_slice(b",\"finish_reason\":null}]}\n\n");
+    }
+
     fn heartbeat(&mut self, buf: &mut Vec<u8>, _phase: &str) {
         // OpenAI clients skip SSE comments.
         buf.extend_from_slice(b": keep-alive\n\n")
@@ -144,6 +173,88 @@ impl Encoder for OpenAiSse {
 pub struct OpenAiJson {
     format: ChunkFormat,
     text: String,
+    /// What the streamed deltas said besides text, merged.
+    other: Option<Box<Merged>>,
+}
+
+/// A streamed answer's other fields, merged as OpenAI merges them: tool
+/// calls by `index` (their `arguments` concatenated), text fields appended,
+/// logprob lists extended.
+#[derive(Debug, Default)]
+struct Merged {
+    tool_calls: Vec<Value>,
+    refusal: Option<String>,
+    reasoning_content: Option<String>,
+    logprobs: Option<Value>,
+}
+
+impl Merged {
+    fn add(&mut self, raw: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(raw) else {
+            return;
+        };
+        let delta = &v["delta"];
+        for tc in delta["tool_calls"].as_array().into_iter().flatten() {
+            let i = tc["index"].as_u64().unwrap_or(self.tool_calls.len() as u64) as usize;
+            if i > 1024 {
+                continue;
+            }
+            while self.tool_calls.len() <= i {
+                self.tool_calls.push(json!({"id": null, "type": "function", "function": {"name": null, "arguments": ""}}));
+            }
+            let acc = &mut self.tool_calls[i];
+            for k in ["id", "type"] {
+                if let Some(x) = tc.get(k).filter(|x| !x.is_null()) {
+                    acc[k] = x.clone();
+                }
+            }
+            if let Some(n) = tc["function"].get("name").filter(|x| !x.is_null()) {
+                acc["function"]["name"] = n.clone();
+            }
+            if let Some(a) = tc["function"]["arguments"].as_str() {
+                let mut args = acc["function"]["arguments"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                args.push_str(a);
+                acc["function"]["arguments"] = Value::String(args);
+            }
+        }
+        for (k, slot) in [
+            ("refusal", &mut self.refusal),
+            ("reasoning_content", &mut self.reasoning_content),
+        ] {
+            if let Some(t) = delta[k].as_str() {
+                slot.get_or_insert_with(String::new).push_str(t);
+            }
+        }
+        if let Some(lp) = v.get("logprobs").filter(|x| !x.is_null()) {
+            let acc = self.logprobs.get_or_insert_with(|| json!({"content": []}));
+            for k in ["content", "refusal"] {
+                if let Some(items) = lp[k].as_array() {
+                    if !acc[k].is_array() {
+                        acc[k] = json!([]);
+                    }
+                    if let Some(list) = acc[k].as_array_mut() {
+                        list.extend(items.iter().cloned());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The message's members besides role and content.
+    fn message_fields(&self, m: &mut serde_json::Map<String, Value>) {
+        if !self.tool_calls.is_empty() {
+            m.insert("tool_calls".into(), Value::Array(self.tool_calls.clone()));
+        }
+        if let Some(r) = &self.refusal {
+            m.insert("refusal".into(), json!(r));
+        }
+        if let Some(r) = &self.reasoning_content {
+            m.insert("reasoning_content".into(), json!(r));
+        }
+    }
 }
 
 impl OpenAiJson {
@@ -151,7 +262,39 @@ impl OpenAiJson {
         OpenAiJson {
             format,
             text: String::new(),
+            other: None,
         }
+    }
+
+    /// The message (or the all-at-once chunk's delta): role, content (null
+    /// when the answer is tool calls alone), and the merged other fields.
+    fn message(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("role".into(), json!("assistant"));
+        let calls_only = self.text.is_empty()
+            && self
+                .other
+                .as_ref()
+                .is_some_and(|o| !o.tool_calls.is_empty());
+        m.insert(
+            "content".into(),
+            if calls_only {
+                Value::Null
+            } else {
+                json!(self.text)
+            },
+        );
+        if let Some(o) = &self.other {
+            o.message_fields(&mut m);
+        }
+        Value::Object(m)
+    }
+
+    fn logprobs(&self) -> Value {
+        self.other
+            .as_ref()
+            .and_then(|o| o.logprobs.clone())
+            .unwrap_or(Value::Null)
     }
 }
 
@@ -168,6 +311,10 @@ impl Encoder for OpenAiJson {
         self.text.push_str(text)
     }
 
+    fn delta(&mut self, _buf: &mut Vec<u8>, raw: &str) {
+        self.other.get_or_insert_with(Default::default).add(raw);
+    }
+
     fn heartbeat(&mut self, _buf: &mut Vec<u8>, _phase: &str) {}
 
     fn done(&mut self, buf: &mut Vec<u8>, _id: (&str, u64), s: &Summary) {
@@ -178,11 +325,11 @@ impl Encoder for OpenAiJson {
             f.id, f.created
         );
         let _ = serde_json::to_writer(&mut *buf, &f.model);
-        buf.extend_from_slice(
-            b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
-        );
-        let _ = serde_json::to_writer(&mut *buf, &self.text);
-        buf.extend_from_slice(b"},\"finish_reason\":");
+        buf.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":");
+        let _ = serde_json::to_writer(&mut *buf, &self.message());
+        buf.extend_from_slice(b",\"logprobs\":");
+        let _ = serde_json::to_writer(&mut *buf, &self.logprobs());
+        buf.extend_from_slice(b",\"finish_reason\":");
         let _ = serde_json::to_writer(&mut *buf, s.finish_reason);
         buf.extend_from_slice(b"}],\"usage\":");
         usage(buf, s);
@@ -213,11 +360,15 @@ impl Encoder for OpenAiAtOnce {
         self.0.token(buf, id, text)
     }
 
+    fn delta(&mut self, buf: &mut Vec<u8>, raw: &str) {
+        self.0.delta(buf, raw)
+    }
+
     fn heartbeat(&mut self, _buf: &mut Vec<u8>, _phase: &str) {}
 
     fn done(&mut self, buf: &mut Vec<u8>, _id: (&str, u64), s: &Summary) {
         let f = &self.0.format;
-        f.whole(buf, &self.0.text, s.finish_reason);
+        f.whole(buf, &self.0.message(), &self.0.logprobs(), s.finish_reason);
         f.usage_and_done(buf, s);
     }
 

@@ -165,8 +165,9 @@ impl<S> Engine<S> {
         self.metrics
             .replay_bytes
             .store(self.log_bytes as i64, Relaxed);
-        if self.by_sid.get(stream.sid()) == Some(&r) {
-            self.by_sid.remove(stream.sid());
+        let h = self.sid_hash(stream.sid());
+        if self.by_sid.get(&h) == Some(&r) {
+            self.by_sid.remove(&h);
         }
         if let Some(Some((id, _))) = self.stream_timers.try_remove(r.key) {
             self.wheel.cancel(id);

@@ -115,8 +115,10 @@ pub struct Engine<S> {
     next_serial: u32,
     dirty: Vec<usize>,
     auth: Auth,
-    /// Streams by the id clients see, for cancel and resume.
-    by_sid: HashMap<Box<str>, StreamRef>,
+    /// Streams by a hash of the id clients see, for cancel and resume (the
+    /// stream's own id is compared on lookup; no second copy of it is kept).
+    by_sid: HashMap<u64, StreamRef>,
+    sid_hasher: std::collections::hash_map::RandomState,
     /// Bytes in every stream's replay log.
     log_bytes: usize,
     /// Detached streams over the replay budget, to cancel.
@@ -146,6 +148,7 @@ impl<S> Engine<S> {
             dirty: Vec::new(),
             auth: Auth::default(),
             by_sid: HashMap::new(),
+            sid_hasher: Default::default(),
             log_bytes: 0,
             over_budget: Vec::new(),
             scratch: Vec::new(),
@@ -251,6 +254,16 @@ impl<S> Engine<S> {
     /// Whether `key` has a stream attached (its FIN means it left).
     pub fn is_attached(&self, key: usize) -> bool {
         self.conns.get(key).is_some_and(|l| l.sub.is_some())
+    }
+
+    fn sid_hash(&self, sid: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.sid_hasher, sid)
+    }
+
+    /// The stream clients know as `sid`, if it is in the table.
+    fn stream_by_sid(&self, sid: &str) -> Option<StreamRef> {
+        let r = *self.by_sid.get(&self.sid_hash(sid))?;
+        self.streams.get(r).filter(|s| s.sid() == sid).map(|_| r)
     }
 
     /// Output allocations kept for reuse.
@@ -744,11 +757,16 @@ impl<S> Engine<S> {
         }
         let inserted = self.streams.insert(stream);
         debug_assert_eq!(inserted, r);
-        self.by_sid.insert(sid, r);
+        let h = std::hash::BuildHasher::hash_one(&self.sid_hasher, &*sid);
+        self.by_sid.insert(h, r);
         let slot = self.stream_timers.insert(None);
         debug_assert_eq!(slot, r.key);
         link.sub = Some(r);
-        link.meta = Some(Box::new(meta));
+        // Only a whole answer needs the request's meta at the end (its
+        // head is written then); a stream's head went out already.
+        if !streaming {
+            link.meta = Some(Box::new(meta));
+        }
         self.pump(svc, r, now);
         self.touch_stream(r);
     }

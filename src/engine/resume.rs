@@ -23,7 +23,7 @@ impl<S> Engine<S> {
         principal: Option<&str>,
         now: Instant,
     ) -> bool {
-        let Some(&r) = self.by_sid.get(sid) else {
+        let Some(r) = self.stream_by_sid(sid) else {
             self.metrics.cancels_not_found.fetch_add(1, Relaxed);
             return false;
         };
@@ -85,7 +85,7 @@ impl<S> Engine<S> {
         quiet_miss: bool,
         now: Instant,
     ) {
-        let found = self.by_sid.get(sid).copied().filter(|&r| {
+        let found = self.stream_by_sid(sid).filter(|&r| {
             self.streams.get(r).is_some_and(|s| {
                 s.is_resumable()
                     && s.principal() == meta.principal.as_deref()
@@ -119,6 +119,7 @@ impl<S> Engine<S> {
         };
         let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
         log::info!(
+            target: crate::logging::ACCESS,
             "{} {} 200 request_id={} resume stream={sid} after={after}",
             line.method,
             line.path,
@@ -144,7 +145,6 @@ impl<S> Engine<S> {
             link.conn.end_body(&mut self.bufs, now, &self.cfg, false);
         } else {
             link.sub = Some(r);
-            link.meta = Some(Box::new(meta));
         }
         self.pump(svc, r, now);
         self.touch_stream(r);

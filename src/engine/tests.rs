@@ -34,6 +34,8 @@ struct Fake {
     ops_calls: Vec<(Ops, usize)>,
     /// Access-log entries: (status, path).
     access: Vec<(u16, String)>,
+    /// Their durations, for answers without a stream.
+    durations: Vec<Duration>,
 }
 
 impl Fake {
@@ -47,6 +49,7 @@ impl Fake {
             ended: Vec::new(),
             ops_calls: Vec::new(),
             access: Vec::new(),
+            durations: Vec::new(),
         }
     }
 }
@@ -89,6 +92,7 @@ impl Services for Fake {
     }
 
     fn responded(&mut self, a: &Access) {
+        self.durations.push(a.duration);
         self.access
             .push((a.status, a.line.map(|l| l.path.clone()).unwrap_or_default()));
     }
@@ -1684,8 +1688,11 @@ fn drop_field_removes_fields_before_forwarding() {
             .as_bytes(),
     );
     let gen = &h.svc.admitted[0].1;
-    assert!(!gen.extra.contains_key("service_tier"));
-    assert!(gen.extra.contains_key("store"), "only the named fields go");
+    assert!(gen.extra_field("service_tier").is_none());
+    assert!(
+        gen.extra_field("store").is_some(),
+        "only the named fields go"
+    );
     assert_eq!(gen.temperature, None);
     assert_eq!(gen.max_tokens_field, None, "not forwarded");
     assert_eq!(gen.max_tokens, 5, "but still the local cut");
@@ -2439,4 +2446,21 @@ fn no_read_takes_more_than_the_budget_has_room_for() {
     }
     h.e.fund_waiting();
     assert_eq!(keys.iter().filter(|&&k| h.e.wants_read(k)).count(), 3);
+}
+
+#[test]
+fn refusals_log_their_real_duration() {
+    let mut h = H::new(&["--header-timeout-ms", "1000"]);
+    // A body that trickles in for 300 ms and is not JSON: 400 after 300 ms.
+    let req = post("{not json");
+    let (a, b) = req.split_at(req.len() - 3);
+    h.at(0).read(a.as_bytes());
+    h.at(300).read(b.as_bytes());
+    assert!(h.flush().starts_with("HTTP/1.1 400"));
+    assert_eq!(h.svc.durations, vec![ms(300)]);
+    // A head that never completes: 408, after the header timeout.
+    h.at(400).read(b"GET /healthz HTTP/1.1\r\n");
+    h.at(1400).timeout();
+    assert!(h.flush().contains("408 Request Timeout"));
+    assert_eq!(h.svc.durations[1], ms(1000));
 }

@@ -73,6 +73,8 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct StreamSummary {
     pub id: u64,
+    /// The id clients see.
+    pub sid: Box<str>,
     pub request_id: String,
     pub line: ReqLine,
     pub outcome: Outcome,
@@ -139,7 +141,8 @@ pub struct Stream {
     id: u64,
     /// The id as clients see it (`X-Stream-Id`, `id:` lines).
     sid: Box<str>,
-    request_id: String,
+    /// The request's id when the client chose one (else it is `sid`).
+    request_id: Option<Box<str>>,
     line: ReqLine,
     /// The most tokens relayed: a backend that goes on is cut off here.
     max_tokens: u32,
@@ -184,8 +187,8 @@ impl Stream {
         };
         Stream {
             id: a.id,
+            request_id: (a.request_id != *a.sid).then(|| a.request_id.into()),
             sid: a.sid,
-            request_id: a.request_id,
             line: a.line,
             max_tokens: gen.max_tokens,
             prod,
@@ -223,7 +226,7 @@ impl Stream {
     }
 
     pub fn request_id(&self) -> &str {
-        &self.request_id
+        self.request_id.as_deref().unwrap_or(&self.sid)
     }
 
     /// The attached connection (slab key, serial).
@@ -354,8 +357,16 @@ impl Stream {
             prompt_tokens,
             ..
         } = self;
-        let mut emit = |b: &mut Vec<u8>, log: &mut Option<Box<ReplayLog>>, text: &str| {
-            stage::run(stages, text, &mut |t: &str| {
+        // One token event: encoded, logged when resumable, timed. `delta`:
+        // a choice's other fields (tool calls and the like) instead: no
+        // token, no seq; only the OpenAI shapes carry them.
+        let mut token_out =
+            |b: &mut Vec<u8>, log: &mut Option<Box<ReplayLog>>, t: &str, delta: bool| {
+                if delta {
+                    encoder.delta(b, t);
+                    *last_event_at = now;
+                    return;
+                }
                 if t.is_empty() {
                     return;
                 }
@@ -373,8 +384,17 @@ impl Stream {
                 }
                 *last_token_at = Some(now);
                 *last_event_at = now;
-            });
-        };
+            };
+        // Without stages, text goes straight to the encoder (no dynamic
+        // call per token).
+        let mut emit =
+            |b: &mut Vec<u8>, log: &mut Option<Box<ReplayLog>>, text: &str, delta: bool| {
+                if delta || stages.is_empty() {
+                    token_out(b, log, text, delta);
+                } else {
+                    stage::run(stages, text, &mut |t: &str| token_out(b, log, t, false));
+                }
+            };
         // Detached, the replay log's room is the budget.
         let full = |b: &Vec<u8>, log: &Option<Box<ReplayLog>>| {
             if detached {
@@ -388,7 +408,7 @@ impl Stream {
         match prod {
             Prod::Sim { text, next_due } => {
                 while *produced < text.total && *next_due <= now && !full(buf, log) {
-                    emit(buf, log, text.token(*produced));
+                    emit(buf, log, text.token(*produced), false);
                     *produced += 1;
                     *next_due += itl;
                 }
@@ -413,8 +433,12 @@ impl Stream {
                         }));
                         return false;
                     }
-                    emit(buf, log, t);
+                    emit(buf, log, t, false);
                     *produced += 1;
+                    !full(buf, log)
+                }
+                Piece::Delta(raw) => {
+                    emit(buf, log, raw, true);
                     !full(buf, log)
                 }
                 Piece::Done(f) => {
@@ -627,7 +651,8 @@ impl Stream {
             .fetch_add(self.tokens as u64, Relaxed);
         Some(StreamSummary {
             id: self.id,
-            request_id: self.request_id.clone(),
+            sid: self.sid.clone(),
+            request_id: self.request_id().to_string(),
             line: std::mem::take(&mut self.line),
             outcome,
             tokens: self.tokens,
@@ -639,14 +664,41 @@ impl Stream {
 }
 
 /// A stream id clients cannot guess: 128 random bits from the kernel,
-/// base64url without padding (22 characters of `[A-Za-z0-9_-]`).
+/// base64url without padding (22 characters of `[A-Za-z0-9_-]`). The bits
+/// are read 4 KiB at a time per thread: one `getrandom` call serves 256
+/// ids.
 pub fn random_sid() -> Box<str> {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut bytes = [0u8; 16];
+    thread_local! {
+        static POOL: std::cell::RefCell<([u8; 4096], usize)> =
+            const { std::cell::RefCell::new(([0; 4096], 4096)) };
+    }
+    let v = POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let (buf, used) = &mut *p;
+        if *used + 16 > buf.len() {
+            fill_random(buf);
+            *used = 0;
+        }
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&buf[*used..*used + 16]);
+        // Handed out once: wipe it.
+        buf[*used..*used + 16].fill(0);
+        *used += 16;
+        u128::from_le_bytes(bytes)
+    });
+    (0..22)
+        .map(|i| ALPHABET[((v >> (6 * i)) & 63) as usize] as char)
+        .collect::<String>()
+        .into()
+}
+
+/// Fills `buf` from the kernel's random source.
+fn fill_random(buf: &mut [u8]) {
     let mut got = 0;
-    while got < bytes.len() {
+    while got < buf.len() {
         // SAFETY: writes at most the remaining length into our buffer.
-        let n = unsafe { libc::getrandom(bytes[got..].as_mut_ptr().cast(), bytes.len() - got, 0) };
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
         if n > 0 {
             got += n as usize;
         } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
@@ -655,11 +707,6 @@ pub fn random_sid() -> Box<str> {
             panic!("getrandom failed: {}", std::io::Error::last_os_error());
         }
     }
-    let v = u128::from_le_bytes(bytes);
-    (0..22)
-        .map(|i| ALPHABET[((v >> (6 * i)) & 63) as usize] as char)
-        .collect::<String>()
-        .into()
 }
 
 /// The loop's streams: a slab, and ids that are never reused.
@@ -805,11 +852,13 @@ mod tests {
 
     #[test]
     fn stream_ids_are_22_url_safe_characters_and_differ() {
-        let a = random_sid();
-        let b = random_sid();
-        assert_eq!(a.len(), 22);
-        assert!(crate::router::is_sid(&a), "{a}");
-        assert_ne!(a, b);
+        // Across several refills of the per-thread pool.
+        let ids: std::collections::HashSet<Box<str>> = (0..1000).map(|_| random_sid()).collect();
+        assert_eq!(ids.len(), 1000);
+        for a in &ids {
+            assert_eq!(a.len(), 22);
+            assert!(crate::router::is_sid(a), "{a}");
+        }
     }
 
     #[test]

@@ -41,6 +41,16 @@ pub trait Interrupt {
     fn set_socket(&self, sock: Option<TcpStream>);
 }
 
+/// An [`Interrupt`] that never interrupts (a probe has no client to lose).
+pub struct Never;
+
+impl Interrupt for Never {
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+    fn set_socket(&self, _sock: Option<TcpStream>) {}
+}
+
 /// Why a request failed.
 #[derive(Debug)]
 pub enum Error {
@@ -200,7 +210,28 @@ impl Client {
         body: &[u8],
         watch: &'a dyn Interrupt,
     ) -> Result<Response<'a>, Error> {
-        let mut head = format!("POST {path} HTTP/1.1\r\nHost: {}\r\n", self.authority);
+        self.request("POST", path, headers, body, watch)
+    }
+
+    /// `GET path`, like [`Client::post`] without a body.
+    pub fn get<'a>(
+        &'a self,
+        path: &str,
+        headers: &[(&str, &str)],
+        watch: &'a dyn Interrupt,
+    ) -> Result<Response<'a>, Error> {
+        self.request("GET", path, headers, &[], watch)
+    }
+
+    fn request<'a>(
+        &'a self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        watch: &'a dyn Interrupt,
+    ) -> Result<Response<'a>, Error> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.authority);
         for (name, value) in headers {
             head.push_str(name);
             head.push_str(": ");

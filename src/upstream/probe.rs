@@ -1,9 +1,10 @@
-//! Reachability of the upstream for `/readyz`: a small thread that tries a
-//! TCP connect every interval, so that `ready()` never blocks. The thread
-//! lives as long as its [`Probe`]: dropping it wakes the thread, which
-//! exits within one connect attempt (bounded by the probe's timeout).
+//! Reachability of the upstream for `/readyz`: a small thread that runs a
+//! check every interval (the OpenAI backend's asks `GET …/models` and
+//! counts any HTTP answer as reachable), so that `ready()` never blocks.
+//! The thread lives as long as its [`Probe`]: dropping it wakes the
+//! thread, which exits after the check in progress (bounded by the
+//! check's own timeouts).
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -25,9 +26,14 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Probes `host:port` now and then every `interval`, each attempt
-    /// bounded by `timeout`. Reachable until the first attempt says no.
-    pub fn start(host: String, port: u16, timeout: Duration, interval: Duration) -> Probe {
+    /// Runs `check` now and then every `interval`; it says whether the
+    /// upstream answered (and bounds its own time). Reachable until the
+    /// first check says no.
+    pub fn start(
+        what: String,
+        check: impl FnMut() -> bool + Send + 'static,
+        interval: Duration,
+    ) -> Probe {
         let shared = Arc::new(Shared {
             reachable: AtomicBool::new(true),
             stop: Mutex::new(false),
@@ -37,7 +43,7 @@ impl Probe {
         let thread = std::thread::Builder::new()
             .name("sluice-upstream-probe".into())
             .stack_size(128 * 1024)
-            .spawn(move || run(&s, &host, port, timeout, interval))
+            .spawn(move || run(&s, &what, check, interval))
             .map_err(|e| log::warn!("cannot start the upstream probe: {e}"))
             .ok();
         Probe { shared, thread }
@@ -61,18 +67,15 @@ impl Drop for Probe {
     }
 }
 
-fn run(shared: &Shared, host: &str, port: u16, timeout: Duration, interval: Duration) {
+fn run(shared: &Shared, what: &str, mut check: impl FnMut() -> bool, interval: Duration) {
     loop {
-        let ok = (host, port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .is_some_and(|a| TcpStream::connect_timeout(&a, timeout).is_ok());
+        let ok = check();
         if shared.reachable.swap(ok, Ordering::Relaxed) != ok {
-            log::warn!(
-                "upstream {host}:{port} is {}",
-                if ok { "reachable again" } else { "unreachable" }
-            );
+            if ok {
+                log::warn!("upstream {what} is reachable again");
+            } else {
+                log::warn!("upstream {what} is unreachable; sluice runs and keeps trying");
+            }
         }
         let stop = shared.stop.lock().unwrap_or_else(|e| e.into_inner());
         let (stop, _) = shared
@@ -102,13 +105,15 @@ mod tests {
     fn follows_the_listener_and_stops_when_dropped() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
+        let connects = move || {
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(1),
+            )
+            .is_ok()
+        };
         // A long interval: the drop, not the interval, ends the wait.
-        let mut probe = Probe::start(
-            "127.0.0.1".into(),
-            port,
-            Duration::from_secs(1),
-            Duration::from_secs(600),
-        );
+        let mut probe = Probe::start("test".into(), connects, Duration::from_secs(600));
         let thread = probe.take_thread().unwrap();
         assert!(probe.reachable());
         drop(probe);
@@ -116,12 +121,7 @@ mod tests {
         thread.join().unwrap();
 
         drop(listener);
-        let probe = Probe::start(
-            "127.0.0.1".into(),
-            port,
-            Duration::from_secs(1),
-            Duration::from_millis(1),
-        );
+        let probe = Probe::start("test".into(), connects, Duration::from_millis(1));
         wait_for("unreachable", || !probe.reachable());
     }
 }

@@ -18,6 +18,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--addr", required=True)
 ap.add_argument("--deadline-addr", required=True)
 ap.add_argument("--nostream-addr", required=True)
+ap.add_argument("--tools-addr", help="a sluice in front of fake_openai.py")
 args = ap.parse_args()
 
 c = Checks("openai")
@@ -177,10 +178,71 @@ def no_streaming():
     c.check("--no-streaming: create() gives the same text", r.choices[0].message.content == native)
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def tool_round_trip(stream):
+    """The SDK's whole tool loop through sluice: the model calls a tool,
+    the caller runs it and sends the result back, the model answers."""
+    cl = client(args.tools_addr)
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    if stream:
+        calls, finish = {}, None
+        for ch in cl.chat.completions.create(model="fake-model", messages=msgs, tools=TOOLS, stream=True):
+            if not ch.choices:
+                continue
+            ch0 = ch.choices[0]
+            for tc in ch0.delta.tool_calls or []:
+                acc = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+                acc["id"] = tc.id or acc["id"]
+                if tc.function and tc.function.name:
+                    acc["name"] = tc.function.name
+                if tc.function and tc.function.arguments:
+                    acc["arguments"] += tc.function.arguments
+            finish = ch0.finish_reason or finish
+        call = calls.get(0, {})
+    else:
+        r = cl.chat.completions.create(model="fake-model", messages=msgs, tools=TOOLS)
+        finish = r.choices[0].finish_reason
+        tc = (r.choices[0].message.tool_calls or [None])[0]
+        call = {"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments} if tc else {}
+    args_ok = call.get("arguments") and json.loads(call["arguments"]) == {"city": "Paris"}
+    c.check(f"tools ({'stream' if stream else 'create'}): the model's call arrives whole",
+            finish == "tool_calls" and call.get("id") == "call_w1" and call.get("name") == "get_weather" and args_ok,
+            f"finish={finish}, call={call}")
+    msgs.append({"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.get("id"), "type": "function", "function": {"name": call.get("name"), "arguments": call.get("arguments")}}]})
+    msgs.append({"role": "tool", "tool_call_id": call.get("id"), "content": "sunny"})
+    if stream:
+        text = "".join(ch.choices[0].delta.content or "" for ch in
+                       cl.chat.completions.create(model="fake-model", messages=msgs, tools=TOOLS, stream=True)
+                       if ch.choices)
+    else:
+        text = cl.chat.completions.create(model="fake-model", messages=msgs, tools=TOOLS).choices[0].message.content
+    c.check(f"tools ({'stream' if stream else 'create'}): the tool's result went upstream and the answer uses it",
+            text == "The weather is sunny.", repr(text))
+
+
+def retrieve():
+    m = client(args.addr).models.retrieve("sluice-sim")
+    c.check("models.retrieve: the served model", m.id == "sluice-sim", repr(m))
+    try:
+        client(args.addr).models.retrieve("no-such-model")
+        c.check("models.retrieve: an unknown model is NotFoundError", False, "no error")
+    except openai.NotFoundError as e:
+        c.check("models.retrieve: an unknown model is NotFoundError", e.status_code == 404, str(e))
+
+
 c.scenario("streaming chat completion", streaming)
 c.scenario("non-streaming chat completion", non_streaming)
 c.scenario("bad requests", bad_requests)
 c.scenario("mid-stream failure", mid_stream_failure)
 c.scenario("models.list", models)
 c.scenario("--no-streaming", no_streaming)
+c.scenario("models.retrieve", retrieve)
+if args.tools_addr:
+    c.scenario("tool calling, streamed", lambda: tool_round_trip(True))
+    c.scenario("tool calling, not streamed", lambda: tool_round_trip(False))
 c.finish()

@@ -194,9 +194,21 @@ run_py() {
 }
 
 phase "start sluice instances"
+# A scripted OpenAI upstream for the SDK's tool-calling round trip.
+: >"$work/fake.out"
+"$py" -u "$here/fake_openai.py" >"$work/fake.out" 2>"$work/fake.log" &
+pids+=($!)
+FAKE=
+for _ in $(seq 1 100); do
+  FAKE=$(sed -n 's/^fake openai on \([^ ]*\).*/\1/p' "$work/fake.out" 2>/dev/null || true)
+  [[ -n "$FAKE" ]] && break
+  sleep 0.05
+done
+[[ -n "$FAKE" ]] || { echo "fake openai did not start" >&2; cat "$work/fake.log" >&2; exit 1; }
 start_sluice A plain
 start_sluice DEADLINE deadline --max-stream-ms 300 --sim-itl-ms 50
 start_sluice NOSTREAM nostream --no-streaming
+start_sluice TOOLS tools --backend openai --upstream-url "http://$FAKE/v1"
 
 # The demo page served from another origin: the same HTML, from a plain
 # python http.server on another port of 127.0.0.1.
@@ -283,7 +295,8 @@ start_nginx NGINX_H2 h2 "$work/nginx-h2.tmpl" https
 
 # ------------------------------------------------------------------ checks
 phase "openai SDK"
-run_py openai openai_check.py --addr "$A" --deadline-addr "$DEADLINE" --nostream-addr "$NOSTREAM"
+run_py openai openai_check.py --addr "$A" --deadline-addr "$DEADLINE" --nostream-addr "$NOSTREAM" \
+  --tools-addr "$TOOLS"
 
 phase "headless chromium"
 run_py browser browser_check.py --addr "$BROWSER" --page-origin "$page_origin" \
