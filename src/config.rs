@@ -449,6 +449,19 @@ mod tests {
     }
 
     #[test]
+    fn the_request_budget_holds_at_least_one_body() {
+        let mut c = Config::for_tests(&["--max-buffered-bytes", "1000"]);
+        let e = c.settle(false).unwrap_err();
+        assert!(
+            e.contains("--max-buffered-bytes") && e.contains("--max-body-bytes"),
+            "{e}"
+        );
+        let mut c =
+            Config::for_tests(&["--max-buffered-bytes", "1000", "--max-body-bytes", "1000"]);
+        c.settle(false).unwrap();
+    }
+
+    #[test]
     fn upstream_url_selects_or_refuses_the_backend() {
         let url = ["--upstream-url", "http://127.0.0.1:1/v1"];
         let mut c = Config::for_tests(&url);

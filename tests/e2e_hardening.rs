@@ -218,6 +218,17 @@ fn a_flood_of_uploads_stays_within_the_buffered_bytes_budget() {
     }));
 }
 
+#[test]
+fn a_budget_smaller_than_one_body_is_refused_at_start() {
+    let out = sluice_command()
+        .args(["--listen", "127.0.0.1:0", "--max-buffered-bytes", "1000"])
+        .output()
+        .expect("run sluice");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-buffered-bytes"), "{err}");
+}
+
 // ------------------------------------------------- 3. connection limits
 
 #[test]
