@@ -135,10 +135,22 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_TOKENS_LIMIT", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens_limit: u32,
 
-    /// Most connections held at once [default: the fd limit - 256]. Beyond it
-    /// the server stops accepting until connections close.
+    /// Most connections held at once [default: the fd limit - 256]. At it the
+    /// server closes its longest-idle keep-alive connection to admit a new
+    /// one; with none idle it stops accepting until connections close.
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+
+    /// Most connections from one client address; beyond it a new connection
+    /// gets 429 too_many_connections and is closed. 0: no limit.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Most bytes of request bodies (and unread request input) the server
+    /// holds at once; a body that does not fit waits in TCP, unread, until
+    /// others finish. At least --max-body-bytes.
+    #[arg(long, env = "SLUICE_MAX_BUFFERED_BYTES", default_value_t = 268_435_456)]
+    pub max_buffered_bytes: usize,
 
     /// Most streams running at once [default: = max-connections]; beyond it: 503 overloaded.
     #[arg(long, env = "SLUICE_MAX_STREAMS")]
@@ -351,6 +363,12 @@ impl Config {
     /// `backend_given`: `--backend` was set explicitly (not its default),
     /// so `--upstream-url` alone selects the openai backend.
     pub fn settle(&mut self, backend_given: bool) -> Result<(), String> {
+        if self.max_buffered_bytes < self.max_body_bytes {
+            return Err(format!(
+                "--max-buffered-bytes ({}) must be at least --max-body-bytes ({})",
+                self.max_buffered_bytes, self.max_body_bytes
+            ));
+        }
         match (self.backend, &self.upstream_url, backend_given) {
             (BackendKind::Openai, None, _) => {
                 return Err(
@@ -408,6 +426,8 @@ mod tests {
         assert_eq!(c.idle_timeout_ms, 60000);
         assert_eq!(c.write_timeout_ms, 30000);
         assert_eq!(c.max_stream_ms, 600_000);
+        assert_eq!(c.max_connections_per_ip, 0);
+        assert_eq!(c.max_buffered_bytes, 256 << 20);
         assert_eq!(c.effective_max_streams(), c.effective_max_connections());
     }
 

@@ -16,12 +16,20 @@
 //! Inputs are `handle_*` calls with `now`; outputs are [`Conn::pending`]
 //! bytes, [`Conn::next_deadline`], and the state queries. Requests come out
 //! of [`Conn::parse`], which the engine calls while [`Conn::is_reading`].
+//! Between a head and its body the machine reports the head
+//! ([`Parsed::Head`]) so the engine can refuse the request at once or fund
+//! its body from the server-wide budget of buffered request bytes
+//! ([`Conn::fund`]). An unfunded body is still read from the bytes already
+//! received (a small request that came whole is served), but no more is
+//! read from the socket, and `100 Continue` is sent, only once it is funded.
+//! What the connection holds of a request ([`Conn::charge`]) is what the
+//! engine counts against that budget.
 
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::http::response::{self, Body, Head};
-use crate::http::{HttpError, ReadStatus, Request, RequestReader, Version};
+use crate::http::{BodySize, HttpError, Method, ReadStatus, Request, RequestReader, Version};
 use crate::outbuf::{BufPool, OutBuf};
 
 /// How long a closed-for-writing connection waits for the client's FIN, so
@@ -44,6 +52,11 @@ pub struct ReqLine {
 pub enum Parsed {
     /// A whole request, already consumed.
     Request(Request),
+    /// The head of a request with a body, already consumed ([`Conn::head`]
+    /// shows it). The engine funds the body ([`Conn::fund`]) now or later,
+    /// or refuses the request ([`Conn::drop_request`]) before parsing on.
+    /// `expect_continue`: the client waits for `100 Continue`.
+    Head { expect_continue: bool },
     /// A request the server cannot read; the rest of the input is dropped
     /// and the connection must close after the answer. `line` and `origin`
     /// come from the head when it parses that far, so the answer can take
@@ -126,6 +139,18 @@ pub struct Conn {
     input_blocked: bool,
     /// The last [`Conn::parse`] found an incomplete request.
     waiting_for_bytes: bool,
+    /// A body is being read without a reservation: only from bytes
+    /// already received, until [`Conn::fund`].
+    unfunded: bool,
+    /// That head asked for `100 Continue`.
+    continue_wanted: bool,
+    /// Bytes of the budget the engine reserved for the body being read.
+    reserved: usize,
+    /// The request being answered is a `HEAD`: its answer has no body.
+    answering_head: bool,
+    /// The request line and `Origin` of the head whose body is being read,
+    /// for the answer if the body turns out bad.
+    body_of: Option<Box<(ReqLine, Option<String>)>>,
     /// The request being answered and when it was parsed, for the access log.
     current: Option<Box<(ReqLine, Instant)>>,
 }
@@ -145,6 +170,11 @@ impl Conn {
             peer_closed: false,
             input_blocked: false,
             waiting_for_bytes: false,
+            unfunded: false,
+            continue_wanted: false,
+            reserved: 0,
+            answering_head: false,
+            body_of: None,
             current: None,
         }
     }
@@ -187,8 +217,10 @@ impl Conn {
     /// Whether the server should keep reading the socket.
     pub fn wants_read(&self, cfg: &Config) -> bool {
         // Pipelined requests are not parsed faster than their answers leave:
-        // past the high-water mark the client's bytes wait in TCP.
+        // past the high-water mark the client's bytes wait in TCP. A body
+        // not admitted yet waits there too.
         !self.input_full
+            && !self.unfunded
             && !self.peer_closed
             && !self.is_closed()
             && self.out.len() < cfg.high_water()
@@ -208,6 +240,52 @@ impl Conn {
     /// Complete requests wait unparsed behind answers not yet written.
     pub fn has_waiting_input(&self) -> bool {
         self.is_reading() && !self.inbuf.is_empty()
+    }
+
+    /// Request bytes this connection holds or has been promised: its unread
+    /// input and the body decoded so far, or the reservation made for its
+    /// body if that is more. The engine sums this over connections.
+    pub fn charge(&self) -> usize {
+        self.reserved.max(self.inbuf.len() + self.reader.body_len())
+    }
+
+    /// How much more of its reservation the request being read may fill.
+    pub fn reserve_slack(&self) -> usize {
+        self.reserved
+            .saturating_sub(self.inbuf.len() + self.reader.body_len())
+    }
+
+    /// Whether a body is being read without a reservation (it waits for
+    /// [`Conn::fund`] before more of it is read from the socket).
+    pub fn is_unfunded(&self) -> bool {
+        self.unfunded && self.is_reading()
+    }
+
+    /// The head of the request whose body is being (or waits to be) read.
+    pub fn head(&self) -> Option<&Request> {
+        self.reader.head()
+    }
+
+    /// How that body is framed.
+    pub fn body_size(&self) -> Option<BodySize> {
+        self.reader.body_size()
+    }
+
+    /// Between requests on a kept-alive connection: nothing of a next
+    /// request has arrived and every answer has left. Such a connection may
+    /// be closed to admit a new one at the connection limit.
+    pub fn is_idle(&self) -> bool {
+        self.is_reading()
+            && self.served > 0
+            && self.head_started.is_none()
+            && !self.unfunded
+            && self.inbuf.is_empty()
+            && self.out.is_empty()
+    }
+
+    /// Since when the connection has waited for its next request.
+    pub fn idle_since(&self) -> Instant {
+        self.read_since
     }
 
     /// The request being answered and when it was parsed (taken once).
@@ -264,7 +342,6 @@ impl Conn {
     pub fn parse(
         &mut self,
         now: Instant,
-        bufs: &mut BufPool,
         cfg: &Config,
         input: &[u8],
         at: &mut usize,
@@ -273,12 +350,8 @@ impl Conn {
             return None;
         }
         match self.reader.poll(&input[*at..], &cfg.limits()) {
-            Ok(ReadStatus::Partial { send_continue }) => {
-                if send_continue {
-                    self.out.append(bufs, |b| {
-                        b.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    });
-                }
+            Ok(ReadStatus::Partial { consumed }) => {
+                *at += consumed;
                 // The start of the next request came with the previous
                 // one: its header timeout runs from now.
                 if self.head_started.is_none() {
@@ -287,10 +360,36 @@ impl Conn {
                 self.waiting_for_bytes = true;
                 None
             }
+            Ok(ReadStatus::Head {
+                consumed,
+                expect_continue,
+            }) => {
+                *at += consumed;
+                if self.head_started.is_none() {
+                    self.head_started = Some(now);
+                }
+                if let Some(h) = self.reader.head() {
+                    self.answering_head = h.method == Method::Head;
+                    let line = ReqLine {
+                        method: h.method_str.clone(),
+                        path: h.path.clone(),
+                    };
+                    let origin = h.header("origin").map(str::to_string);
+                    self.body_of = Some(Box::new((line, origin)));
+                }
+                self.unfunded = true;
+                self.continue_wanted = expect_continue;
+                Some(Parsed::Head { expect_continue })
+            }
             Ok(ReadStatus::Complete { request, consumed }) => {
                 *at += consumed;
                 // The access log's duration runs from the request's first byte.
                 let since = self.head_started.take().unwrap_or(now);
+                self.reserved = 0;
+                self.unfunded = false;
+                self.continue_wanted = false;
+                self.body_of = None;
+                self.answering_head = request.method == Method::Head;
                 self.current = Some(Box::new((
                     ReqLine {
                         method: request.method_str.clone(),
@@ -301,19 +400,53 @@ impl Conn {
                 Some(Parsed::Request(request))
             }
             Err(err) => {
-                let (line, origin) = match peek_head(&input[*at..]) {
-                    Some((l, o)) => (Some(l), o),
-                    None => (None, None),
+                let (line, origin) = match self.body_of.take() {
+                    // The error is in the body: its head is known.
+                    Some(b) => (Some(b.0), b.1),
+                    None => match peek_head(&input[*at..]) {
+                        Some((l, o)) => (Some(l), o),
+                        None => (None, None),
+                    },
                 };
+                // The access log's duration runs from the first byte.
+                let since = self.head_started.unwrap_or(now);
+                self.drop_request();
+                self.answering_head = line.as_ref().is_some_and(|l| l.method == "HEAD");
                 if let Some(l) = &line {
-                    // The access log's duration runs from the first byte.
-                    let since = self.head_started.unwrap_or(now);
                     self.current = Some(Box::new((l.clone(), since)));
                 }
                 *at = input.len();
                 Some(Parsed::Bad { err, line, origin })
             }
         }
+    }
+
+    /// Funds the body being read with `reserve` bytes of the server's
+    /// budget, held until the request is whole: the rest of it may now be
+    /// read from the socket, and `100 Continue` goes out if the client
+    /// waits for it.
+    pub fn fund(&mut self, bufs: &mut BufPool, reserve: usize) {
+        if !self.unfunded {
+            return;
+        }
+        self.unfunded = false;
+        self.reserved = reserve;
+        if std::mem::take(&mut self.continue_wanted) {
+            self.out.append(bufs, |b| {
+                b.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n")
+            });
+        }
+    }
+
+    /// Forgets the request being read (refused on its head, or timed out;
+    /// the caller answers and closes, and drops the input).
+    pub fn drop_request(&mut self) {
+        self.reader.reset();
+        self.body_of = None;
+        self.unfunded = false;
+        self.continue_wanted = false;
+        self.reserved = 0;
+        self.head_started = None;
     }
 
     /// After [`Conn::parse`] returned `None`: keeps what is left of the
@@ -357,6 +490,7 @@ impl Conn {
         }
         // What is left can only be an incomplete request: it never will be.
         self.inbuf = Vec::new();
+        self.drop_request();
         if self.out.is_empty() {
             self.close(cx);
         } else {
@@ -428,11 +562,15 @@ impl Conn {
                 match self.next_deadline(cfg) {
                     Some(d) if now >= d => {
                         if self.head_started.is_some() || self.served == 0 {
-                            // No request line to log, but a real duration.
+                            // A real duration, and the request line when
+                            // the head came (its body did not).
                             let since = self.head_started.unwrap_or(self.read_since);
-                            let line = ReqLine {
-                                method: "-".into(),
-                                path: "-".into(),
+                            let line = match &self.body_of {
+                                Some(b) => b.0.clone(),
+                                None => ReqLine {
+                                    method: "-".into(),
+                                    path: "-".into(),
+                                },
                             };
                             self.current = Some(Box::new((line, since)));
                             Expired::RequestTimeout
@@ -475,7 +613,8 @@ impl Conn {
         };
         self.out.append(bufs, |b| {
             response::write_head(b, &head);
-            if r.status != 204 {
+            // A HEAD answer is the GET answer's head alone.
+            if r.status != 204 && !self.answering_head {
                 b.extend_from_slice(r.body);
             }
         });
@@ -579,6 +718,7 @@ impl Conn {
         self.served += 1;
         self.read_since = now;
         self.input_full = false;
+        self.answering_head = false;
         self.state = if keep_alive {
             State::Reading
         } else {
@@ -592,6 +732,13 @@ impl Conn {
         self.state = State::Closed;
         self.out.clear(bufs);
         self.inbuf = Vec::new();
+        self.drop_request();
+    }
+
+    /// Closes a connection that is between requests (to admit another at
+    /// the connection limit): nothing is lost, the client opens a new one.
+    pub fn evict(&mut self, bufs: &mut BufPool) {
+        self.close(bufs);
     }
 }
 

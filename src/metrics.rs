@@ -18,7 +18,8 @@ pub const BUCKETS: [f64; 22] = [
 ];
 
 /// The statuses `sluice_requests_refused_total` has a label for.
-pub const REFUSAL_STATUSES: [u16; 10] = [400, 401, 404, 405, 408, 413, 431, 500, 503, 505];
+pub const REFUSAL_STATUSES: [u16; 12] =
+    [400, 401, 404, 405, 408, 413, 417, 429, 431, 500, 503, 505];
 
 /// Counter slots of `sluice_redactions_total`: the builtin rules, then the
 /// custom ones (`crate::redact` asserts its rules fit).
@@ -68,6 +69,14 @@ pub struct Metrics {
     pub connections_accepted: AtomicU64,
     pub connections_timed_out: AtomicU64,
     pub accept_errors: AtomicU64,
+    /// Idle keep-alive connections closed to admit a new one at the limit.
+    pub connections_evicted: AtomicU64,
+    /// Request bytes held now (unread input and reserved bodies).
+    pub request_bytes_buffered: AtomicI64,
+    /// Bodies that had to wait for room in the buffered-bytes budget.
+    pub budget_waits: AtomicU64,
+    /// Times complete requests were left for the next phase of a loop turn.
+    pub requests_deferred: AtomicU64,
     pub requests: AtomicU64,
     /// Requests answered with an error status before any stream, by status
     /// (see [`REFUSAL_STATUSES`]; the last slot counts any other).
@@ -176,6 +185,30 @@ impl Metrics {
             "sluice_accept_errors_total",
             "accept() failures (EMFILE and others).",
             &self.accept_errors,
+        );
+        counter(
+            &mut out,
+            "sluice_connections_evicted_total",
+            "Idle keep-alive connections closed to admit new ones at --max-connections.",
+            &self.connections_evicted,
+        );
+        gauge(
+            &mut out,
+            "sluice_request_bytes_buffered",
+            "Request bytes held or reserved now (--max-buffered-bytes bounds them).",
+            self.request_bytes_buffered.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "sluice_request_budget_waits_total",
+            "Request bodies that waited, unread, for room in --max-buffered-bytes.",
+            &self.budget_waits,
+        );
+        counter(
+            &mut out,
+            "sluice_requests_deferred_total",
+            "Times complete requests waited for the next turn of the loop (routing is bounded per turn).",
+            &self.requests_deferred,
         );
         counter(
             &mut out,

@@ -8,6 +8,11 @@
 //! shape (statuses and OpenAI types come from [`crate::errors`]) and with
 //! the CORS headers its origin is allowed. It does no I/O and holds no
 //! state.
+//!
+//! `HEAD` is answered like `GET` on the endpoints that answer a `GET` with
+//! a document (`/healthz`, `/readyz`, `/metrics`, `/v1/models`, `/`); the
+//! connection leaves the body out. On a stream endpoint it is 405: a `HEAD`
+//! never starts a generation.
 
 use crate::api::{self, NativeRequest};
 use crate::auth::{self, Auth, Presented};
@@ -170,7 +175,9 @@ fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
         return preflight(req, meta);
     }
     let get = |body: Answer| match req.method {
-        Method::Get => body,
+        // HEAD goes wherever GET does (RFC 9110 §9.3.2), so `Allow` names
+        // GET alone, as it always has.
+        Method::Get | Method::Head => body,
         _ => method_not_allowed(req, meta, "GET"),
     };
     match path {
@@ -207,7 +214,7 @@ fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
             if !served_models(cfg).contains(&id) {
                 let msg = format!("the model {id:?} is not served here; GET /v1/models lists them");
                 return match req.method {
-                    Method::Get => error(meta, 404, "model_not_found", &msg),
+                    Method::Get | Method::Head => error(meta, 404, "model_not_found", &msg),
                     _ => method_not_allowed(req, meta, "GET"),
                 };
             }
@@ -424,6 +431,66 @@ pub fn bad_request(
     let mut reply = error_reply(meta.shape, err.status(), err.code(), &msg);
     reply.close = true;
     (meta, reply)
+}
+
+/// The answer to a head that waits for `100 Continue` when the request
+/// would be refused whatever its body (no key, unknown path, wrong method):
+/// given at once, instead of inviting a body only to refuse it. The
+/// connection closes (the body is never read). The request id is the
+/// caller's to set.
+pub fn refuse_on_head(cfg: &Config, auth: &Auth, head: &Request) -> Option<(Meta, Reply)> {
+    // Routing the head with its (empty) body: whatever a body could change
+    // is a 400 about the body, never one of these.
+    let (mut meta, answer) = route(cfg, auth, "", head);
+    match answer {
+        Answer::Reply(mut reply) if matches!(reply.status, 401 | 404 | 405) => {
+            reply.close = true;
+            meta.keep_alive = false;
+            Some((meta, reply))
+        }
+        _ => None,
+    }
+}
+
+/// The answer to a connection beyond `--max-connections-per-ip` (then it
+/// closes).
+pub fn too_many_connections(_cfg: &Config, request_id: String, limit: usize) -> (Meta, Reply) {
+    let meta = closing_meta(request_id);
+    let msg = format!(
+        "more than {limit} connections from this address (--max-connections-per-ip); \
+         close some or reuse them"
+    );
+    let mut reply = error_reply(meta.shape, 429, "too_many_connections", &msg);
+    reply.close = true;
+    reply.headers.push(("Retry-After", "1".into()));
+    (meta, reply)
+}
+
+/// The answer to a request whose body waited for the server's budget of
+/// buffered request bytes until the request timeout (then it closes: the
+/// body was never read).
+pub fn overloaded_close(cfg: &Config, request_id: String) -> (Meta, Reply) {
+    let meta = closing_meta(request_id);
+    let msg = format!(
+        "the server holds {} bytes of request bodies (--max-buffered-bytes); retry later",
+        cfg.max_buffered_bytes
+    );
+    let mut reply = error_reply(meta.shape, 503, "overloaded", &msg);
+    reply.close = true;
+    reply.headers.push(("Retry-After", "1".into()));
+    (meta, reply)
+}
+
+/// How an answer before any request (or to one that could not be read) goes out.
+fn closing_meta(request_id: String) -> Meta {
+    Meta {
+        request_id,
+        version: Version::Http11,
+        keep_alive: false,
+        shape: Shape::Native,
+        cors: Vec::new(),
+        principal: None,
+    }
 }
 
 /// The answer when a request head or body did not arrive in time.

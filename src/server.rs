@@ -9,6 +9,13 @@
 //! are harmless; the poll timeout comes from the engine's timer wheel, so an
 //! idle server sleeps. Log lines are handed to the log thread once per turn,
 //! after the writes (see [`crate::logging`]).
+//!
+//! A turn of the loop: readiness events (accept, reads, writes), timers,
+//! then the work left for later — bodies admitted to the request budget,
+//! requests deferred by the routing bound, connections with unread input
+//! (each read is bounded, see [`READ_BUDGET`]) — so that no client, however
+//! fast it sends, keeps the timers (the next token of every stream) waiting
+//! for long.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -47,6 +54,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const BACKLOG: i32 = 8192;
 /// Reads of [`SCRATCH`] bytes one connection gets per turn.
 const READ_BUDGET: usize = 4;
+/// Bytes read from all connections together in one phase of a turn; the
+/// rest waits for the next (a flood of uploads on many connections must
+/// not keep the timers waiting any more than one connection may).
+const PHASE_READ_BUDGET: usize = 1 << 20;
+/// The "accepting paused" warning is logged at most this often.
+const PAUSE_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// A connection's socket and its readiness.
 struct Sock {
@@ -240,12 +253,16 @@ pub struct Server {
     max_conns: usize,
     accept_paused: bool,
     accept_retry_at: Option<Instant>,
+    /// When "accepting paused" was last logged, and pauses since.
+    pause_warned: Option<(Instant, u64)>,
     waker: Arc<Waker>,
     shutdown_flag: Arc<AtomicBool>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     drain: Option<Drain>,
     /// Connections (key, serial) left with unread input by their read budget.
     reread: Vec<(usize, u32)>,
+    /// Bytes that may still be read in this phase ([`PHASE_READ_BUDGET`]).
+    read_left: usize,
 }
 
 impl Server {
@@ -332,11 +349,13 @@ impl Server {
             max_conns,
             accept_paused: false,
             accept_retry_at: None,
+            pause_warned: None,
             waker,
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             signals: None,
             drain: None,
             reread: Vec::new(),
+            read_left: PHASE_READ_BUDGET,
         })
     }
 
@@ -375,11 +394,12 @@ impl Server {
         crate::logging::mark_loop_thread();
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.reread.is_empty() {
+            let timeout = if self.reread.is_empty() && !self.engine.has_deferred() {
                 self.poll_timeout()
             } else {
                 Some(Duration::ZERO)
             };
+            self.new_phase();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -413,6 +433,11 @@ impl Server {
             }
             self.engine
                 .handle_timeouts(&mut self.shared, Instant::now());
+            self.service_dirty();
+            // The work left for later, in a phase of its own.
+            self.new_phase();
+            self.engine.fund_waiting();
+            self.engine.serve_deferred(&mut self.shared, Instant::now());
             self.service_dirty();
             self.serve_rereads();
             if let Some(at) = self.accept_retry_at {
@@ -512,11 +537,17 @@ impl Server {
     fn accept(&mut self) {
         loop {
             if self.engine.connections() >= self.max_conns {
+                // As nginx does: the longest-idle keep-alive connection
+                // makes room (its client reconnects when it needs to) —
+                // only for a connection that is waiting.
+                if self.connection_waiting() {
+                    if let Some(key) = self.engine.evict_idle() {
+                        self.close_now(key);
+                        continue;
+                    }
+                }
                 if !self.accept_paused {
-                    log::warn!(
-                        "{} connections open (--max-connections): accepting paused",
-                        self.engine.connections()
-                    );
+                    self.warn_paused();
                 }
                 self.accept_paused = true;
                 return;
@@ -539,7 +570,9 @@ impl Server {
                         blocked: false,
                         read_paused: false,
                     };
-                    self.engine.open(io, Some(peer), Instant::now());
+                    let now = Instant::now();
+                    let key = self.engine.open(io, Some(peer), now);
+                    self.engine.check_peer_limit(&mut self.shared, key, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
@@ -557,6 +590,51 @@ impl Server {
                     return;
                 }
             }
+        }
+    }
+
+    /// A phase of the turn begins: fresh budgets for reading and routing.
+    fn new_phase(&mut self) {
+        self.read_left = PHASE_READ_BUDGET;
+        self.engine.new_phase();
+    }
+
+    /// Logs that accepting paused, at most every [`PAUSE_WARN_EVERY`] (a
+    /// server at its limit pauses often; the log must not flood).
+    fn warn_paused(&mut self) {
+        let now = Instant::now();
+        match &mut self.pause_warned {
+            Some((at, n)) if now < *at + PAUSE_WARN_EVERY => *n += 1,
+            _ => {
+                let more = self.pause_warned.map_or(0, |(_, n)| n);
+                log::warn!(
+                    "{} connections open (--max-connections), none idle: accepting paused \
+                     ({more} more pauses since the last warning)",
+                    self.engine.connections()
+                );
+                self.pause_warned = Some((now, 0));
+            }
+        }
+    }
+
+    /// Whether a connection waits in the listen backlog (a zero-timeout
+    /// `poll` of the listener: at the limit, only then is one evicted).
+    fn connection_waiting(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, and its count.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & libc::POLLIN != 0
+    }
+
+    /// Closes and forgets connection `key` at once (it was evicted).
+    fn close_now(&mut self, key: usize) {
+        if let Some(mut io) = self.engine.remove(key) {
+            let _ = self.poll.registry().deregister(&mut io.sock);
         }
     }
 
@@ -602,14 +680,19 @@ impl Server {
     }
 
     /// Reads the socket into the engine until `WouldBlock`, at most
-    /// [`READ_BUDGET`] reads at a time: a client that sends faster than it
-    /// is answered must not keep the loop from every other connection. A
-    /// connection with more to read goes on [`Server::reread`], served on the
-    /// next pass of the loop.
+    /// [`READ_BUDGET`] reads at a time (and [`PHASE_READ_BUDGET`] bytes for
+    /// all connections in a phase), each no larger than the engine allows:
+    /// a client that sends faster than it is answered must not keep the
+    /// loop from every other connection. A connection with more to read
+    /// goes on [`Server::reread`], served on the next pass of the loop.
     fn read(&mut self, key: usize, read_closed: bool) {
         for _ in 0..READ_BUDGET {
+            if self.read_left == 0 {
+                break;
+            }
             let now = Instant::now();
-            let wants = self.engine.wants_read(key);
+            let allowance = self.engine.read_allowance(key).min(SCRATCH);
+            let wants = allowance > 0;
             let Some(io) = self.engine.io_mut(key) else {
                 return;
             };
@@ -632,11 +715,13 @@ impl Server {
             let Some(io) = self.engine.io_mut(key) else {
                 return;
             };
-            match io.sock.read(&mut self.scratch) {
+            match io.sock.read(&mut self.scratch[..allowance]) {
                 Ok(0) => return self.engine.handle_eof(&mut self.shared, key, now),
-                Ok(n) => self
-                    .engine
-                    .handle_read(&mut self.shared, key, &self.scratch[..n], now),
+                Ok(n) => {
+                    self.read_left = self.read_left.saturating_sub(n);
+                    self.engine
+                        .handle_read(&mut self.shared, key, &self.scratch[..n], now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return self.engine.handle_reset(&mut self.shared, key, now),

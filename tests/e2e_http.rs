@@ -53,19 +53,19 @@ fn malformed_http_is_400_and_closes() {
     refused_and_closed(&srv, b"GARBAGE\r\n\r\n", 400, "bad_request");
     refused_and_closed(
         &srv,
-        b"POST /v1/chat/stream HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+        b"POST /v1/chat/stream HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
         400,
         "bad_request",
     );
     refused_and_closed(
         &srv,
-        b"POST /v1/chat/stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /v1/chat/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         400,
         "bad_request",
     );
     refused_and_closed(
         &srv,
-        b"POST /v1/chat/stream HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"POST /v1/chat/stream HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
         400,
         "bad_request",
     );
@@ -120,7 +120,7 @@ fn oversized_head_is_431_and_closes() {
     refused_and_closed(&srv, big.as_bytes(), 431, "headers_too_large");
     // Just under the limit is fine.
     let ok = format!(
-        "GET /healthz HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
         "a".repeat(900)
     );
     let mut c = srv.connect();
@@ -502,6 +502,15 @@ fn max_connections_holds_new_connections_in_the_backlog() {
     let mut b = srv.connect();
     assert_eq!(a.roundtrip(&get("/healthz", "")).status(), 200);
     assert_eq!(b.roundtrip(&get("/healthz", "")).status(), 200);
+    // Both are in the middle of a request: neither is idle, so neither
+    // may be closed to make room.
+    let req = get("/healthz", "");
+    let (first, rest) = req.split_at(8);
+    a.send(first);
+    b.send(first);
+    eventually(m, CLOSE_WAIT, "both partial heads held", || {
+        m.request_bytes_buffered.load(SeqCst) == 16
+    });
     // The third connects (kernel backlog) but is not served yet.
     let mut c = srv.connect();
     c.send(&get("/healthz", ""));
@@ -520,6 +529,7 @@ fn max_connections_holds_new_connections_in_the_backlog() {
     drop(a);
     let r = c.read_response();
     assert_eq!(r.status(), 200);
+    assert_eq!(b.roundtrip(rest).status(), 200);
     assert_kept(&mut b);
 }
 

@@ -10,6 +10,10 @@
 //! [`crate::router`]; a stream is created in the [`StreamTable`] and its
 //! connection attached as its subscriber; a stream's encoded events go to
 //! whichever connection is attached now; a connection that leaves detaches.
+//! What comes in is bounded in `intake.rs`: the server-wide budget of
+//! buffered request bytes ([`Engine::read_allowance`], bodies funded first
+//! come first served), routing per phase of a loop turn, idle keep-alive
+//! connections evicted at the connection limit, connections per address.
 //! Tests drive an `Engine<()>` with a simulated clock and scripted
 //! producers, and assert on exact bytes.
 
@@ -89,6 +93,8 @@ struct Link<S> {
     ttft_mark: Option<(u64, Instant, StreamRef)>,
     timer: Option<(TimerId, u64)>,
     dirty: bool,
+    /// Its place in the intake (budget, idle order, address).
+    mark: intake::Mark,
 }
 
 /// The wheel key of a stream entry has this bit set.
@@ -121,6 +127,9 @@ pub struct Engine<S> {
     scratch: Vec<u8>,
     /// `--redact`/`--redact-builtin`: the first stage of every stream.
     redactor: Option<Arc<Redactor>>,
+    /// The request-bytes budget, routing per phase, idle and per-address
+    /// bookkeeping.
+    intake: intake::Intake,
 }
 
 impl<S> Engine<S> {
@@ -144,6 +153,7 @@ impl<S> Engine<S> {
             over_budget: Vec::new(),
             scratch: Vec::new(),
             redactor: None,
+            intake: intake::Intake::default(),
         }
     }
 
@@ -181,15 +191,18 @@ impl<S> Engine<S> {
             ttft_mark: None,
             timer: None,
             dirty: false,
+            mark: intake::Mark::default(),
         });
         self.metrics.connections_open.fetch_add(1, Relaxed);
         self.metrics.connections_accepted.fetch_add(1, Relaxed);
+        self.count_ip(key);
         self.touch(key);
         key
     }
 
     /// Takes a closed connection out; its `io` is the caller's to drop.
     pub fn remove(&mut self, key: usize) -> Option<S> {
+        self.forget(key);
         let link = self.conns.try_remove(key)?;
         if let Some((id, _)) = link.timer {
             self.wheel.cancel(id);
@@ -232,11 +245,10 @@ impl<S> Engine<S> {
         self.conns.iter().any(|(_, l)| l.conn.pending_len() > 0)
     }
 
-    /// Whether the server should read `key`'s socket now.
+    /// Whether the server should read `key`'s socket now (see
+    /// [`Engine::read_allowance`] for how much).
     pub fn wants_read(&self, key: usize) -> bool {
-        self.conns
-            .get(key)
-            .is_some_and(|l| l.conn.wants_read(&self.cfg))
+        self.allowance(key) > 0
     }
 
     /// Whether `key` has a stream attached (its FIN means it left).
@@ -467,6 +479,10 @@ impl<S> Engine<S> {
             link.dirty = true;
             self.dirty.push(key);
         }
+        self.account(key);
+        let Some(link) = self.conns.get_mut(key) else {
+            return;
+        };
         let want = link
             .conn
             .next_deadline(&self.cfg)
@@ -536,15 +552,27 @@ impl<S> Engine<S> {
         let input: &[u8] = if owned.is_empty() { data } else { &owned };
         let mut at = 0;
         loop {
+            if at < input.len() && !self.may_route(key) {
+                break;
+            }
             let Some(link) = self.conns.get_mut(key) else {
                 return;
             };
-            let parsed = link
-                .conn
-                .parse(now, &mut self.bufs, &self.cfg, input, &mut at);
+            let parsed = link.conn.parse(now, &self.cfg, input, &mut at);
             match parsed {
                 None => break,
-                Some(Parsed::Request(req)) => self.dispatch(svc, key, req, now),
+                Some(Parsed::Head { expect_continue }) => {
+                    if expect_continue && self.refuse_on_head(svc, key, now) {
+                        // The body is never read: the rest goes with it.
+                        at = input.len();
+                        break;
+                    }
+                    self.fund_or_queue(key);
+                }
+                Some(Parsed::Request(req)) => {
+                    self.routed(req.body.len());
+                    self.dispatch(svc, key, req, now)
+                }
                 Some(Parsed::Bad { err, line, origin }) => {
                     self.metrics.requests.fetch_add(1, Relaxed);
                     let rid = format!("{:x}", svc.next_id());
@@ -562,6 +590,31 @@ impl<S> Engine<S> {
         link.conn.keep_rest(&self.cfg, owned, data, at);
         link.conn
             .settle_if_peer_closed(&mut self.bufs, now, &self.cfg);
+    }
+
+    /// A head that waits for `100 Continue`: answered now (and the
+    /// connection closed) if it would be refused anyway — unknown path,
+    /// wrong method, no key — so the client never sends a body for nothing.
+    fn refuse_on_head(&mut self, svc: &mut dyn Services, key: usize, now: Instant) -> bool {
+        let Some(head) = self.conns.get(key).and_then(|l| l.conn.head()) else {
+            return false;
+        };
+        let Some((meta, reply)) = router::refuse_on_head(&self.cfg, &self.auth, head) else {
+            return false;
+        };
+        self.metrics.requests.fetch_add(1, Relaxed);
+        let meta = Meta {
+            request_id: match head.client_request_id() {
+                Some(r) => r.to_string(),
+                None => format!("{:x}", svc.next_id()),
+            },
+            ..meta
+        };
+        if let Some(link) = self.conns.get_mut(key) {
+            link.conn.drop_request();
+        }
+        self.reply(svc, key, &meta, &reply, now);
+        true
     }
 
     fn dispatch(&mut self, svc: &mut dyn Services, key: usize, req: Request, now: Instant) {
@@ -825,9 +878,19 @@ impl<S> Engine<S> {
             }
             Expired::RequestTimeout => {
                 self.metrics.connections_timed_out.fetch_add(1, Relaxed);
-                log::debug!("request head not received in time: 408");
                 let rid = format!("{:x}", svc.next_id());
-                let (meta, reply) = router::request_timeout(&self.cfg, rid);
+                // A body that waited for the budget all along was the
+                // server's delay, not the client's.
+                let (meta, reply) = if link.conn.is_unfunded() {
+                    log::debug!("request body never admitted to the budget: 503");
+                    router::overloaded_close(&self.cfg, rid)
+                } else {
+                    log::debug!("request head not received in time: 408");
+                    router::request_timeout(&self.cfg, rid)
+                };
+                if let Some(link) = self.conns.get_mut(key) {
+                    link.conn.drop_request();
+                }
                 self.reply(svc, key, &meta, &reply, now);
             }
             Expired::WriteStalled => {
@@ -872,7 +935,10 @@ fn tick_of(epoch: Instant, d: Instant) -> u64 {
 }
 
 mod ending;
+mod intake;
 mod resume;
+
+pub use intake::ROUTE_BUDGET;
 
 #[cfg(test)]
 mod tests;

@@ -656,7 +656,7 @@ fn client_leaving_a_sim_stream() {
     assert_eq!(h.deadline(), None);
     // Nothing more happens, whatever comes in.
     h.at(1000).timeout();
-    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(h.pending(), "");
 }
 
@@ -764,7 +764,8 @@ fn max_stream_duration_ends_with_deadline_exceeded() {
 #[test]
 fn header_timeout_gives_408_then_closes() {
     let mut h = H::new(&["--header-timeout-ms", "1000"]);
-    h.at(10).read(b"POST /v1/chat/stream HTTP/1.1\r\nHost");
+    h.at(10)
+        .read(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nHost");
     assert_eq!(h.pending(), "");
     assert!(!h.holds_output_buffer());
     assert_eq!(h.deadline(), Some(ms(1010)));
@@ -798,7 +799,7 @@ fn header_timeout_gives_408_then_closes() {
 #[test]
 fn idle_keep_alive_connection_closes_without_a_response() {
     let mut h = H::new(&["--idle-timeout-ms", "5000"]);
-    h.at(100).read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.at(100).read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(
         h.flush(),
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Request-Id: 1000\r\n\r\nok"
@@ -818,7 +819,7 @@ fn pipelined_request_is_answered_after_the_stream() {
     let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
     let words = sim_words("x", 3, 64);
     let mut input = post(r#"{"prompt":"x","max_tokens":3}"#);
-    input.push_str("GET /healthz HTTP/1.1\r\n\r\n");
+    input.push_str("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     h.read(input.as_bytes());
     assert!(h.is_streaming());
     assert_eq!(h.pending(), sse_head("1000"));
@@ -847,7 +848,7 @@ fn pipelined_request_arriving_during_the_stream_waits_too() {
     h.flush();
     // Arrives in two reads while the stream runs.
     h.at(10).read(b"GET /readyz HTT");
-    h.at(20).read(b"P/1.1\r\n\r\n");
+    h.at(20).read(b"P/1.1\r\nHost: x\r\n\r\n");
     assert!(h.wants_read());
     assert!(h.svc.ops_calls.is_empty());
     h.run_until(1000);
@@ -917,7 +918,9 @@ fn bad_json_gets_400_and_keeps_the_connection() {
 #[test]
 fn malformed_head_gets_400_and_closes() {
     let mut h = H::new(&[]);
-    h.read(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
+    h.read(
+        b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
     assert_eq!(
         h.pending(),
         full_response(
@@ -931,7 +934,7 @@ fn malformed_head_gets_400_and_closes() {
     h.flush();
     assert!(h.wants_half_close());
     // More input is ignored.
-    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(h.pending(), "");
     h.half_closed();
     assert_eq!(h.deadline(), Some(Duration::from_secs(2)));
@@ -944,7 +947,7 @@ fn malformed_head_gets_400_and_closes() {
 #[test]
 fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
     let mut h = H::new(&[]);
-    h.read(b"GET /nope HTTP/1.1\r\n\r\n");
+    h.read(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(
         h.flush(),
         full_response(
@@ -953,7 +956,7 @@ fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
             &error_body("not_found", "no such endpoint: /nope")
         )
     );
-    h.read(b"DELETE /v1/chat/stream HTTP/1.1\r\n\r\n");
+    h.read(b"DELETE /v1/chat/stream HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(
         h.flush(),
         full_response(
@@ -965,7 +968,7 @@ fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
             )
         )
     );
-    h.read(b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    h.read(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(
         h.flush(),
         full_response(
@@ -984,7 +987,7 @@ fn unknown_path_gets_404_and_wrong_method_405_with_allow() {
 #[test]
 fn get_with_last_event_id_gets_204_without_a_length() {
     let mut h = H::new(&[]);
-    h.read(b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\nLast-Event-ID: 1000:65\r\n\r\n");
+    h.read(b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1000:65\r\n\r\n");
     assert_eq!(
         h.flush(),
         "HTTP/1.1 204 No Content\r\nX-Request-Id: 1000\r\n\r\n"
@@ -997,7 +1000,7 @@ fn get_with_last_event_id_gets_204_without_a_length() {
 #[test]
 fn get_stream_from_the_query_string() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
-    h.read(b"GET /v1/chat/stream?prompt=hello+world&max_tokens=2 HTTP/1.1\r\n\r\n");
+    h.read(b"GET /v1/chat/stream?prompt=hello+world&max_tokens=2 HTTP/1.1\r\nHost: x\r\n\r\n");
     let words = sim_words("hello world", 2, 64);
     let t = h.flush();
     let (chunks, _) = dechunk(t.strip_prefix(&sse_head("1000")).unwrap());
@@ -1014,7 +1017,7 @@ fn client_request_id_is_echoed_and_the_stream_id_names_events() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let body = r#"{"prompt":"x","max_tokens":1}"#;
     let req = format!(
-        "POST /v1/chat/stream HTTP/1.1\r\nX-Request-Id: my-req-1\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nX-Request-Id: my-req-1\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     h.read(req.as_bytes());
@@ -1247,7 +1250,7 @@ fn expect_100_continue_before_the_body() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let body = r#"{"prompt":"x","max_tokens":1}"#;
     let head = format!(
-        "POST /v1/chat/stream HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     h.read(head.as_bytes());
@@ -1268,7 +1271,7 @@ fn expect_100_continue_before_the_body() {
 fn idle_session_holds_no_output_buffer() {
     let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "20"]);
     assert!(!h.holds_output_buffer());
-    h.read(b"POST /v1/chat/stream HTTP/1.1\r\nContent-Le");
+    h.read(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Le");
     assert!(!h.holds_output_buffer(), "a partial request writes nothing");
     h.read(b"ngth: 29\r\n\r\n{\"prompt\":\"x\",\"max_tokens\":2}");
     assert!(h.is_streaming());
@@ -1280,7 +1283,7 @@ fn idle_session_holds_no_output_buffer() {
     );
     h.run_until(1000);
     assert!(!h.holds_output_buffer(), "between requests");
-    h.read(b"GET /healthz HTTP/1.1\r\n\r\n");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     h.flush();
     assert!(!h.holds_output_buffer());
     assert_eq!(h.e.pooled_buffers(), 1, "one allocation, reused");
@@ -1304,7 +1307,7 @@ fn connection_close_on_http11_stream_closes_after_done() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let body = r#"{"prompt":"x","max_tokens":1}"#;
     let req = format!(
-        "POST /v1/chat/stream HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     h.read(req.as_bytes());
@@ -1389,7 +1392,7 @@ fn expect_100_continue_is_not_sent_when_the_body_is_here() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let body = r#"{"prompt":"x","max_tokens":1}"#;
     let req = format!(
-        "POST /v1/chat/stream HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     h.read(req.as_bytes());
@@ -1437,7 +1440,7 @@ fn timeouts_cancel_the_worker_job() {
 #[test]
 fn partial_pipelined_head_gets_the_header_timeout() {
     let mut h = H::new(&["--header-timeout-ms", "1000", "--idle-timeout-ms", "60000"]);
-    h.read(b"GET /healthz HTTP/1.1\r\n\r\nGET /hea");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /hea");
     h.flush();
     assert_eq!(h.deadline(), Some(ms(1000)));
     h.at(1000).timeout();
@@ -1462,7 +1465,7 @@ fn pipelined_input_over_the_limit_is_not_lost() {
     ]);
     h.read(post(r#"{"prompt":"x","max_tokens":2}"#).as_bytes());
     h.flush();
-    let one = "GET /healthz HTTP/1.1\r\n\r\n";
+    let one = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
     // Past one head's worth (256 bytes here) reading pauses while the
     // stream runs, but what was already read is kept.
     h.at(1).read(one.repeat(16).as_bytes());
@@ -2171,6 +2174,278 @@ fn redactions_are_counted_by_rule() {
         text.contains("sluice_redactions_total{rule=\"custom_1\"} 2"),
         "{text}"
     );
+}
+
+// ------------------------------------------------ hostile clients (issue 10)
+
+/// A second connection on `h`'s engine, from `peer`.
+fn open_from(h: &mut H, peer: &str) -> usize {
+    let key = h.e.open((), Some(peer.parse().unwrap()), h.now);
+    h.e.check_peer_limit(&mut h.svc, key, h.now);
+    key
+}
+
+fn post_len(len: usize) -> String {
+    format!("POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n")
+}
+
+#[test]
+fn head_is_answered_like_get_without_a_body() {
+    let mut h = H::new(&[]);
+    h.read(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(
+        h.flush(),
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nX-Request-Id: 1000\r\n\r\n"
+    );
+    // A HEAD never starts a stream: 405, head only.
+    h.read(b"HEAD /v1/chat/stream?prompt=hi HTTP/1.1\r\nHost: x\r\n\r\n");
+    let out = h.flush();
+    assert!(out.starts_with("HTTP/1.1 405 "), "{out}");
+    assert!(out.ends_with("Allow: GET, POST\r\n\r\n"), "{out}");
+    h.read(b"HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let out = h.flush();
+    let (first, second) = out.split_once("\r\n\r\n").unwrap();
+    assert!(first.starts_with("HTTP/1.1 404 "), "{out}");
+    assert!(second.starts_with("HTTP/1.1 200 OK"), "{out}");
+    assert!(second.ends_with("\r\n\r\nok"), "{out}");
+    assert!(h.svc.admitted.is_empty());
+    // A HEAD the reader refuses gets no body either.
+    h.read(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nExpect: nothing\r\n\r\n");
+    let out = h.flush();
+    assert!(out.starts_with("HTTP/1.1 417 "), "{out}");
+    assert!(out.ends_with("\r\n\r\n"), "{out}");
+}
+
+#[test]
+fn a_chunked_body_is_decoded_as_it_arrives() {
+    let mut h = H::new(&["--max-body-bytes", "1048576"]);
+    h.read(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    // 1-byte chunks: six bytes of framing each, none of it kept.
+    let chunks = "1\r\n \r\n".repeat(10_000);
+    for piece in chunks.as_bytes().chunks(4093) {
+        h.read(piece);
+        // The reservation, and at most a framing line beside it.
+        assert!(h.conn().charge() <= (1 << 20) + 8, "{}", h.conn().charge());
+    }
+    // The connection holds its reservation, not the raw upload.
+    assert_eq!(h.e.buffered_bytes(), 1 << 20);
+    h.read(b"3\r\n{}\n\r\n0\r\n\r\n");
+    let out = h.flush();
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    assert_eq!(h.e.buffered_bytes(), 0);
+    // 1-byte chunks with 1 KiB extensions: refused within a few dozen.
+    let mut h = H::new(&[]);
+    h.read(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let ext = format!("1;{}\r\nx\r\n", "e".repeat(1000));
+    for i in 0..40 {
+        h.read(ext.as_bytes());
+        if h.conn().is_reading() {
+            assert!(i < 20, "still reading after {i} chunks");
+        }
+    }
+    let out = h.flush();
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    assert!(out.contains("chunk extensions too large"), "{out}");
+    // The access log names the request whose body was bad.
+    assert_eq!(
+        h.svc.access.last(),
+        Some(&(400, "/v1/chat/stream".to_string()))
+    );
+    assert!(out.contains("Connection: close"), "{out}");
+    assert_eq!(h.e.buffered_bytes(), 0);
+}
+
+#[test]
+fn bodies_wait_for_room_in_the_budget_first_come_first_served() {
+    let mut h = H::new(&["--max-buffered-bytes", "1000", "--max-body-bytes", "1000"]);
+    let b = open_from(&mut h, "127.0.0.1:2");
+    let c = open_from(&mut h, "127.0.0.1:3");
+    // K reserves 700 of the 1000.
+    h.read(post_len(700).as_bytes());
+    assert!(h.wants_read());
+    assert_eq!(h.e.buffered_bytes(), 700);
+    // b's 400 do not fit: it is not read any further, but what came with
+    // its head is kept (and counted).
+    h.e.handle_read(&mut h.svc, b, post_len(400).as_bytes(), h.now);
+    h.e.handle_read(&mut h.svc, b, &[b'{'; 10], h.now);
+    assert!(!h.e.wants_read(b));
+    assert_eq!(h.e.buffered_bytes(), 710);
+    // c's small request came whole: it is served although it waits too.
+    let small = post(r#"{"prompt":"x","max_tokens":1}"#);
+    h.e.handle_read(&mut h.svc, c, small.as_bytes(), h.now);
+    assert!(h.e.is_attached(c));
+    // Room comes back when K's request is whole (a 400: not JSON).
+    h.read(&[b'x'; 700]);
+    assert_eq!(h.e.buffered_bytes(), 10);
+    assert!(!h.e.wants_read(b));
+    h.e.fund_waiting();
+    assert!(h.e.wants_read(b));
+    assert_eq!(h.e.buffered_bytes(), 400);
+    assert_eq!(h.metrics.budget_waits.load(Relaxed), 2);
+}
+
+#[test]
+fn a_body_that_never_gets_room_is_503_at_the_header_timeout() {
+    let mut h = H::new(&[
+        "--max-buffered-bytes",
+        "1000",
+        "--max-body-bytes",
+        "1000",
+        "--header-timeout-ms",
+        "100",
+    ]);
+    let b = open_from(&mut h, "127.0.0.1:2");
+    h.e.handle_read(&mut h.svc, b, post_len(900).as_bytes(), h.now);
+    h.read(post_len(900).as_bytes());
+    assert!(!h.wants_read());
+    h.at(100).timeout();
+    let out = h.flush();
+    assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+    assert!(out.contains("\"overloaded\""), "{out}");
+    assert!(h.is_closed() || h.wants_half_close());
+}
+
+#[test]
+fn continue_only_for_a_request_that_will_be_served() {
+    let expect = |path: &str, extra: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\n{extra}Expect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+        )
+    };
+    for (path, status) in [("/nope", "404"), ("/healthz", "405")] {
+        let mut h = H::new(&[]);
+        h.read(expect(path, "").as_bytes());
+        let out = h.flush();
+        assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out}");
+        assert!(!out.contains("100 Continue"), "{out}");
+        assert!(out.contains("Connection: close"), "{out}");
+    }
+    let mut h = with_keys(&["--api-key", "key-12345"]);
+    h.read(expect("/v1/chat/stream", "").as_bytes());
+    assert!(h.flush().starts_with("HTTP/1.1 401 "));
+    let mut h = with_keys(&["--api-key", "key-12345"]);
+    h.read(expect("/v1/chat/stream", "Authorization: Bearer key-12345\r\n").as_bytes());
+    assert_eq!(h.flush(), "HTTP/1.1 100 Continue\r\n\r\n");
+    // Over the body limit: 413 and no 100.
+    let mut h = H::new(&["--max-body-bytes", "5"]);
+    h.read(expect("/v1/chat/stream", "").as_bytes());
+    assert!(h.flush().starts_with("HTTP/1.1 413 "));
+}
+
+#[test]
+fn routing_is_bounded_per_phase() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let b = open_from(&mut h, "127.0.0.1:2");
+    let big = format!(r#"{{"prompt":"{}","max_tokens":0}}"#, "a".repeat(200_000));
+    let two = post(&big).repeat(2);
+    h.e.new_phase();
+    h.read(two.as_bytes());
+    h.flush();
+    // The first went (a 400); 200 KB of 256 KiB are spent, so the second
+    // went too; then the phase is over.
+    assert_eq!(h.metrics.refused_count(400), 2);
+    h.e.handle_read(&mut h.svc, b, two.as_bytes(), h.now);
+    assert_eq!(h.metrics.refused_count(400), 2, "left for the next phase");
+    assert!(h.e.has_deferred());
+    assert!(!h.e.wants_read(b));
+    h.e.new_phase();
+    h.e.serve_deferred(&mut h.svc, h.now);
+    assert_eq!(h.metrics.refused_count(400), 4);
+    assert!(!h.e.has_deferred());
+    assert!(h.e.wants_read(b));
+}
+
+#[test]
+fn the_longest_idle_keep_alive_connection_is_evicted() {
+    let mut h = H::new(&[]);
+    let b = open_from(&mut h, "127.0.0.1:2");
+    let c = open_from(&mut h, "127.0.0.1:3");
+    let get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    h.at(10).read(get);
+    h.flush();
+    for (key, t) in [(b, 20), (c, 30)] {
+        h.at(t);
+        h.e.handle_read(&mut h.svc, key, get, h.now);
+        let n = h.e.pending(key).len();
+        h.e.handle_written(&mut h.svc, key, n, h.now);
+    }
+    // K went idle first, but is now in the middle of a request.
+    h.at(40).read(b"GET /hea");
+    assert_eq!(h.e.evict_idle(), Some(b));
+    assert!(h.e.conn(b).unwrap().is_closed());
+    assert_eq!(h.e.evict_idle(), Some(c));
+    assert_eq!(h.e.evict_idle(), None);
+    assert_eq!(h.metrics.connections_evicted.load(Relaxed), 2);
+    // A fresh connection that sent nothing yet is not idle either.
+    open_from(&mut h, "127.0.0.1:4");
+    assert_eq!(h.e.evict_idle(), None);
+}
+
+#[test]
+fn connections_beyond_the_per_address_limit_get_429() {
+    let mut h = H::new(&["--max-connections-per-ip", "2"]);
+    let a = open_from(&mut h, "127.0.0.1:2");
+    let a2 = open_from(&mut h, "127.0.0.1:9");
+    let b = open_from(&mut h, "127.0.0.1:3");
+    assert!(h.e.pending(a).is_empty() && h.e.pending(a2).is_empty());
+    let out = String::from_utf8(h.e.pending(b).to_vec()).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+        "{out}"
+    );
+    assert!(out.contains("\"too_many_connections\""), "{out}");
+    assert!(out.contains("Connection: close"), "{out}");
+    // Another address is not affected; a closed one frees its place.
+    let c = open_from(&mut h, "127.0.0.2:2");
+    assert!(h.e.pending(c).is_empty());
+    h.e.handle_reset(&mut h.svc, a, h.now);
+    h.e.remove(a);
+    let d = open_from(&mut h, "[::ffff:127.0.0.1]:5");
+    assert!(h.e.pending(d).is_empty());
+    assert_eq!(h.metrics.refused_count(429), 1);
+}
+
+#[test]
+fn no_read_takes_more_than_the_budget_has_room_for() {
+    const BUDGET: usize = 64 << 10;
+    let mut h = H::new(&["--max-buffered-bytes", "65536", "--max-body-bytes", "16384"]);
+    let keys: Vec<usize> = (0..20)
+        .map(|i| open_from(&mut h, &format!("127.0.0.{}:1", i + 2)))
+        .collect();
+    // Each declares 16 KiB and sends all but one byte of it, as fast as it
+    // is allowed (reads of at most 64 KiB).
+    let mut upload = post_len(16384).into_bytes();
+    upload.resize(upload.len() + 16383, b' ');
+    let mut sent = vec![0; keys.len()];
+    for _ in 0..20 {
+        for (i, &k) in keys.iter().enumerate() {
+            let n =
+                h.e.read_allowance(k)
+                    .min(upload.len() - sent[i])
+                    .min(64 << 10);
+            if n > 0 {
+                h.e.handle_read(&mut h.svc, k, &upload[sent[i]..sent[i] + n], h.now);
+                sent[i] += n;
+            }
+            assert!(h.e.buffered_bytes() <= BUDGET, "{}", h.e.buffered_bytes());
+        }
+        h.e.fund_waiting();
+    }
+    // Three bodies are funded (7/8 of 64 KiB); the rest wait, unread, and
+    // the last eighth is left for heads.
+    let funded = keys.iter().filter(|&&k| h.e.wants_read(k)).count();
+    assert_eq!(sent.iter().filter(|&&n| n == upload.len()).count(), 3);
+    assert_eq!(funded, 3, "the funded ones wait for their last byte");
+    assert!(h.e.allowance(K) > 0, "a head can still be read");
+    h.read(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(h.flush().starts_with("HTTP/1.1 200 OK"));
+    // The funded ones leave: the next in line are funded and read.
+    for &k in &keys[..3] {
+        h.e.handle_reset(&mut h.svc, k, h.now);
+        h.e.remove(k);
+    }
+    h.e.fund_waiting();
+    assert_eq!(keys.iter().filter(|&&k| h.e.wants_read(k)).count(), 3);
 }
 
 #[test]

@@ -13,11 +13,25 @@
 //!
 //! Incomplete is not invalid: a prefix that can still become a valid body
 //! consumes what it can and asks for more; an error is final.
+//!
+//! A decoder for an untrusted sender ([`ChunkedDecoder::for_requests`])
+//! also bounds the framing itself, not only the data it carries: chunk
+//! extensions add up to at most [`MAX_EXTENSION_BYTES`] per body, and the
+//! framing may outweigh its data only by [`MAX_EXCESS_FRAMING`] (each chunk
+//! is allowed 16 bytes of framing plus twice its data, as Go's `net/http`
+//! does). Without it, 1-byte chunks with 1 KiB extensions make a client's
+//! upload a thousand times larger than the body it is held to.
 
 /// Longest accepted chunk-size line (size plus extensions), without its LF.
 pub const MAX_CHUNK_LINE: usize = 1024;
 /// Largest accepted trailer section, including its final empty line.
 pub const MAX_TRAILER_BYTES: usize = 8 * 1024;
+/// Most chunk-extension bytes one body may carry (with a framing budget).
+pub const MAX_EXTENSION_BYTES: usize = 16 * 1024;
+/// Most framing bytes beyond each chunk's allowance (with a framing budget).
+pub const MAX_EXCESS_FRAMING: u64 = 16 * 1024;
+/// Framing bytes each chunk may take for free, besides twice its data.
+const FRAMING_ALLOWANCE: u64 = 16;
 
 /// Which line endings the framing lines (size lines, the end of chunk data,
 /// trailers) may have.
@@ -47,12 +61,18 @@ pub enum ChunkError {
     DataNotTerminated,
     /// A bare LF where [`LineEnds::CrLf`] asks for CRLF.
     BareLf,
-    /// A trailer line that is not a field (no colon, or folded).
+    /// A trailer line that is not a header field (no colon, a name that
+    /// is not a token, whitespace before the colon, folding, a control
+    /// character in the value).
     MalformedTrailer,
     /// The trailer section is longer than [`MAX_TRAILER_BYTES`].
     TrailersTooLarge,
     /// The declared chunk sizes add up past the decoder's limit.
     BodyTooLarge,
+    /// Chunk extensions add up past [`MAX_EXTENSION_BYTES`].
+    ExtensionsTooLarge,
+    /// The framing outweighs its data by more than [`MAX_EXCESS_FRAMING`].
+    FramingTooLarge,
 }
 
 impl ChunkError {
@@ -68,6 +88,8 @@ impl ChunkError {
             ChunkError::MalformedTrailer => "malformed trailer field",
             ChunkError::TrailersTooLarge => "chunked trailer section too large",
             ChunkError::BodyTooLarge => "chunked body too large",
+            ChunkError::ExtensionsTooLarge => "chunk extensions too large",
+            ChunkError::FramingTooLarge => "chunked framing outweighs its data",
         }
     }
 }
@@ -118,6 +140,12 @@ pub struct ChunkedDecoder {
     /// Sum of the chunk sizes declared so far.
     declared: u64,
     max_body: u64,
+    /// Whether extensions and framing overhead are bounded.
+    budget: bool,
+    /// Extension bytes seen so far.
+    ext_bytes: usize,
+    /// Framing bytes beyond the chunks' allowances so far.
+    excess: u64,
 }
 
 impl ChunkedDecoder {
@@ -131,6 +159,18 @@ impl ChunkedDecoder {
             trailer_bytes: 0,
             declared: 0,
             max_body,
+            budget: false,
+            ext_bytes: 0,
+            excess: 0,
+        }
+    }
+
+    /// A decoder for a client's request body: CRLF only, and the framing
+    /// bounded besides the data (see the module docs).
+    pub fn for_requests(max_body: u64) -> ChunkedDecoder {
+        ChunkedDecoder {
+            budget: true,
+            ..ChunkedDecoder::new(LineEnds::CrLf, max_body)
         }
     }
 
@@ -175,7 +215,10 @@ impl ChunkedDecoder {
                     if line.len() > MAX_CHUNK_LINE {
                         return Err(ChunkError::LineTooLong);
                     }
-                    let size = parse_chunk_size(self.strip_cr(line)?)?;
+                    let (size, ext_len) = parse_chunk_size(self.strip_cr(line)?)?;
+                    if self.budget {
+                        self.charge_framing(line.len() + 1, size, ext_len)?;
+                    }
                     at = lf + 1;
                     skip = 0;
                     if size == 0 {
@@ -234,14 +277,38 @@ impl ChunkedDecoder {
                         self.phase = Phase::Done;
                         continue;
                     }
-                    // Trailer fields are discarded, but must look like fields.
-                    let folded = matches!(line.first(), Some(b' ' | b'\t'));
-                    if folded || !line.contains(&b':') {
+                    // Trailer fields are discarded, but must be fields: a
+                    // line another parser would read differently is refused.
+                    if !is_field_line(line) {
                         return Err(ChunkError::MalformedTrailer);
                     }
                 }
             }
         }
+    }
+
+    /// Counts one chunk's framing: its size line (`line_len` bytes with
+    /// the LF) and the line ending after its data, against what its data
+    /// allows; and its extension bytes.
+    fn charge_framing(
+        &mut self,
+        line_len: usize,
+        size: u64,
+        ext_len: usize,
+    ) -> Result<(), ChunkError> {
+        self.ext_bytes += ext_len;
+        if self.ext_bytes > MAX_EXTENSION_BYTES {
+            return Err(ChunkError::ExtensionsTooLarge);
+        }
+        let data_end = if size == 0 { 0 } else { 2 };
+        self.excess += line_len as u64 + data_end;
+        self.excess = self
+            .excess
+            .saturating_sub(FRAMING_ALLOWANCE.saturating_add(size.saturating_mul(2)));
+        if self.excess > MAX_EXCESS_FRAMING {
+            return Err(ChunkError::FramingTooLarge);
+        }
+        Ok(())
     }
 
     /// The line without its CR, if the line endings allow how it ends.
@@ -262,8 +329,28 @@ fn find_lf(input: &[u8], from: usize) -> Option<usize> {
         .map(|i| from + i)
 }
 
-/// Parses `1*HEXDIG [ BWS ";" chunk-ext ]` (line ending already removed).
-fn parse_chunk_size(line: &[u8]) -> Result<u64, ChunkError> {
+/// Whether `line` is a header field line: a token, a colon right after it,
+/// and a value of visible characters, spaces, tabs and obs-text.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    !name.is_empty()
+        && name.iter().all(|&b| is_tchar(b))
+        && value
+            .iter()
+            .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// A `tchar` of RFC 9110: the characters of a token.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Parses `1*HEXDIG [ BWS ";" chunk-ext ]` (line ending already removed):
+/// the size, and the length of the extensions.
+fn parse_chunk_size(line: &[u8]) -> Result<(u64, usize), ChunkError> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 {
         return Err(ChunkError::InvalidSize);
@@ -279,13 +366,13 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, ChunkError> {
     let rest = &line[digits..];
     let ext_start = rest.iter().position(|&b| b != b' ' && b != b'\t');
     match ext_start {
-        None if rest.is_empty() => Ok(size),
+        None if rest.is_empty() => Ok((size, 0)),
         Some(i) if rest[i] == b';' => {
             let ext = &rest[i..];
             if ext.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
                 return Err(ChunkError::InvalidExtension);
             }
-            Ok(size)
+            Ok((size, ext.len()))
         }
         _ => Err(ChunkError::InvalidSize),
     }
@@ -482,6 +569,123 @@ mod tests {
         }
         let r = d.decode(line.as_bytes(), &mut Vec::new()).unwrap();
         assert_eq!((r.consumed, d.scanned), (line.len(), 0));
+    }
+
+    #[test]
+    fn trailer_fields_are_checked_like_header_fields() {
+        let good: &[&[u8]] = &[
+            b"X-A: 1",
+            b"x-a:",
+            b"X-A:\tv w",
+            b"!#$%&'*+-.^_`|~09az: v",
+            b"X-A: caf\xc3\xa9",
+        ];
+        let bad: &[&[u8]] = &[
+            b"not a trailer",
+            b" folded: x",
+            b"\tfolded: x",
+            b"X-A : 1",
+            b": no name",
+            b"X(A): 1",
+            b"X-A: a\x00b",
+            b"X-A: a\rb",
+            b"X-A: a\x7fb",
+            b"X-A: a\x1bb",
+        ];
+        for (lines, ok) in [(good, true), (bad, false)] {
+            for &line in lines {
+                let mut input = b"0\r\n".to_vec();
+                input.extend_from_slice(line);
+                input.extend_from_slice(b"\r\n\r\n");
+                for ends in [LineEnds::CrLf, LineEnds::CrLfOrLf] {
+                    let r = whole(&input, ends);
+                    let what = String::from_utf8_lossy(line);
+                    match ok {
+                        true => assert_eq!(r, Ok((Vec::new(), input.len())), "{what:?}"),
+                        false => assert_eq!(r, Err(ChunkError::MalformedTrailer), "{what:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decodes `input` with a request decoder, in one piece and byte by byte.
+    fn requests(input: &[u8], max_body: u64) -> Result<(Vec<u8>, usize), ChunkError> {
+        let mut d = ChunkedDecoder::for_requests(max_body);
+        let mut out = Vec::new();
+        let whole = d.decode(input, &mut out).map(|r| (out, r.consumed));
+        let mut d = ChunkedDecoder::for_requests(max_body);
+        let (mut out, mut start) = (Vec::new(), 0);
+        let mut bytewise = Ok((Vec::new(), 0));
+        for end in 1..=input.len() {
+            match d.decode(&input[start..end], &mut out) {
+                Ok(r) => {
+                    start += r.consumed;
+                    if r.done {
+                        bytewise = Ok((std::mem::take(&mut out), start));
+                        break;
+                    }
+                }
+                Err(e) => {
+                    bytewise = Err(e);
+                    break;
+                }
+            }
+        }
+        if whole.as_ref().is_ok_and(|(_, n)| *n == input.len()) || whole.is_err() {
+            assert_eq!(whole, bytewise, "{:?}", String::from_utf8_lossy(input));
+        }
+        whole
+    }
+
+    #[test]
+    fn a_request_decoder_bounds_the_framing_not_only_the_data() {
+        let ext = format!(";{}", "e".repeat(1000));
+        // 1-byte chunks with 1 KiB extensions: refused within a few dozen.
+        let mut abusive = String::new();
+        for _ in 0..100 {
+            abusive.push_str(&format!("1{ext}\r\nx\r\n"));
+        }
+        abusive.push_str("0\r\n\r\n");
+        assert_eq!(
+            requests(abusive.as_bytes(), 1 << 20),
+            Err(ChunkError::ExtensionsTooLarge)
+        );
+        // 1-byte chunks with 1 KiB size lines (leading zeros, no extension).
+        let zeros = "0".repeat(1000);
+        let mut padded = format!("{zeros}1\r\nx\r\n").repeat(100);
+        padded.push_str("0\r\n\r\n");
+        assert_eq!(
+            requests(padded.as_bytes(), 1 << 20),
+            Err(ChunkError::FramingTooLarge)
+        );
+        // The same extensions on chunks that carry data: the extension
+        // total is what stops them.
+        let mut big = String::new();
+        for _ in 0..20 {
+            big.push_str(&format!("400{ext}\r\n{}\r\n", "d".repeat(1024)));
+        }
+        big.push_str("0\r\n\r\n");
+        assert_eq!(
+            requests(big.as_bytes(), 1 << 20),
+            Err(ChunkError::ExtensionsTooLarge)
+        );
+        // A plain decoder (the upstream's) takes them all.
+        for input in [&abusive, &padded, &big] {
+            assert!(whole(input.as_bytes(), LineEnds::CrLf).is_ok());
+        }
+        // 1-byte chunks without extensions are framing-heavy but fair.
+        let mut small = "1\r\nx\r\n".repeat(5000);
+        small.push_str("0\r\nX-Sum: 1\r\n\r\n");
+        let (body, used) = requests(small.as_bytes(), 1 << 20).unwrap();
+        assert_eq!((body.len(), used), (5000, small.len()));
+        // A request decoder wants CRLF everywhere.
+        assert_eq!(requests(b"1\nx\r\n0\r\n\r\n", 8), Err(ChunkError::BareLf));
+        assert_eq!(
+            requests(b"1\r\nx\n0\r\n\r\n", 8),
+            Err(ChunkError::DataNotTerminated)
+        );
+        assert_eq!(requests(b"0\r\n\n", 8), Err(ChunkError::BareLf));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -173,7 +174,12 @@ pub fn eventually(m: &Metrics, timeout: Duration, what: &str, cond: impl FnMut()
 /// The `sluice` binary, with every `SLUICE_*` variable of this process
 /// removed from its environment: it sees only what the test gives it.
 pub fn sluice_command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    program_command(Path::new(env!("CARGO_BIN_EXE_sluice")))
+}
+
+/// [`sluice_command`] for another build of it (say the release one).
+pub fn program_command(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("SLUICE_") {
             cmd.env_remove(k);
@@ -206,7 +212,12 @@ impl Binary {
     /// otherwise) with only `env` added to a clean environment, and waits
     /// (bounded) for its `listening on` line.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Binary {
-        let mut child = sluice_command()
+        Binary::spawn_program(Path::new(env!("CARGO_BIN_EXE_sluice")), args, env)
+    }
+
+    /// [`Binary::spawn`] of another build (measurements use the release one).
+    pub fn spawn_program(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut child = program_command(program)
             .args(with_defaults(args, &[("--listen", "127.0.0.1:0")]))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -281,6 +292,17 @@ impl Drop for Binary {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`, …).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 // ------------------------------------------------------------------ requests
@@ -446,6 +468,21 @@ impl Client {
         use socket2::{Domain, Socket, Type};
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
         s.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        s.connect(&addr.into()).expect("connect");
+        let sock: TcpStream = s.into();
+        sock.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        sock.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+        sock.set_nodelay(true).unwrap();
+        Client::from_stream(sock)
+    }
+
+    /// Connects from the loopback address `from` (e.g. `127.0.0.2`), so a
+    /// test can be two clients at once for per-address limits.
+    pub fn connect_from(addr: SocketAddr, from: &str) -> Client {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+        let local: SocketAddr = format!("{from}:0").parse().expect("an IP address");
+        s.bind(&local.into()).expect("bind the client's address");
         s.connect(&addr.into()).expect("connect");
         let sock: TcpStream = s.into();
         sock.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
