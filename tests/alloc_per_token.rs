@@ -114,8 +114,8 @@ fn upstream(tokens: usize) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     std::thread::spawn(move || {
-        // The first connection may be the readiness probe: answer the one
-        // that sends a request.
+        // The readiness probe connects too (and asks `GET /v1/models`):
+        // answer the connection that posts the chat request.
         for sock in listener.incoming() {
             let Ok(mut sock) = sock else { continue };
             sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -128,6 +128,14 @@ fn upstream(tokens: usize) -> String {
                 }
             }
             if req.is_empty() {
+                continue;
+            }
+            if req.starts_with(b"GET ") {
+                // The readiness probe's `GET /v1/models`: not the request
+                // this test measures.
+                let _ = sock.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
                 continue;
             }
             let mut out = String::from(

@@ -344,8 +344,39 @@ else
   bad "chat completions stream: $nchunk chunks, last '$lastdata', text '$content' vs native '$want'"
 fi
 
+# ------------------------------------------------------------------ start-up checks
+phase "start-up checks"
+# An upstream URL without its /v1 base, and a model the upstream does not
+# list: sluice runs, and says what is wrong.
+start_sluice NOV1 nov1 --upstream-url "http://$FAKE"
+start_sluice NOMODEL nomodel --upstream-url "http://$FAKE/v1" --upstream-model no-such-model
+wait_log() { # wait_log NAME TEXT: up to 5 s for TEXT in NAME's log
+  local i
+  for i in $(seq 1 100); do grep -q "$2" "$work/$1.log" 2>/dev/null && return 0; sleep 0.05; done
+  return 1
+}
+if wait_log nov1 "probably missing its API base"; then
+  ok "--upstream-url without /v1: a start-up warning says so ($(grep -o 'GET [^:]*: answered 404' "$work/nov1.log" | head -n 1))"
+else
+  bad "--upstream-url without /v1: no warning"; tail -n 5 "$work/nov1.log"
+fi
+if wait_log nomodel 'does not list the model "no-such-model"'; then
+  ok "--upstream-model the upstream does not list: a start-up warning names it"
+else
+  bad "--upstream-model unknown: no warning"; tail -n 5 "$work/nomodel.log"
+fi
+set +e
+out=$("$bin" --listen 127.0.0.1:0 --backend sim --upstream-url "http://$FAKE/v1" 2>&1)
+code=$?
+set -e
+if [[ $code == 2 && $out == *"--backend openai"* ]]; then
+  ok "--upstream-url with --backend sim: exit 2, the message names --backend"
+else
+  bad "--upstream-url with --backend sim: exit $code, '$out'"
+fi
+
 # ------------------------------------------------------------------ end
-for name in plain deadline nostream browser proxied heartbeat backpressure; do
+for name in plain deadline nostream browser proxied heartbeat backpressure resume tools nov1 nomodel; do
   if grep -qiE 'panic|thread .* panicked' "$work/$name.log"; then
     bad "sluice $name log shows a panic"
     tail -n 20 "$work/$name.log"
