@@ -13,7 +13,7 @@
 //! A turn of the loop: readiness events (accept, reads, writes), timers,
 //! then the work left for later — bodies admitted to the request budget,
 //! requests deferred by the routing bound, connections with unread input
-//! (each read is bounded, see [`READ_BUDGET`]) — so that no client, however
+//! (each read is bounded, see `READ_BUDGET`) — so that no client, however
 //! fast it sends, keeps the timers (the next token of every stream) waiting
 //! for long.
 
