@@ -20,8 +20,9 @@
 //!   the only code that touches a socket.
 //! - [`engine`]: the sans-IO core of a loop: the connection slab, the
 //!   stream table and the timer wheel, and the routing of bytes and events
-//!   between them (`engine/ending.rs`: how a stream ends;
-//!   `engine/resume.rs`: resume and stop by id).
+//!   between them (`engine/intake.rs`: the buffered-bytes budget, routing
+//!   per phase, idle eviction and per-address counts; `engine/ending.rs`:
+//!   how a stream ends; `engine/resume.rs`: resume and stop by id).
 //! - [`conn`]: the HTTP/1.1 connection machine (requests in, responses and
 //!   body chunks out; keep-alive, pipelining, half-close, timeouts). It
 //!   names no endpoint and no event format.
