@@ -941,4 +941,5 @@ mod resume;
 pub use intake::ROUTE_BUDGET;
 
 #[cfg(test)]
+#[path = "engine_tests.rs"]
 mod tests;
