@@ -7,14 +7,11 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sluice::backend::GenRequest;
 use sluice::encode::{ChunkFormat, Encoder, NativeSse, OpenAiSse};
-use sluice::engine::{Ended, Engine, Services};
-use sluice::http::{Limits, Request, RequestReader};
+use sluice::engine::{Engine, SimServices};
+use sluice::http::{Limits, RequestReader};
 use sluice::metrics::Metrics;
 use sluice::outbuf::{BufPool, OutBuf};
-use sluice::router::{Ops, Refusal};
-use sluice::stream::{Producer, StreamRef};
 use sluice::timer::TimerWheel;
 use sluice::{sse, Config};
 use std::sync::Arc;
@@ -99,31 +96,11 @@ fn wheel(c: &mut Criterion) {
     });
 }
 
-struct Svc(u64);
-
-impl Services for Svc {
-    fn next_id(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
-    fn stream_sid(&mut self, id: u64) -> Box<str> {
-        format!("{id:x}").into()
-    }
-
-    fn admit(&mut self, _: StreamRef, _: &GenRequest) -> Result<Producer, Refusal> {
-        Ok(Producer::Sim)
-    }
-    fn ops(&mut self, _: Ops, _: &Request) -> (u16, &'static str, Vec<u8>) {
-        (200, "text/plain", Vec::new())
-    }
-    fn stream_ended(&mut self, _: &Ended) {}
-}
-
 /// A whole 64-token simulated stream through the engine: request parsed,
 /// routed, admitted, produced, encoded, written, ended.
 fn engine(c: &mut Criterion) {
     let cfg = Config::for_tests(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
-    let mut svc = Svc(0);
+    let mut svc = SimServices::default();
     let req = b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n{\"prompt\":\"hi\",\"max_tokens\":64}";
     let mut g = c.benchmark_group("session");
     g.throughput(Throughput::Elements(64));

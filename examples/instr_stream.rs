@@ -11,32 +11,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use sluice::backend::GenRequest;
-use sluice::engine::{Ended, Engine, Services};
-use sluice::http::Request;
+use sluice::engine::{Engine, SimServices};
 use sluice::metrics::Metrics;
-use sluice::router::{Ops, Refusal};
-use sluice::stream::{Producer, StreamRef};
 use sluice::Config;
-
-struct Svc(u64);
-
-impl Services for Svc {
-    fn next_id(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
-    fn stream_sid(&mut self, id: u64) -> Box<str> {
-        format!("{id:x}").into()
-    }
-    fn admit(&mut self, _: StreamRef, _: &GenRequest) -> Result<Producer, Refusal> {
-        Ok(Producer::Sim)
-    }
-    fn ops(&mut self, _: Ops, _: &Request) -> (u16, &'static str, Vec<u8>) {
-        (200, "text/plain", Vec::new())
-    }
-    fn stream_ended(&mut self, _: &Ended) {}
-}
 
 fn main() {
     let n: u64 = std::env::args()
@@ -48,7 +25,7 @@ fn main() {
     let now = Instant::now();
     let mut e: Engine<()> = Engine::new(Arc::new(cfg), Arc::new(Metrics::default()), now);
     let key = e.open((), None, now);
-    let mut svc = Svc(0);
+    let mut svc = SimServices::default();
     let mut dirty = Vec::new();
     let mut bytes = 0;
     for _ in 0..n {

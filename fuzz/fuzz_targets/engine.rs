@@ -8,33 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use sluice::backend::GenRequest;
-use sluice::engine::{Ended, Engine, Services};
-use sluice::http::Request;
+use sluice::engine::{Engine, SimServices};
 use sluice::metrics::Metrics;
-use sluice::router::{Ops, Refusal};
-use sluice::stream::{Producer, StreamRef};
 use sluice::Config;
-
-struct Svc(u64);
-
-impl Services for Svc {
-    fn next_id(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
-    fn stream_sid(&mut self, id: u64) -> Box<str> {
-        format!("{id:x}").into()
-    }
-
-    fn admit(&mut self, _: StreamRef, _: &GenRequest) -> Result<Producer, Refusal> {
-        Ok(Producer::Sim)
-    }
-    fn ops(&mut self, _: Ops, _: &Request) -> (u16, &'static str, Vec<u8>) {
-        (200, "text/plain", b"ok".to_vec())
-    }
-    fn stream_ended(&mut self, _: &Ended) {}
-}
 
 /// Parsed once: clap is far slower than one run of the target.
 fn config() -> Arc<Config> {
@@ -60,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     let t0 = Instant::now();
     let mut e: Engine<()> = Engine::new(config(), Arc::new(Metrics::default()), t0);
     let key = e.open((), None, t0);
-    let mut svc = Svc(0);
+    let mut svc = SimServices::default();
     let mut now = t0;
     let mut dirty = Vec::new();
     // Pieces of at most 64 bytes; the socket takes half of what is pending

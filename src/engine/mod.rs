@@ -41,6 +41,8 @@ use crate::stream::{
 };
 use crate::timer::{TimerId, TimerWheel};
 
+pub use sim_services::SimServices;
+
 /// One answered request that started no stream, for metrics and the access log.
 #[derive(Debug, Clone)]
 pub struct Access<'a> {
@@ -937,6 +939,7 @@ fn tick_of(epoch: Instant, d: Instant) -> u64 {
 mod ending;
 mod intake;
 mod resume;
+mod sim_services;
 
 pub use intake::ROUTE_BUDGET;
 
