@@ -214,6 +214,14 @@ pub struct Config {
     #[arg(long, env = "SLUICE_RESUME_TOTAL_BYTES", default_value_t = 268_435_456)]
     pub resume_total_bytes: u64,
 
+    /// Resume: where resumable streams are shared with other instances,
+    /// so a client can resume, and stop, a stream on any of them:
+    /// `memory` (this process only) or
+    /// `redis://[USER:PASS@]HOST:PORT[/DB]` / `rediss://…` (the password
+    /// never reaches a log). Needs `--resume-window-ms`.
+    #[arg(long, env = "SLUICE_RESUME_STORE", default_value = "memory", value_parser = StoreSpec::parse, hide_env_values = true)]
+    pub resume_store: StoreSpec,
+
     /// Redact text matching this regex before it is sent (repeatable;
     /// matches must be bounded, e.g. `sk-[A-Za-z0-9]{20,64}`).
     /// `SLUICE_REDACT` holds one per line.
@@ -369,6 +377,12 @@ impl Config {
                 self.max_buffered_bytes, self.max_body_bytes
             ));
         }
+        if self.resume_store != StoreSpec::Memory && self.resume_window_ms == 0 {
+            return Err(format!(
+                "--resume-store {} needs --resume-window-ms (streams are resumable only then)",
+                self.resume_store
+            ));
+        }
         match (self.backend, &self.upstream_url, backend_given) {
             (BackendKind::Openai, None, _) => {
                 return Err(
@@ -402,6 +416,70 @@ pub fn fd_limit() -> usize {
         return 1 << 20;
     }
     lim.rlim_cur as usize
+}
+
+// ---- --resume-store ----
+
+/// Where resumable streams are kept besides each instance's memory.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum StoreSpec {
+    /// Only in-process (the default).
+    #[default]
+    Memory,
+    /// A Redis server: `url` as given, `shown` with the password masked.
+    Redis { url: String, shown: String },
+}
+
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_string())
+    }
+}
+
+impl std::fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Redis { shown, .. } => f.write_str(shown),
+        }
+    }
+}
+
+impl StoreSpec {
+    /// `memory`, `redis://[USER:PASS@]HOST[:PORT][/DB]` or `rediss://…`.
+    pub fn parse(s: &str) -> Result<StoreSpec, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("memory") {
+            return Ok(StoreSpec::Memory);
+        }
+        let bad = |why: &str| {
+            format!("--resume-store: {why} (want memory, redis://[USER:PASS@]HOST:PORT[/DB] or rediss://…)")
+        };
+        let Ok(mut u) = url::Url::parse(s) else {
+            return Err(bad("not a URL"));
+        };
+        if !matches!(u.scheme(), "redis" | "rediss") {
+            return Err(bad(&format!("unknown scheme {:?}", u.scheme())));
+        }
+        if u.host_str().is_none_or(str::is_empty) {
+            return Err(bad("no host"));
+        }
+        let db = u.path().trim_start_matches('/');
+        if !db.is_empty() && db.parse::<u32>().is_err() {
+            return Err(bad(&format!("database {db:?} is not a number")));
+        }
+        if u.query().is_some() || u.fragment().is_some() {
+            return Err(bad("no query or fragment allowed"));
+        }
+        let url = s.to_string();
+        if u.password().is_some() {
+            let _ = u.set_password(Some("***"));
+        }
+        Ok(StoreSpec::Redis {
+            url,
+            shown: u.to_string(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -530,5 +608,35 @@ mod tests {
     #[should_panic(expected = "Config::for_tests([\"--heartbeat-ms\", \"soon\"])")]
     fn for_tests_panics_on_a_bad_flag() {
         Config::for_tests(&["--heartbeat-ms", "soon"]);
+    }
+
+    #[test]
+    fn parses_the_forms_and_never_shows_a_password() {
+        let ok = [
+            ("memory", "memory"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://localhost/2", "redis://localhost/2"),
+            ("redis://:s3cret@h:1/0", "redis://:***@h:1/0"),
+            ("redis://bob:s3cret@h:1", "redis://bob:***@h:1"),
+            ("rediss://bob:s3cret@h", "rediss://bob:***@h"),
+        ];
+        for (input, shown) in ok {
+            let spec = StoreSpec::parse(input).unwrap();
+            assert_eq!(spec.to_string(), shown, "{input}");
+            assert_eq!(format!("{spec:?}"), shown, "{input}");
+            assert!(!format!("{spec:?}").contains("s3cret"));
+        }
+        let bad = [
+            "",
+            "redis",
+            "http://h:1",
+            "redis://",
+            "redis://h:1/x",
+            "redis://h:1/?a=b",
+            "memcached://h",
+        ];
+        for input in bad {
+            assert!(StoreSpec::parse(input).is_err(), "{input:?} accepted");
+        }
     }
 }

@@ -69,6 +69,7 @@ pub mod redact;
 pub mod router;
 pub mod server;
 pub mod sse;
+pub mod store;
 pub mod stream;
 pub mod timer;
 pub mod upstream;

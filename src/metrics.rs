@@ -95,6 +95,17 @@ pub struct Metrics {
     pub replayed_events: AtomicU64,
     pub cancels: AtomicU64,
     pub cancels_not_found: AtomicU64,
+    /// The shared resume store (`--resume-store redis://…`): 1 while the
+    /// writer reaches it.
+    pub store_up: AtomicI64,
+    pub store_configured: std::sync::atomic::AtomicBool,
+    /// Failed calls to the shared resume store.
+    pub store_errors: AtomicU64,
+    /// Batches of events the shared store could not take (their streams
+    /// are not resumable elsewhere).
+    pub store_batches_lost: AtomicU64,
+    /// Streams resumed from another instance's events.
+    pub remote_resumes: AtomicU64,
     /// Generations cancelled (disconnect, timeout, or error) before their backend finished.
     pub generations_cancelled: AtomicU64,
     /// Queued jobs dropped without ever calling the backend.
@@ -300,6 +311,32 @@ impl Metrics {
                 ("not_found", &self.cancels_not_found),
             ],
         );
+        if self.store_configured.load(Relaxed) {
+            gauge(
+                &mut out,
+                "sluice_resume_store_up",
+                "Whether the shared resume store (--resume-store) is reachable.",
+                self.store_up.load(Relaxed),
+            );
+            counter(
+                &mut out,
+                "sluice_resume_store_errors_total",
+                "Failed calls to the shared resume store.",
+                &self.store_errors,
+            );
+            counter(
+                &mut out,
+                "sluice_resume_store_batches_lost_total",
+                "Batches of events not stored (their streams cannot be resumed elsewhere).",
+                &self.store_batches_lost,
+            );
+            counter(
+                &mut out,
+                "sluice_remote_resumes_total",
+                "Streams resumed here from another instance's stored events.",
+                &self.remote_resumes,
+            );
+        }
         counter(
             &mut out,
             "sluice_generations_cancelled_total",

@@ -279,6 +279,11 @@ impl TokenSink {
         }
     }
 
+    /// How many more pieces fit before a push blocks.
+    pub fn room(&self) -> usize {
+        self.capacity.saturating_sub(lock(&self.state).lens.len())
+    }
+
     /// Whether pieces are waiting (the loop stopped taking at its high-water mark).
     pub fn has_pieces(&self) -> bool {
         !lock(&self.state).is_empty()

@@ -81,6 +81,38 @@ struct Shared {
     max_streams: usize,
     /// SIGTERM/SIGINT arrived: refuse new streams, readiness 503.
     draining: bool,
+    /// The shared resume store (`--resume-store redis://…`).
+    store: Option<crate::store::Link>,
+}
+
+impl Shared {
+    /// Why a new stream cannot start now, if it cannot.
+    fn refusal(&self) -> Option<Refusal> {
+        if self.draining {
+            return Some(Refusal {
+                status: 503,
+                code: "shutting_down",
+                message: "the server is shutting down; retry on another instance".into(),
+            });
+        }
+        if self.streams_open >= self.max_streams {
+            return Some(Refusal {
+                status: 503,
+                code: "overloaded",
+                message: format!(
+                    "{} streams are running (--max-streams); retry later",
+                    self.streams_open
+                ),
+            });
+        }
+        None
+    }
+
+    fn count_stream(&mut self) {
+        self.streams_open += 1;
+        self.metrics.streams_open.fetch_add(1, Relaxed);
+        self.metrics.streams_started.fetch_add(1, Relaxed);
+    }
 }
 
 impl Services for Shared {
@@ -93,23 +125,35 @@ impl Services for Shared {
         crate::stream::random_sid()
     }
 
-    fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal> {
-        if self.draining {
-            return Err(Refusal {
-                status: 503,
-                code: "shutting_down",
-                message: "the server is shutting down; retry on another instance".into(),
-            });
+    fn store(&mut self) -> Option<&mut crate::store::Link> {
+        self.store.as_mut()
+    }
+
+    fn admit_relay(&mut self, r: StreamRef) -> Option<Result<Arc<TokenSink>, Refusal>> {
+        self.store.as_ref()?;
+        if let Some(refusal) = self.refusal() {
+            return Some(Err(refusal));
         }
-        if self.streams_open >= self.max_streams {
-            return Err(Refusal {
-                status: 503,
-                code: "overloaded",
-                message: format!(
-                    "{} streams are running (--max-streams); retry later",
-                    self.streams_open
-                ),
-            });
+        self.count_stream();
+        // Room for a whole replay: the store thread never waits on it.
+        let capacity = relay_capacity(&self.cfg);
+        Some(Ok(Arc::new(TokenSink::new(
+            r.key,
+            r.id,
+            capacity,
+            self.ready.clone(),
+        ))))
+    }
+
+    fn relay_dropped(&mut self) {
+        self.streams_open = self.streams_open.saturating_sub(1);
+        self.metrics.streams_open.fetch_sub(1, Relaxed);
+        self.metrics.streams_started.fetch_sub(1, Relaxed);
+    }
+
+    fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal> {
+        if let Some(refusal) = self.refusal() {
+            return Err(refusal);
         }
         let producer = match &self.pool {
             None => Producer::Sim,
@@ -133,9 +177,7 @@ impl Services for Shared {
                 Producer::Pool(sink)
             }
         };
-        self.streams_open += 1;
-        self.metrics.streams_open.fetch_add(1, Relaxed);
-        self.metrics.streams_started.fetch_add(1, Relaxed);
+        self.count_stream();
         Ok(producer)
     }
 
@@ -147,6 +189,11 @@ impl Services for Shared {
             Ops::Readyz if !self.pool.as_ref().is_none_or(|p| p.backend().ready()) => {
                 (503, TEXT, b"backend unreachable\n".to_vec())
             }
+            Ops::Readyz if self.store.as_ref().is_some_and(|l| !l.store().is_up()) => (
+                200,
+                TEXT,
+                b"ready (degraded: the resume store is unreachable)\n".to_vec(),
+            ),
             Ops::Readyz => (200, TEXT, b"ready\n".to_vec()),
             Ops::Metrics => {
                 self.metrics
@@ -319,6 +366,21 @@ impl Server {
         let pool =
             backend.map(|b| Pool::new(cfg.workers as usize, cfg.queue_depth, b, metrics.clone()));
         let max_conns = cfg.effective_max_connections();
+        let store = crate::store::Store::start(
+            &cfg.resume_store,
+            cfg.resume_window_ms,
+            relay_capacity(&cfg),
+            metrics.clone(),
+        );
+        metrics
+            .store_configured
+            .store(store.is_some(), Ordering::Relaxed);
+        let store = store.map(|s| {
+            let w = waker.clone();
+            s.link(move || {
+                let _ = w.wake();
+            })
+        });
         let mut engine = Engine::new(cfg.clone(), metrics.clone(), Instant::now());
         engine.set_auth(auth);
         if let Some(r) = crate::redact::from_config(&cfg, &metrics)
@@ -341,6 +403,7 @@ impl Server {
                 streams_open: 0,
                 max_streams: cfg.effective_max_streams(),
                 draining: false,
+                store,
             },
             cfg,
             scratch: vec![0; SCRATCH],
@@ -414,6 +477,7 @@ impl Server {
                             self.begin_drain();
                         }
                         self.drain_ready();
+                        self.drain_store();
                     }
                     SIGNALS => {
                         let got: Vec<i32> = self
@@ -444,6 +508,17 @@ impl Server {
                 if Instant::now() >= at {
                     self.accept_retry_at = None;
                     self.accept();
+                }
+            }
+            // The turn's events for the shared store, in one batch.
+            if let Some(link) = self.shared.store.as_mut() {
+                let broken = link.flush();
+                if !broken.is_empty() {
+                    log::warn!(
+                        "resume store: its queue is full; {} streams will not be resumable on other instances",
+                        broken.len()
+                    );
+                    self.engine.store_broken(&broken);
                 }
             }
             // The turn's writes are done: now the log lines may go.
@@ -649,6 +724,21 @@ impl Server {
         }
     }
 
+    /// What the shared store brought: stops and attachments asked by
+    /// other instances, answers to this loop's questions.
+    fn drain_store(&mut self) {
+        let Some(link) = self.shared.store.as_ref() else {
+            return;
+        };
+        let mut items = Vec::new();
+        link.take_inbound(&mut items);
+        for item in items {
+            self.engine
+                .handle_inbound(&mut self.shared, item, Instant::now());
+        }
+        self.service_dirty();
+    }
+
     fn drain_ready(&mut self) {
         let mut list = std::mem::take(&mut self.ready_list);
         self.shared.ready.take(&mut list);
@@ -838,4 +928,10 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+/// How many events a relay's sink (and a stream in the shared store)
+/// holds: about what `--resume-buffer-bytes` holds of small events.
+fn relay_capacity(cfg: &Config) -> usize {
+    (cfg.resume_buffer_bytes as usize / 32).max(1024)
 }

@@ -118,6 +118,9 @@ impl<S> Engine<S> {
                 peer,
             });
         }
+        // The terminal event (or the end of a stream that has none) for
+        // the shared store.
+        self.ship(svc, r);
         if retained {
             // Kept for a client that lost the connection at the very end.
             self.account_log(r, logged);

@@ -33,6 +33,7 @@ use crate::encode::Encoder;
 use crate::http::Request;
 use crate::metrics::Metrics;
 use crate::outbuf::BufPool;
+use crate::pool::TokenSink;
 use crate::redact::Redactor;
 use crate::router::{self, Answer, Meta, Ops, Refusal, Reply};
 use crate::sse::{ErrorCode, StreamError};
@@ -79,6 +80,18 @@ pub trait Services {
     fn stream_ended(&mut self, ended: &Ended);
     /// A request was answered without a stream.
     fn responded(&mut self, _access: &Access) {}
+    /// This loop's link to the shared resume store (`--resume-store`),
+    /// when there is one.
+    fn store(&mut self) -> Option<&mut crate::store::Link> {
+        None
+    }
+    /// Admits relay `r` (a stream of another instance resumed here from
+    /// the store), counted like any stream; `None` without a store.
+    fn admit_relay(&mut self, _r: StreamRef) -> Option<Result<Arc<TokenSink>, Refusal>> {
+        None
+    }
+    /// An admitted relay found nothing to resume: it is not counted any more.
+    fn relay_dropped(&mut self) {}
 }
 
 /// A connection and what the engine knows about it.
@@ -127,6 +140,11 @@ pub struct Engine<S> {
     over_budget: Vec<StreamRef>,
     /// Where a detached stream's events are encoded before its log.
     scratch: Vec<u8>,
+    /// Relays waiting for the store's answer: whether a miss answers 204.
+    relays: HashMap<StreamRef, bool>,
+    /// Stops of foreign streams waiting for the store's answer, by
+    /// connection: the request's meta and the stream id.
+    parked: HashMap<(usize, u32), (Meta, Box<str>)>,
     /// `--redact`/`--redact-builtin`: the first stage of every stream.
     redactor: Option<Arc<Redactor>>,
     /// The request-bytes budget, routing per phase, idle and per-address
@@ -154,6 +172,8 @@ impl<S> Engine<S> {
             log_bytes: 0,
             over_budget: Vec::new(),
             scratch: Vec::new(),
+            relays: HashMap::new(),
+            parked: HashMap::new(),
             redactor: None,
             intake: intake::Intake::default(),
         }
@@ -205,6 +225,7 @@ impl<S> Engine<S> {
     /// Takes a closed connection out; its `io` is the caller's to drop.
     pub fn remove(&mut self, key: usize) -> Option<S> {
         self.forget(key);
+        self.unpark(key);
         let link = self.conns.try_remove(key)?;
         if let Some((id, _)) = link.timer {
             self.wheel.cancel(id);
@@ -648,6 +669,15 @@ impl<S> Engine<S> {
                 quiet_miss,
             } => self.resume(svc, key, meta, &sid, after, quiet_miss, now),
             Answer::Cancel { sid } => {
+                // Not here: maybe on another instance (with a store).
+                let meta = if self.stream_by_sid(&sid).is_none() {
+                    match self.cancel_remote(svc, key, meta, &sid) {
+                        Ok(()) => return,
+                        Err(meta) => meta,
+                    }
+                } else {
+                    meta
+                };
                 let found = self.cancel_by_sid(svc, &sid, meta.principal.as_deref(), now);
                 let reply = router::cancelled(&meta, &sid, found);
                 self.reply(svc, key, &meta, &reply, now);
@@ -769,6 +799,7 @@ impl<S> Engine<S> {
         if !streaming {
             link.meta = Some(Box::new(meta));
         }
+        self.store_new_stream(svc, r);
         self.pump(svc, r, now);
         self.touch_stream(r);
     }
@@ -777,6 +808,9 @@ impl<S> Engine<S> {
     /// high-water mark, and ends it when its producer is done. A detached
     /// resumable stream goes on into its replay log.
     fn pump(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+        if self.streams.get(r).is_some_and(Stream::is_awaiting) && !self.relay_ready(svc, r, now) {
+            return;
+        }
         let hwm = self.cfg.high_water();
         let scx = StreamCx {
             now,
@@ -822,6 +856,7 @@ impl<S> Engine<S> {
             }
             None => return,
         }
+        self.ship(svc, r);
         self.account_log(r, logged);
         if let Some(end) = progress.end {
             self.end_stream(svc, r, end, true, now);
@@ -938,6 +973,7 @@ fn tick_of(epoch: Instant, d: Instant) -> u64 {
 
 mod ending;
 mod intake;
+mod remote;
 mod resume;
 mod sim_services;
 

@@ -58,7 +58,7 @@ impl<S> Engine<S> {
             stream.trim_log(own);
         }
         if self.log_bytes > (self.cfg.resume_total_bytes as usize) {
-            if stream.subscriber().is_some() {
+            if stream.is_attached() {
                 let over = self.log_bytes - (self.cfg.resume_total_bytes as usize);
                 stream.trim_log(stream.log_bytes().saturating_sub(over));
             } else {
@@ -93,6 +93,15 @@ impl<S> Engine<S> {
             })
         });
         let Some(r) = found else {
+            // Not here: maybe on another instance (with a store).
+            let meta = if self.stream_by_sid(sid).is_none() {
+                match self.resume_remote(svc, key, meta, sid, after, quiet_miss, now) {
+                    Ok(()) => return,
+                    Err(meta) => meta,
+                }
+            } else {
+                meta
+            };
             self.metrics.resumes_not_found.fetch_add(1, Relaxed);
             log::debug!("resume of {sid} after {after}: nothing to resume");
             let reply = router::nothing_to_resume(&meta, quiet_miss);
@@ -104,12 +113,7 @@ impl<S> Engine<S> {
             self.metrics.streams_detached.fetch_sub(1, Relaxed);
         }
         if let Some((okey, oserial)) = old {
-            if let Some(link) = self.conns.get_mut(okey).filter(|l| l.serial == oserial) {
-                link.conn.append_body(&mut self.bufs, Stream::supersede);
-                link.conn.end_body(&mut self.bufs, now, &self.cfg, false);
-                link.ttft_mark = None;
-            }
-            self.release_subscriber(svc, okey, oserial, r, now);
+            self.supersede(svc, okey, oserial, r, now);
         }
         let Some(link) = self.conns.get_mut(key) else {
             return;
@@ -151,6 +155,24 @@ impl<S> Engine<S> {
         self.touch(key);
     }
 
+    /// Lets subscriber `(key, serial)` of `r` go with `error` `superseded`:
+    /// another client resumed the stream.
+    pub(super) fn supersede(
+        &mut self,
+        svc: &mut dyn Services,
+        key: usize,
+        serial: u32,
+        r: StreamRef,
+        now: Instant,
+    ) {
+        if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
+            link.conn.append_body(&mut self.bufs, Stream::supersede);
+            link.conn.end_body(&mut self.bufs, now, &self.cfg, false);
+            link.ttft_mark = None;
+        }
+        self.release_subscriber(svc, key, serial, r, now);
+    }
+
     /// Cancels detached streams the process's replay budget cannot hold,
     /// oldest first (they were listed by [`Engine::account_log`]).
     pub(super) fn shed_over_budget(&mut self, svc: &mut dyn Services, now: Instant) {
@@ -160,11 +182,7 @@ impl<S> Engine<S> {
             if self.log_bytes <= (self.cfg.resume_total_bytes as usize) {
                 break;
             }
-            if self
-                .streams
-                .get(r)
-                .is_some_and(|s| s.subscriber().is_none())
-            {
+            if self.streams.get(r).is_some_and(|s| !s.is_attached()) {
                 log::debug!("stream {:x}: detached, over --resume-total-bytes", r.id);
                 self.end_stream(svc, r, End::Disconnected, false, now);
             }

@@ -17,9 +17,11 @@
 //! or a scratch buffer while detached). States and who moves them:
 //! `LIFECYCLE.md` beside this file.
 
+mod relay;
 mod replay;
 mod stage;
 
+pub use relay::Shipped;
 pub use replay::ReplayLog;
 pub use stage::Stage;
 
@@ -45,11 +47,16 @@ pub enum Producer {
     Sim,
     /// A generation queued on the worker pool.
     Pool(Arc<TokenSink>),
+    /// Another instance's stream, read back from the shared resume store:
+    /// its encoded events arrive as tokens, its terminal event as a delta
+    /// (see [`Stream::relay`]).
+    Relay(Arc<TokenSink>),
 }
 
 enum Prod {
     Sim { text: SimText, next_due: Instant },
     Pool(Arc<TokenSink>),
+    Relay(Arc<TokenSink>),
 }
 
 /// A stream's place in the table: its slab key and its never-reused id.
@@ -169,6 +176,25 @@ pub struct Stream {
     /// Who started the stream: only they may resume or stop it.
     principal: Option<Box<str>>,
     ended: bool,
+    /// What the shared resume store has of this stream.
+    stored: Stored,
+    /// A client resumed it on another instance (it is not detached).
+    remote_sub: bool,
+    /// A relay waiting for the store to say whether the stream exists.
+    awaiting: bool,
+}
+
+/// A stream's place in the shared resume store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// Not stored there (no store, or not resumable).
+    No,
+    /// Every event up to this seq was handed to the store.
+    Upto(u32),
+    /// Events were lost on the way: not resumable elsewhere.
+    Broken,
+    /// The store was told the stream is over.
+    Done,
 }
 
 impl Stream {
@@ -184,6 +210,7 @@ impl Stream {
                 Some(sim::prompt_tokens(&gen.messages)),
             ),
             Producer::Pool(sink) => (Prod::Pool(sink), None),
+            Producer::Relay(sink) => (Prod::Relay(sink), None),
         };
         Stream {
             id: a.id,
@@ -208,6 +235,9 @@ impl Stream {
             peer: None,
             principal: None,
             ended: false,
+            stored: Stored::No,
+            remote_sub: false,
+            awaiting: false,
         }
     }
 
@@ -341,7 +371,7 @@ impl Stream {
         let first_before = self.tokens == 0;
         let now = cx.now;
         let itl = cx.cfg.sim_itl();
-        let detached = self.sub.is_none();
+        let detached = self.sub.is_none() && !self.remote_sub;
         let Stream {
             prod,
             stages,
@@ -420,6 +450,27 @@ impl Stream {
                     }));
                 }
             }
+            Prod::Relay(sink) => sink.take(|piece| match piece {
+                // Events already encoded by their owner: as they are.
+                Piece::Token(raw) => {
+                    buf.extend_from_slice(raw.as_bytes());
+                    *tokens += 1;
+                    *last_event_at = now;
+                    !full(buf, log)
+                }
+                Piece::Delta(raw) => {
+                    buf.extend_from_slice(raw.as_bytes());
+                    true
+                }
+                Piece::Done(f) => {
+                    end = Some(End::Done(f));
+                    false
+                }
+                Piece::Error(e) => {
+                    end = Some(End::Error(e));
+                    false
+                }
+            }),
             Prod::Pool(sink) => sink.take(|piece| match piece {
                 Piece::Token(t) => {
                     if *produced >= *max_tokens {
@@ -458,7 +509,8 @@ impl Stream {
             }
         }
         progress.log_full = detached && end.is_none() && full(buf, &self.log);
-        progress.first_token = first_before && self.tokens > 0 && self.is_streaming() && !detached;
+        progress.first_token =
+            first_before && self.tokens > 0 && self.is_streaming() && !detached && !self.is_relay();
         progress.end = end;
         progress
     }
@@ -513,7 +565,7 @@ impl Stream {
         if self.log.is_none() || window.is_zero() {
             return Detach::Cancel;
         }
-        if !self.ended {
+        if !self.ended && !self.remote_sub {
             self.keep_until = Some(now + window);
         }
         Detach::Keep(self.keep_until.unwrap_or(now))
@@ -574,7 +626,7 @@ impl Stream {
         self.ended = true;
         let now = cx.now;
         if !from_producer {
-            if let Prod::Pool(sink) = &self.prod {
+            if let Prod::Pool(sink) | Prod::Relay(sink) = &self.prod {
                 sink.cancel();
             }
             cx.metrics.generations_cancelled.fetch_add(1, Relaxed);
@@ -613,6 +665,8 @@ impl Stream {
         let at = buf.len();
         let id = (&*self.sid, seq);
         match &end {
+            // A relay's terminal event came from its owner, as it was.
+            End::Done(_) if self.is_relay() => {}
             End::Done(f) => {
                 let secs = duration.as_secs_f64();
                 let summary = Summary {

@@ -74,6 +74,18 @@ impl ReplayLog {
         after + 1 >= first && after <= last
     }
 
+    /// Hands every event after `after` to `f` with its seq, oldest first.
+    pub fn for_each_after(&self, after: u64, mut f: impl FnMut(u64, &[u8])) {
+        let mut at = self.head;
+        for &(seq, len) in &self.events {
+            let len = len as usize;
+            if seq > after {
+                f(seq, &self.bytes[at..at + len]);
+            }
+            at += len;
+        }
+    }
+
     /// Appends every event after `after` to `out`; how many.
     pub fn replay_after(&self, after: u64, out: &mut Vec<u8>) -> u64 {
         let mut at = self.head;
