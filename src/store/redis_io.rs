@@ -162,6 +162,37 @@ impl Conn {
         self.con.as_mut()
     }
 
+    /// Runs `f` on the connection; a connection that fails is made again
+    /// at once and `f` tried once more (a connection left over from before
+    /// a Redis restart fails on first use). `None` when Redis cannot be
+    /// reached.
+    fn call<T>(
+        &mut self,
+        mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Option<T> {
+        let fresh = self.con.is_none();
+        let con = self.get()?;
+        match f(con) {
+            Ok(v) => return Some(v),
+            Err(e) if fresh => {
+                self.fail(&e);
+                return None;
+            }
+            Err(_) => {
+                self.con = None;
+                self.retry_at = Instant::now();
+            }
+        }
+        let con = self.get()?;
+        match f(con) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fail(&e);
+                None
+            }
+        }
+    }
+
     fn fail(&mut self, e: &redis::RedisError) {
         self.con = None;
         self.io.metrics.store_errors.fetch_add(1, Relaxed);
@@ -325,23 +356,13 @@ fn writer(io: &Arc<Io>, store: &Store, rx: &Receiver<Batch>) {
         if pipe.is_empty() {
             continue;
         }
-        let res = match conn.get() {
-            Some(con) => pipe.query::<()>(con),
-            None => Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "not connected",
-            ))),
-        };
-        match res {
-            Ok(()) => {
+        match conn.call(|con| pipe.query::<()>(con)) {
+            Some(()) => {
                 unmarked.clear();
                 store.set_up(true);
                 io.metrics.store_up.store(1, Relaxed);
             }
-            Err(e) => {
-                if conn.con.is_some() {
-                    conn.fail(&e);
-                }
+            None => {
                 store.set_up(false);
                 io.metrics.store_up.store(0, Relaxed);
                 // What this batch carried is lost: those streams are not
@@ -397,27 +418,21 @@ fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tails: &Sender<
                 principal,
                 sink,
             } => {
-                let found = match conn.get() {
-                    Some(con) => match lookup(con, &sid, after, principal.as_deref()) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            conn.fail(&e);
-                            None
-                        }
-                    },
-                    None => None,
-                };
+                let found = conn
+                    .call(|con| lookup(con, &sid, after, principal.as_deref()))
+                    .flatten();
                 let Some(found) = found else {
                     sink.finish(Err(not_found()));
                     continue;
                 };
                 if !found.ended {
-                    if let Some(con) = conn.get() {
-                        let _: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    let msg = format!("attach {sid}");
+                    let _: Option<i64> = conn.call(|con| {
+                        redis::cmd("PUBLISH")
                             .arg(channel(&found.owner))
-                            .arg(format!("attach {sid}"))
-                            .query(con);
-                    }
+                            .arg(&msg)
+                            .query(con)
+                    });
                 }
                 sink.mark_started(Instant::now());
                 let mut last = after;
@@ -445,16 +460,9 @@ fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tails: &Sender<
                 serial,
                 inbox,
             } => {
-                let found = match conn.get() {
-                    Some(con) => match stop(con, &sid, principal.as_deref()) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            conn.fail(&e);
-                            false
-                        }
-                    },
-                    None => false,
-                };
+                let found = conn
+                    .call(|con| stop(con, &sid, principal.as_deref()))
+                    .unwrap_or(false);
                 inbox.push(Inbound::CancelAnswer { key, serial, found });
             }
         }
@@ -674,13 +682,20 @@ fn tail_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Tail>) {
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
-        match follow(io, con, &mut tails, &mut next_check) {
-            Ok(()) => {}
-            Err(e) => {
-                conn.fail(&e);
-                for t in tails.drain(..) {
-                    t.sink.finish(Err(producer_lost()));
-                }
+        if follow(con, &mut tails, &mut next_check).is_ok() {
+            continue;
+        }
+        // Once more on a new connection (this one may predate a restart).
+        conn.con = None;
+        conn.retry_at = Instant::now();
+        let res = match conn.get() {
+            Some(con) => follow(con, &mut tails, &mut next_check),
+            None => continue,
+        };
+        if let Err(e) = res {
+            conn.fail(&e);
+            for t in tails.drain(..) {
+                t.sink.finish(Err(producer_lost()));
             }
         }
     }
@@ -689,7 +704,6 @@ fn tail_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Tail>) {
 /// One round for every tail: let go of those whose client left, check
 /// owners' heartbeats once a second, read what is new.
 fn follow(
-    io: &Io,
     con: &mut redis::Connection,
     tails: &mut Vec<Tail>,
     next_check: &mut Instant,
@@ -767,7 +781,6 @@ fn follow(
             }
         }
     }
-    let _ = io;
     let mut i = 0;
     tails.retain(|t| {
         let keep = if done.contains(&i) {
