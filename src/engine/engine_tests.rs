@@ -36,6 +36,10 @@ struct Fake {
     access: Vec<(u16, String)>,
     /// Their durations, for answers without a stream.
     durations: Vec<Duration>,
+    /// A shared resume store played by the test (see `remote` tests).
+    store: Option<crate::store::Link>,
+    relays: Vec<Arc<TokenSink>>,
+    relays_dropped: usize,
 }
 
 impl Fake {
@@ -50,6 +54,9 @@ impl Fake {
             ops_calls: Vec::new(),
             access: Vec::new(),
             durations: Vec::new(),
+            store: None,
+            relays: Vec::new(),
+            relays_dropped: 0,
         }
     }
 }
@@ -89,6 +96,26 @@ impl Services for Fake {
     fn stream_ended(&mut self, e: &Ended) {
         self.access.push((e.status, e.summary.line.path.clone()));
         self.ended.push(e.summary.clone());
+    }
+
+    fn store(&mut self) -> Option<&mut crate::store::Link> {
+        self.store.as_mut()
+    }
+
+    fn admit_relay(&mut self, r: StreamRef) -> Option<Result<Arc<TokenSink>, Refusal>> {
+        self.store.as_ref()?;
+        let sink = Arc::new(TokenSink::new(
+            r.key,
+            r.id,
+            1024,
+            Arc::new(ReadyList::new(|| {})),
+        ));
+        self.relays.push(sink.clone());
+        Some(Ok(sink))
+    }
+
+    fn relay_dropped(&mut self) {
+        self.relays_dropped += 1;
     }
 
     fn responded(&mut self, a: &Access) {
@@ -2463,4 +2490,300 @@ fn refusals_log_their_real_duration() {
     h.at(1400).timeout();
     assert!(h.flush().contains("408 Request Timeout"));
     assert_eq!(h.svc.durations[1], ms(1000));
+}
+
+// ------------------------------------------------- the shared resume store
+
+mod remote {
+    use super::*;
+    use crate::store::testing::{Asked, TestStore};
+    use crate::store::Inbound;
+
+    fn with_store(flags: &[&str], queue: usize) -> (H, TestStore) {
+        let mut h = H::new(flags);
+        let ts = TestStore::new(queue);
+        h.svc.store = Some(ts.store.link(|| {}));
+        (h, ts)
+    }
+
+    /// What the server does at the end of a loop turn.
+    fn end_turn(h: &mut H) {
+        let broken = h.svc.store.as_mut().unwrap().flush();
+        if !broken.is_empty() {
+            h.e.store_broken(&broken);
+        }
+    }
+
+    #[test]
+    fn a_resumable_streams_events_go_to_the_store_once_in_order() {
+        let (mut h, ts) = with_store(&RESUME, 64);
+        h.read(post(r#"{"prompt":"store me","max_tokens":4}"#).as_bytes());
+        let mut out = h.flush();
+        end_turn(&mut h);
+        while h.step(10_000) {
+            out.push_str(&h.flush());
+            end_turn(&mut h);
+        }
+        let ops = ts.ops();
+        assert_eq!(
+            ops,
+            [
+                "begin 1000 ",
+                "event 1000 1",
+                "event 1000 2",
+                "event 1000 3",
+                "event 1000 4",
+                "event 1000 5 +end"
+            ],
+            "{out}"
+        );
+        // The bytes stored are the bytes sent.
+        let mut h2 = with_store(&RESUME, 64);
+        h2.0.read(post(r#"{"prompt":"store me","max_tokens":4}"#).as_bytes());
+        let mut sent = h2.0.flush();
+        end_turn(&mut h2.0);
+        while h2.0.step(10_000) {
+            sent.push_str(&h2.0.flush());
+            end_turn(&mut h2.0);
+        }
+        let stored: String = h2.1.events().into_iter().map(|e| e.1).collect();
+        assert_eq!(body_of(&sent).replace("retry: 1000\n\n", ""), stored);
+    }
+
+    #[test]
+    fn a_stream_that_is_not_resumable_is_not_stored_and_one_cancelled_is_gone() {
+        let (mut h, ts) = with_store(&["--sim-ttft-ms", "10", "--sim-itl-ms", "10"], 64);
+        h.read(post(r#"{"prompt":"no resume","max_tokens":2}"#).as_bytes());
+        h.flush();
+        while h.step(10_000) {
+            h.flush();
+        }
+        end_turn(&mut h);
+        assert!(ts.ops().is_empty(), "no --resume-window-ms: nothing stored");
+
+        let long = [&RESUME[..], &["--sim-tokens", "1000"]].concat();
+        let (mut h, ts) = with_store(&long, 64);
+        h.read(post(r#"{"prompt":"leave","max_tokens":500}"#).as_bytes());
+        h.flush();
+        h.eof();
+        // The window (1 s) runs out while detached: cancelled, gone.
+        while h.step(5_000) {}
+        end_turn(&mut h);
+        let ops = ts.ops();
+        assert_eq!(ops.first().map(String::as_str), Some("begin 1000 "));
+        assert_eq!(ops.last().map(String::as_str), Some("gone 1000"), "{ops:?}");
+    }
+
+    #[test]
+    fn a_full_store_queue_marks_the_stream_broken_and_stores_no_more() {
+        let (mut h, ts) = with_store(&RESUME, 1);
+        h.read(post(r#"{"prompt":"overflow","max_tokens":6}"#).as_bytes());
+        h.flush();
+        end_turn(&mut h); // the begin and first events fill the queue
+        assert!(h.step(10_000));
+        h.flush();
+        end_turn(&mut h); // refused: broken
+        assert_eq!(ts.broken(), vec![Box::<str>::from("1000")]);
+        assert_eq!(h.metrics.store_batches_lost.load(Relaxed), 1);
+        let first = ts.ops();
+        while h.step(10_000) {
+            h.flush();
+            end_turn(&mut h);
+        }
+        assert!(ts.ops().is_empty(), "nothing after the gap (had {first:?})");
+    }
+
+    /// A resume of a stream this instance does not hold, on connection `K`.
+    fn resume_foreign(h: &mut H, ts: &TestStore, req: &str) -> (Arc<TokenSink>, u64) {
+        h.read(req.as_bytes());
+        assert_eq!(h.pending(), "", "nothing before the store answers");
+        match ts.asked() {
+            Some(Asked::Resume {
+                sid,
+                after,
+                sink,
+                principal,
+            }) => {
+                assert_eq!(&*sid, "elsewhere");
+                assert_eq!(principal, None, "auth is off");
+                (sink, after)
+            }
+            _ => panic!("the store was not asked"),
+        }
+    }
+
+    #[test]
+    fn a_foreign_stream_is_relayed_from_the_store_as_it_was_encoded() {
+        let (mut h, ts) = with_store(&RESUME, 64);
+        let (sink, after) = resume_foreign(
+            &mut h,
+            &ts,
+            "GET /v1/chat/stream/elsewhere?after=2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        assert_eq!(after, 2);
+        let id = h.stream_id().expect("a relay is attached");
+        // Found: the head goes out, then the stored events as they are.
+        sink.mark_started(h.now);
+        let e3 = "id: elsewhere:3\nevent: token\ndata: {\"t\":\"c\"}\n\n";
+        let e4 = "id: elsewhere:4\nevent: token\ndata: {\"t\":\"d\"}\n\n";
+        let end = "id: elsewhere:5\nevent: done\ndata: {\"finish_reason\":\"stop\"}\n\n";
+        sink.push_token(e3).unwrap();
+        h.ready(id);
+        let first = h.flush();
+        assert!(first.starts_with("HTTP/1.1 200 OK"), "{first}");
+        assert!(first.contains("X-Stream-Id: elsewhere\r\n"), "{first}");
+        assert_eq!(body_of(&first), format!("retry: 1000\n\n{e3}"));
+        sink.push_token(e4).unwrap();
+        sink.push_delta(end).unwrap();
+        sink.finish(Ok(Finish {
+            finish_reason: "stop".into(),
+            prompt_tokens: None,
+            completion_tokens: None,
+        }));
+        h.ready(id);
+        let rest = h.flush();
+        let (chunks, after_last) = dechunk(&rest);
+        assert_eq!(
+            chunks.concat(),
+            format!("{e4}{end}"),
+            "no second terminal event"
+        );
+        assert_eq!(after_last, "");
+        assert!(
+            !h.is_streaming() && !h.is_closed(),
+            "kept for the next request"
+        );
+        assert_eq!(h.summary().outcome, Outcome::Completed);
+        assert_eq!(h.metrics.remote_resumes.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_relay_whose_owner_died_ends_with_producer_lost_after_the_last_seq() {
+        let (mut h, ts) = with_store(&RESUME, 64);
+        let (sink, _) = resume_foreign(
+            &mut h,
+            &ts,
+            "GET /v1/chat/stream/elsewhere?after=7 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        let id = h.stream_id().unwrap();
+        sink.mark_started(h.now);
+        sink.push_token("id: elsewhere:8\nevent: token\ndata: {\"t\":\"h\"}\n\n")
+            .unwrap();
+        sink.finish(Err(StreamError::new(
+            ErrorCode::ProducerLost,
+            "the instance producing this stream is gone",
+        )));
+        h.ready(id);
+        let out = h.flush();
+        let last = events(&body_of(&out)).pop().unwrap();
+        assert!(
+            last.starts_with("id: elsewhere:9\nevent: error\ndata: {\"code\":\"producer_lost\""),
+            "{last}"
+        );
+        assert!(last.contains("\"retryable\":true"), "{last}");
+    }
+
+    #[test]
+    fn nothing_to_resume_in_the_store_answers_404_or_204_and_reads_on() {
+        for (req, status) in [
+            (
+                "GET /v1/chat/stream/elsewhere?after=0 HTTP/1.1\r\nHost: x\r\n\r\n",
+                "HTTP/1.1 404",
+            ),
+            (
+                "GET /v1/chat/stream HTTP/1.1\r\nHost: x\r\nLast-Event-ID: elsewhere:3\r\n\r\n",
+                "HTTP/1.1 204",
+            ),
+        ] {
+            let (mut h, ts) = with_store(&RESUME, 64);
+            // A pipelined request waits behind the resume.
+            let pipelined = format!("{req}GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+            let (sink, _) = resume_foreign(&mut h, &ts, &pipelined);
+            let id = h.stream_id().unwrap();
+            sink.finish(Err(StreamError::new(ErrorCode::Internal, "nothing")));
+            h.ready(id);
+            let out = h.flush();
+            assert!(out.starts_with(status), "{out}");
+            assert!(out.ends_with("ok"), "then the pipelined request: {out}");
+            assert!(!h.is_streaming());
+            assert_eq!(h.svc.relays_dropped, 1);
+            assert!(h.svc.ended.is_empty(), "no stream was counted");
+        }
+    }
+
+    #[test]
+    fn without_a_store_a_foreign_id_is_simply_unknown() {
+        let mut h = H::new(&RESUME);
+        h.read(b"GET /v1/chat/stream/elsewhere?after=0 HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(h.flush().starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn a_stop_of_a_foreign_stream_is_answered_when_the_store_answers() {
+        for (found, status) in [(true, "HTTP/1.1 200"), (false, "HTTP/1.1 404")] {
+            let (mut h, ts) = with_store(&RESUME, 64);
+            h.read(b"POST /v1/chat/stream/elsewhere/cancel HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert_eq!(h.pending(), "", "waits for the owner");
+            let Some(Asked::Cancel {
+                sid,
+                key,
+                serial,
+                principal,
+            }) = ts.asked()
+            else {
+                panic!("the store was not asked");
+            };
+            assert_eq!((&*sid, principal), ("elsewhere", None));
+            let now = h.now;
+            h.e.handle_inbound(
+                &mut h.svc,
+                Inbound::CancelAnswer { key, serial, found },
+                now,
+            );
+            let out = h.flush();
+            assert!(out.starts_with(status), "{out}");
+            assert!(out.ends_with("ok"), "then the pipelined request: {out}");
+        }
+    }
+
+    #[test]
+    fn another_instance_stops_attaches_and_detaches_a_local_stream() {
+        // Stop.
+        let (mut h, _ts) = with_store(&RESUME, 64);
+        h.read(post(r#"{"prompt":"a long one","max_tokens":50}"#).as_bytes());
+        h.flush();
+        let now = h.now;
+        h.e.handle_inbound(&mut h.svc, Inbound::Cancel { sid: "1000".into() }, now);
+        let (chunks, _) = dechunk(h.flush().as_str());
+        let last = events(&chunks.concat()).pop().unwrap();
+        assert!(last.contains("\"code\":\"cancelled\""), "{last}");
+
+        // Attach: the local client is superseded; the stream goes on for
+        // the remote one past the resume window, then detach starts it.
+        let long = [&RESUME[..], &["--sim-tokens", "1000"]].concat();
+        let (mut h, ts) = with_store(&long, 4096);
+        h.read(post(r#"{"prompt":"a long one","max_tokens":500}"#).as_bytes());
+        h.flush();
+        let now = h.now;
+        h.e.handle_inbound(&mut h.svc, Inbound::Attach { sid: "1000".into() }, now);
+        let out = h.flush();
+        assert!(out.contains("\"code\":\"superseded\""), "{out}");
+        assert!(!h.is_streaming(), "the local client is let go");
+        while h.step(3_000) {
+            end_turn(&mut h);
+        }
+        assert!(h.svc.ended.is_empty(), "kept going for the remote client");
+        assert_eq!(h.metrics.streams_detached.load(Relaxed), 0);
+        let stored = ts.ops().len();
+        assert!(
+            stored > 200,
+            "{stored} ops: its events kept going to the store"
+        );
+        let now = h.now;
+        h.e.handle_inbound(&mut h.svc, Inbound::Detach { sid: "1000".into() }, now);
+        assert_eq!(h.metrics.streams_detached.load(Relaxed), 1);
+        while h.step(5_000) {}
+        let ended: Vec<_> = h.svc.ended.iter().map(|s| (s.outcome, s.tokens)).collect();
+        assert_eq!(ended, [(Outcome::Disconnected, 399)], "window ran out");
+    }
 }

@@ -424,3 +424,129 @@ mod tests {
         assert!(b.is_empty());
     }
 }
+
+/// A store without threads or Redis: a test plays the threads' part.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use std::sync::mpsc::Receiver;
+
+    /// What a loop asked of the store.
+    pub enum Asked {
+        Resume {
+            sid: Box<str>,
+            after: u64,
+            principal: Option<Box<str>>,
+            sink: Arc<TokenSink>,
+        },
+        Cancel {
+            sid: Box<str>,
+            principal: Option<Box<str>>,
+            key: usize,
+            serial: u32,
+        },
+    }
+
+    pub struct TestStore {
+        pub store: Store,
+        writes: Receiver<Batch>,
+        queries: Receiver<Query>,
+    }
+
+    impl TestStore {
+        /// `queue`: how many batches fit before a flush is refused.
+        pub fn new(queue: usize) -> TestStore {
+            let (writes, write_rx) = mpsc::sync_channel(queue);
+            let (queries, query_rx) = mpsc::sync_channel(16);
+            let store = Store {
+                inner: Arc::new(Inner {
+                    writes,
+                    queries,
+                    spare: Mutex::new(Vec::new()),
+                    broken: Mutex::new(Vec::new()),
+                    inboxes: Mutex::new(Vec::new()),
+                    up: AtomicBool::new(true),
+                    stop: AtomicBool::new(false),
+                }),
+            };
+            TestStore {
+                store,
+                writes: write_rx,
+                queries: query_rx,
+            }
+        }
+
+        /// Every op of every batch handed over so far, as text:
+        /// `begin SID PRINCIPAL`, `event SID SEQ` (`+end` on the terminal
+        /// one), `gone SID`.
+        pub fn ops(&self) -> Vec<String> {
+            let mut out = Vec::new();
+            while let Ok(b) = self.writes.try_recv() {
+                for op in &b.ops {
+                    let sid = b.sid(op);
+                    out.push(match op.kind {
+                        Kind::Begin => {
+                            format!("begin {sid} {}", String::from_utf8_lossy(b.text(op.data)))
+                        }
+                        Kind::Event { terminal } => {
+                            format!(
+                                "event {sid} {}{}",
+                                op.seq,
+                                if terminal { " +end" } else { "" }
+                            )
+                        }
+                        Kind::Gone => format!("gone {sid}"),
+                    });
+                }
+            }
+            out
+        }
+
+        /// The bytes of event `seq` of `sid` in what was handed over
+        /// (consumes the batches, like [`TestStore::ops`]).
+        pub fn events(&self) -> Vec<(u64, String)> {
+            let mut out = Vec::new();
+            while let Ok(b) = self.writes.try_recv() {
+                for op in &b.ops {
+                    if let Kind::Event { .. } = op.kind {
+                        out.push((op.seq, String::from_utf8_lossy(b.text(op.data)).into()));
+                    }
+                }
+            }
+            out
+        }
+
+        pub fn broken(&self) -> Vec<Box<str>> {
+            self.store.take_broken()
+        }
+
+        /// The next question a loop asked.
+        pub fn asked(&self) -> Option<Asked> {
+            match self.queries.try_recv().ok()? {
+                Query::Resume {
+                    sid,
+                    after,
+                    principal,
+                    sink,
+                } => Some(Asked::Resume {
+                    sid,
+                    after,
+                    principal,
+                    sink,
+                }),
+                Query::Cancel {
+                    sid,
+                    principal,
+                    key,
+                    serial,
+                    ..
+                } => Some(Asked::Cancel {
+                    sid,
+                    principal,
+                    key,
+                    serial,
+                }),
+            }
+        }
+    }
+}
