@@ -1,6 +1,6 @@
 """Several sluice instances sharing resume and stop through a real Redis.
 
-    python3 redis_check.py SLUICE_BIN REDIS_SERVER_BIN WORKDIR
+    python3 redis_check.py SLUICE_BIN REDIS_SERVER_BIN NGINX_BIN WORKDIR
 
 Starts Debian's redis-server (with a password) and sluice instances on
 loopback ports picked at run time, and checks, over plain sockets:
@@ -16,6 +16,9 @@ loopback ports picked at run time, and checks, over plain sockets:
 - Redis stopped mid-run: streaming and in-process resume go on, a foreign
   id answers as unknown, /readyz is 200 and says degraded, the metrics say
   so; Redis back: cross-instance resume works again;
+- behind nginx (round robin over two instances, nginx-two.conf): a client
+  that reconnects with `Last-Event-ID` lands on the other instance and
+  gets the rest of its stream;
 - the Redis password never reaches a log.
 
 Everything listens on 127.0.0.1; every process started here is stopped.
@@ -32,7 +35,8 @@ import subprocess
 import sys
 import time
 
-SLUICE, REDIS, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
+SLUICE, REDIS, NGINX, WORK = sys.argv[1:5]
+HERE = os.path.dirname(os.path.abspath(__file__))
 PASSWORD = "s3cret-redis-pw"
 WINDOW_MS = 30000
 procs = []
@@ -95,6 +99,35 @@ def start_sluice(name, redis_port, *extra):
     if not m:
         raise RuntimeError(f"sluice {name} did not start: " + open(os.path.join(WORK, f"{name}.log")).read())
     return p, int(m.group(2))
+
+
+def start_nginx(a, b):
+    prefix = os.path.join(WORK, "nginx")
+    os.makedirs(os.path.join(prefix, "tmp"), exist_ok=True)
+    os.chmod(WORK, 0o755)
+    os.chmod(prefix, 0o755)
+    for _ in range(3):
+        port = free_port()
+        conf = open(os.path.join(HERE, "nginx-two.conf")).read()
+        for k, v in {"__PREFIX__": prefix, "__LISTEN__": f"127.0.0.1:{port}",
+                     "__A__": f"127.0.0.1:{a}", "__B__": f"127.0.0.1:{b}"}.items():
+            conf = conf.replace(k, v)
+        with open(os.path.join(prefix, "nginx.conf"), "w") as f:
+            f.write(conf)
+        p = subprocess.Popen([NGINX, "-p", prefix, "-e", os.path.join(prefix, "error.log"), "-c",
+                              os.path.join(prefix, "nginx.conf")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        deadline = time.time() + 5
+        while time.time() < deadline and p.poll() is None:
+            try:
+                if get(port, "/healthz")[0] == 200:
+                    return port
+            except OSError:
+                pass
+            time.sleep(0.05)
+        p.kill()
+    raise RuntimeError("nginx did not start: " + open(os.path.join(prefix, "error.log")).read())
 
 
 # ---------------------------------------------------------------- HTTP/SSE
@@ -325,7 +358,30 @@ def main():
     st = Sse(pb, "GET", "/v1/chat/stream", headers={"Last-Event-ID": "nosuchstreamid000000000:3"}).status
     check("resuming an unknown id with Last-Event-ID: 204", st == 204, st)
 
-    # 5. kill -9 of the owner.
+    # 5. Behind nginx: round robin sends the reconnect to the other instance.
+    pn = start_nginx(pa, pb)
+    before = sum(metric(p, "sluice_remote_resumes_total") or 0 for p in (pa, pb))
+    ok = 0
+    for i in range(6):
+        s = Sse(pn, "POST", "/v1/chat/stream", {"prompt": "the reference"})
+        sid = s.headers["x-stream-id"]
+        got = []
+        while len(got) < 5 + i:
+            e = s.event()
+            if e.get("event") == "token":
+                got.append(e)
+        s.close()
+        r = Sse(pn, "GET", "/v1/chat/stream", headers={"Last-Event-ID": got[-1]["id"]})
+        rest = []
+        while (e := r.event()) is not None:
+            rest.append(e)
+        r.close()
+        ok += r.status == 200 and tokens_of(got + rest) == want and rest[-1]["event"] == "done"
+    remote = sum(metric(p, "sluice_remote_resumes_total") or 0 for p in (pa, pb)) - before
+    check(f"behind nginx (round robin): {ok}/6 reconnects got the rest, {remote:.0f} of them from the other instance",
+          ok == 6 and remote >= 3, (ok, remote))
+
+    # 6. kill -9 of the owner.
     s = Sse(pc, "POST", "/v1/chat/stream", {"prompt": "the owner dies", "max_tokens": 200})
     sid = s.headers["x-stream-id"]
     for _ in range(3):
@@ -348,7 +404,7 @@ def main():
           and '"retryable":true' in last["data"] and toks == list(range(4, 4 + len(toks))) and took < 8,
           (last, toks[:5], took))
 
-    # 6. Redis stopped mid-run.
+    # 7. Redis stopped mid-run.
     s = Sse(pb, "POST", "/v1/chat/stream", {"prompt": "redis goes away", "max_tokens": 30})
     sid_b = s.headers["x-stream-id"]
     s.event()
@@ -392,7 +448,7 @@ def main():
         rest.append(e)
     check("Redis back: resume across instances works again", tokens_of(got + rest) == want, len(tokens_of(got + rest)))
 
-    # 7. The password never reaches a log.
+    # 8. The password never reaches a log.
     leaked = [n for n in ("a", "b", "c") if PASSWORD in open(os.path.join(WORK, f"{n}.log"), errors="replace").read()]
     check("the Redis password is in no log", not leaked, leaked)
     shown = "***" in open(os.path.join(WORK, "a.log")).read()
