@@ -22,7 +22,9 @@
 //!   stream table and the timer wheel, and the routing of bytes and events
 //!   between them (`engine/intake.rs`: the buffered-bytes budget, routing
 //!   per phase, idle eviction and per-address counts; `engine/ending.rs`:
-//!   how a stream ends; `engine/resume.rs`: resume and stop by id).
+//!   how a stream ends; `engine/resume.rs`: resume and stop by id;
+//!   `engine/remote.rs`: the same for streams of other instances, through
+//!   the shared store).
 //! - [`conn`]: the HTTP/1.1 connection machine (requests in, responses and
 //!   body chunks out; keep-alive, pipelining, half-close, timeouts). It
 //!   names no endpoint and no event format.
@@ -45,6 +47,9 @@
 //! - [`upstream`]: the HTTP/1.1 client the OpenAI backend calls (framing,
 //!   keep-alive, TLS, cancel and idle timeouts), and its `/readyz` probe.
 //! - [`pool`]: the blocking workers and the worker → loop hand-off.
+//! - [`store`]: `--resume-store redis://…`: resumable streams shared by
+//!   instances (batched writes from a store thread, relays of other
+//!   instances' streams, stops over pub/sub, heartbeats).
 //! - [`redact`]: `--redact`/`--redact-builtin`: the rule set compiled once
 //!   into a lazy DFA, and the stream stage that replaces matches, holding
 //!   back only text that could still become part of one.
