@@ -2551,6 +2551,23 @@ mod remote {
     }
 
     #[test]
+    fn a_resume_on_the_owner_tells_the_store_so_a_client_elsewhere_is_superseded() {
+        let long = [&RESUME[..], &["--sim-tokens", "1000"]].concat();
+        let (mut h, ts) = with_store(&long, 4096);
+        h.read(post(r#"{"prompt":"again","max_tokens":500}"#).as_bytes());
+        h.flush();
+        h.eof();
+        let other = h.open_other();
+        h.read_on(
+            other,
+            b"GET /v1/chat/stream/1000?after=0 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        assert!(h.flush_on(other).starts_with("HTTP/1.1 200"));
+        end_turn(&mut h);
+        assert!(ts.ops().contains(&"attach 1000".to_string()));
+    }
+
+    #[test]
     fn a_stream_that_is_not_resumable_is_not_stored_and_one_cancelled_is_gone() {
         let (mut h, ts) = with_store(&["--sim-ttft-ms", "10", "--sim-itl-ms", "10"], 64);
         h.read(post(r#"{"prompt":"no resume","max_tokens":2}"#).as_bytes());

@@ -144,6 +144,12 @@ impl<S> Engine<S> {
         });
         self.metrics.resumes.fetch_add(1, Relaxed);
         self.metrics.replayed_events.fetch_add(replayed, Relaxed);
+        if stream.is_stored() && !stream.is_ended() {
+            // A client following it from another instance is let go.
+            if let Some(link) = svc.store() {
+                link.batch().attach(sid);
+            }
+        }
         if stream.is_ended() {
             // Everything, the terminal event too, was in the log.
             link.conn.end_body(&mut self.bufs, now, &self.cfg, false);

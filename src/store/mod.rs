@@ -59,6 +59,9 @@ enum Kind {
     /// The stream ended without a terminal event (its client left and
     /// its window ran out): nothing to resume any more.
     Gone,
+    /// A client resumed it on its own instance: a client following it
+    /// from another instance is superseded.
+    Attach,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -105,6 +108,11 @@ impl Batch {
     /// Stream `sid` is gone without a terminal event.
     pub fn gone(&mut self, sid: &str) {
         self.push(Kind::Gone, sid, 0, b"");
+    }
+
+    /// A client resumed stream `sid` here.
+    pub fn attach(&mut self, sid: &str) {
+        self.push(Kind::Attach, sid, 0, b"");
     }
 
     fn text(&self, r: (u32, u32)) -> &[u8] {
@@ -496,6 +504,7 @@ pub(crate) mod testing {
                             )
                         }
                         Kind::Gone => format!("gone {sid}"),
+                        Kind::Attach => format!("attach {sid}"),
                     });
                 }
             }

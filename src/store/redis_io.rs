@@ -3,7 +3,9 @@
 //!
 //! Keys (`SID` a stream id, `INST` an instance id):
 //! - `sluice:s:SID`: the stream's owner record, a hash with `owner`,
-//!   `principal`, and `ended` / `broken` once so;
+//!   `principal`, `sub` (counts resumes: a client following the stream
+//!   from another instance whose count is no longer the latest was
+//!   superseded), and `ended` / `broken` once so;
 //! - `sluice:e:SID`: its events, a Redis Stream whose entry ids are
 //!   `0-<seq>` with fields `d` (the encoded event) and `t` (present on the
 //!   terminal event);
@@ -310,6 +312,13 @@ fn writer(io: &Arc<Io>, store: &Store, rx: &Receiver<Batch>) {
                             touched.insert(sid);
                         }
                     }
+                    Kind::Attach => {
+                        pipe.cmd("HINCRBY")
+                            .arg(meta_key(sid))
+                            .arg("sub")
+                            .arg(1)
+                            .ignore();
+                    }
                     Kind::Gone => {
                         live.remove(sid);
                         broken.remove(sid);
@@ -400,7 +409,10 @@ pub(super) struct Tail {
     owner: String,
     last: u64,
     sink: Arc<TokenSink>,
+    /// The stream's resume count when this client resumed it.
+    epoch: i64,
     lost: bool,
+    superseded: bool,
 }
 
 fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tails: &Sender<Tail>) {
@@ -425,7 +437,17 @@ fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tails: &Sender<
                     sink.finish(Err(not_found()));
                     continue;
                 };
+                let mut epoch = 0;
                 if !found.ended {
+                    epoch = conn
+                        .call(|con| {
+                            redis::cmd("HINCRBY")
+                                .arg(meta_key(&sid))
+                                .arg("sub")
+                                .arg(1)
+                                .query(con)
+                        })
+                        .unwrap_or(0);
                     let msg = format!("attach {sid}");
                     let _: Option<i64> = conn.call(|con| {
                         redis::cmd("PUBLISH")
@@ -449,7 +471,9 @@ fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tails: &Sender<
                         owner: found.owner,
                         last,
                         sink,
+                        epoch,
                         lost: false,
+                        superseded: false,
                     });
                 }
             }
@@ -736,11 +760,13 @@ fn follow(
                     a
                 }
             };
-            let broken: bool = redis::cmd("HEXISTS")
+            let (broken, sub): (Option<String>, Option<i64>) = redis::cmd("HMGET")
                 .arg(meta_key(&t.sid))
                 .arg("broken")
+                .arg("sub")
                 .query(con)?;
-            t.lost = !alive || broken;
+            t.lost = !alive || broken.is_some();
+            t.superseded = sub.is_some_and(|s| s != t.epoch);
         }
     }
     let reading: Vec<usize> = (0..tails.len())
@@ -784,6 +810,14 @@ fn follow(
     let mut i = 0;
     tails.retain(|t| {
         let keep = if done.contains(&i) {
+            false
+        } else if t.superseded {
+            // Another client resumed the stream since (the owner knows:
+            // no detach is sent for this one).
+            t.sink.finish(Err(StreamError::new(
+                ErrorCode::Superseded,
+                "another client resumed this stream",
+            )));
             false
         } else if t.lost && !delivered.contains(&i) {
             // Everything stored was delivered and nobody will add more.

@@ -543,6 +543,7 @@ impl Stream {
     pub fn heartbeat_if_due(&mut self, cx: &StreamCx, buf: &mut Vec<u8>) {
         if self.ended
             || self.sub.is_none()
+            || self.awaiting
             || !self.is_streaming()
             || cx.now < self.last_event_at + cx.cfg.heartbeat()
         {
@@ -682,6 +683,10 @@ impl Stream {
                     },
                 };
                 self.encoder.done(buf, id, &summary);
+            }
+            // A relay replaced by a client elsewhere: as a local one is.
+            End::Error(e) if self.is_relay() && e.code == ErrorCode::Superseded => {
+                Stream::supersede(buf)
             }
             End::Error(e) => self.encoder.error(buf, id, e),
             End::Disconnected => {}

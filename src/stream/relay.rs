@@ -71,6 +71,11 @@ impl Stream {
         self.stored = Stored::Upto(0);
     }
 
+    /// Whether its events go to the shared store.
+    pub fn is_stored(&self) -> bool {
+        matches!(self.stored, Stored::Upto(_))
+    }
+
     /// Events were lost on the way to the store: no more are sent.
     pub fn store_broken(&mut self) {
         if matches!(self.stored, Stored::Upto(_)) {

@@ -333,6 +333,18 @@ def main():
     check("a resume on another instance supersedes the owner's client",
           last is not None and last.get("event") == "error" and "superseded" in last.get("data", ""), last)
     s.close()
+    # ... and the owner's own client resuming again supersedes the one elsewhere.
+    r = Sse(pa, "GET", f"/v1/chat/stream/{sid}?after=1")
+    r.event()
+    s2 = Sse(pc, "GET", f"/v1/chat/stream/{sid}?after=1")
+    s2.event()
+    last = None
+    while (e := r.event()) is not None:
+        last = e
+    check("a resume on the owner supersedes a client following from elsewhere",
+          last is not None and last.get("event") == "error" and "superseded" in last.get("data", ""), last)
+    r.close()
+    s2.close()
 
     # 4. Stop by id across instances.
     s = Sse(pc, "POST", "/v1/chat/stream", {"prompt": "stop me", "max_tokens": 200})
