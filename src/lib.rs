@@ -60,6 +60,7 @@ pub mod encode;
 pub mod engine;
 pub mod errors;
 pub mod http;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod openai_api;

@@ -14,6 +14,9 @@
 //! buffered request bytes ([`Engine::read_allowance`], bodies funded first
 //! come first served), routing per phase of a loop turn, idle keep-alive
 //! connections evicted at the connection limit, connections per address.
+//! With several loops (`--threads`), the limits are counted process-wide
+//! ([`crate::limits::Limits`]) and a resume or stop by id that names
+//! another loop's stream hands its connection to that loop (`loops.rs`).
 //! Tests drive an `Engine<()>` with a simulated clock and scripted
 //! producers, and assert on exact bytes.
 
@@ -31,6 +34,7 @@ use crate::config::Config;
 use crate::conn::{Conn, Expired, Parsed, ReqLine, Response};
 use crate::encode::Encoder;
 use crate::http::Request;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::outbuf::BufPool;
 use crate::redact::Redactor;
@@ -41,6 +45,7 @@ use crate::stream::{
 };
 use crate::timer::{TimerId, TimerWheel};
 
+pub use loops::Handoff;
 pub use sim_services::SimServices;
 
 /// One answered request that started no stream, for metrics and the access log.
@@ -121,7 +126,7 @@ pub struct Engine<S> {
     /// stream's own id is compared on lookup; no second copy of it is kept).
     by_sid: HashMap<u64, StreamRef>,
     sid_hasher: std::collections::hash_map::RandomState,
-    /// Bytes in every stream's replay log.
+    /// Bytes in this loop's replay logs (the process's are in `limits`).
     log_bytes: usize,
     /// Detached streams over the replay budget, to cancel.
     over_budget: Vec<StreamRef>,
@@ -132,6 +137,12 @@ pub struct Engine<S> {
     /// The request-bytes budget, routing per phase, idle and per-address
     /// bookkeeping.
     intake: intake::Intake,
+    /// The counts every loop of the process shares.
+    limits: Arc<Limits>,
+    /// This loop's index and the number of loops.
+    loops: (usize, usize),
+    /// Connections being handed to another loop (usually none).
+    moving: Vec<loops::Moving>,
 }
 
 impl<S> Engine<S> {
@@ -156,6 +167,9 @@ impl<S> Engine<S> {
             scratch: Vec::new(),
             redactor: None,
             intake: intake::Intake::default(),
+            limits: Arc::default(),
+            loops: (0, 1),
+            moving: Vec::new(),
         }
     }
 
@@ -182,6 +196,11 @@ impl<S> Engine<S> {
 
     /// A new connection carrying `io`.
     pub fn open(&mut self, io: S, peer: Option<SocketAddr>, now: Instant) -> usize {
+        self.metrics.connections_accepted.fetch_add(1, Relaxed);
+        self.insert_conn(io, peer, now)
+    }
+
+    fn insert_conn(&mut self, io: S, peer: Option<SocketAddr>, now: Instant) -> usize {
         self.next_serial = self.next_serial.wrapping_add(1);
         let key = self.conns.insert(Link {
             io,
@@ -196,7 +215,6 @@ impl<S> Engine<S> {
             mark: intake::Mark::default(),
         });
         self.metrics.connections_open.fetch_add(1, Relaxed);
-        self.metrics.connections_accepted.fetch_add(1, Relaxed);
         self.count_ip(key);
         self.touch(key);
         key
@@ -205,6 +223,7 @@ impl<S> Engine<S> {
     /// Takes a closed connection out; its `io` is the caller's to drop.
     pub fn remove(&mut self, key: usize) -> Option<S> {
         self.forget(key);
+        self.forget_moving(key);
         let link = self.conns.try_remove(key)?;
         if let Some((id, _)) = link.timer {
             self.wheel.cancel(id);
@@ -545,6 +564,9 @@ impl<S> Engine<S> {
     /// Parses and dispatches every complete request in the kept input and
     /// `data`, as long as the connection is reading.
     fn process(&mut self, svc: &mut dyn Services, key: usize, data: &[u8], now: Instant) {
+        if self.is_moving(key) {
+            return self.moving_input(key, data);
+        }
         let Some(link) = self.conns.get_mut(key) else {
             return;
         };
@@ -573,7 +595,11 @@ impl<S> Engine<S> {
                 }
                 Some(Parsed::Request(req)) => {
                     self.routed(req.body.len());
-                    self.dispatch(svc, key, req, now)
+                    self.dispatch(svc, key, req, now);
+                    if self.is_moving(key) {
+                        // The rest goes with the connection, unread.
+                        break;
+                    }
                 }
                 Some(Parsed::Bad { err, line, origin }) => {
                     self.metrics.requests.fetch_add(1, Relaxed);
@@ -586,10 +612,14 @@ impl<S> Engine<S> {
                 }
             }
         }
+        let moving = self.is_moving(key);
         let Some(link) = self.conns.get_mut(key) else {
             return;
         };
         link.conn.keep_rest(&self.cfg, owned, data, at);
+        if moving {
+            return;
+        }
         link.conn
             .settle_if_peer_closed(&mut self.bufs, now, &self.cfg);
     }
@@ -624,6 +654,11 @@ impl<S> Engine<S> {
         let id = svc.next_id();
         let sid = svc.stream_sid(id);
         let (meta, answer) = router::route(&self.cfg, &self.auth, &sid, &req);
+        if let Answer::Resume { sid, .. } | Answer::Cancel { sid } = &answer {
+            if let Some(owner) = self.owner_elsewhere(sid) {
+                return self.hand_off(key, owner, &req);
+            }
+        }
         match answer {
             Answer::Reply(reply) => self.reply(svc, key, &meta, &reply, now),
             Answer::Ops(which) => {
@@ -938,6 +973,7 @@ fn tick_of(epoch: Instant, d: Instant) -> u64 {
 
 mod ending;
 mod intake;
+mod loops;
 mod resume;
 mod sim_services;
 
