@@ -90,6 +90,7 @@ impl<S> Engine<S> {
         let output = link.conn.pending().to_vec();
         let peer = link.peer;
         let io = self.remove(key)?;
+        self.metrics.connections_handed_over.fetch_add(1, Relaxed);
         Some((
             io,
             Handoff {
@@ -184,4 +185,89 @@ fn request_bytes(req: &Request) -> Vec<u8> {
     }
     b.extend_from_slice(b"\r\n");
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::SimServices;
+    use crate::metrics::Metrics;
+
+    fn engine(index: usize, limits: &Arc<Limits>, now: Instant) -> Engine<u8> {
+        let cfg = Arc::new(Config::for_tests(&[]));
+        let mut e = Engine::new(cfg, Arc::new(Metrics::default()), now);
+        e.set_loop(index, 2);
+        e.share_limits(limits.clone());
+        e
+    }
+
+    /// A cancel for loop 1's stream read by loop 0 behind a pipelined
+    /// request: loop 0 answers the first, hands the connection over with
+    /// that answer unwritten and the bytes after the cancel unread; loop 1
+    /// answers the cancel (404: it has no such stream) and the rest, in
+    /// order, as if it had read them itself.
+    #[test]
+    fn a_request_for_another_loops_stream_moves_its_connection() {
+        let now = Instant::now();
+        let limits = Arc::new(Limits::default());
+        let (mut a, mut b) = (engine(0, &limits, now), engine(1, &limits, now));
+        let mut svc = SimServices::default();
+        let peer = Some(SocketAddr::from(([127, 0, 0, 1], 9)));
+        let k = a.open(7, peer, now);
+        let sid = "BAAAAAAAAAAAAAAAAAAAAA";
+        let input = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\
+             POST /v1/chat/stream/{sid}/cancel HTTP/1.1\r\nHost: x\r\nX-Request-Id: c1\r\nContent-Length: 2\r\n\r\n{{}}\
+             GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: h2\r\n\r\n"
+        );
+        a.handle_read(&mut svc, k, input.as_bytes(), now);
+        assert!(a.is_moving(k));
+        assert_eq!(a.allowance(k), 0, "a moving connection is not read");
+        let (io, h) = a.take_moving(k).expect("handed over");
+        assert_eq!((io, h.owner, h.peer), (7, 1, peer));
+        assert!(
+            h.output.starts_with(b"HTTP/1.1 200 "),
+            "the first answer goes along"
+        );
+        let text = String::from_utf8(h.input.clone()).unwrap();
+        assert!(text.starts_with(&format!("POST /v1/chat/stream/{sid}/cancel HTTP/1.1\r\n")));
+        assert!(!text.contains("content-length"), "{text}");
+        assert!(
+            text.ends_with("X-Request-Id: h2\r\n\r\n"),
+            "the rest, unread: {text}"
+        );
+        assert_eq!(a.connections(), 0);
+        assert_eq!(limits.ip_count([127, 0, 0, 1].into()), 0);
+        let output = h.output.clone();
+        let k = b.adopt(&mut svc, 7, h, now);
+        assert_eq!(
+            limits.ip_count([127, 0, 0, 1].into()),
+            0,
+            "no per-ip limit set"
+        );
+        let out = String::from_utf8(b.pending(k).to_vec()).unwrap();
+        assert!(out.starts_with(std::str::from_utf8(&output).unwrap()));
+        let statuses: Vec<&str> = out.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+        assert_eq!(statuses, ["200", "404", "200"], "{out}");
+        assert!(out.contains("x-request-id: c1") || out.contains("X-Request-Id: c1"));
+        assert!(
+            !b.is_moving(k),
+            "loop 1 owns the stream: no second hand-off"
+        );
+    }
+
+    #[test]
+    fn one_loop_never_hands_over() {
+        let now = Instant::now();
+        let limits = Arc::new(Limits::default());
+        let mut a = engine(0, &limits, now);
+        a.set_loop(0, 1);
+        let mut svc = SimServices::default();
+        let k = a.open(1, None, now);
+        let req = b"POST /v1/chat/stream/BAAAAAAAAAAAAAAAAAAAAA/cancel HTTP/1.1\r\nHost: x\r\n\r\n";
+        a.handle_read(&mut svc, k, req, now);
+        assert!(!a.is_moving(k));
+        assert!(a.pending(k).starts_with(b"HTTP/1.1 404 "));
+    }
 }
