@@ -123,6 +123,11 @@ pub struct Config {
     #[arg(long, env = "SLUICE_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: u32,
 
+    /// Event loops serving the port, each on its own thread (at most 64).
+    /// The limits stay process-wide.
+    #[arg(long, env = "SLUICE_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub threads: u32,
+
     /// Requests that may wait for a worker; beyond it: 503 overloaded.
     #[arg(long, env = "SLUICE_QUEUE_DEPTH", default_value_t = 256)]
     pub queue_depth: usize,

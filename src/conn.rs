@@ -438,6 +438,12 @@ impl Conn {
         }
     }
 
+    /// Bytes another event loop queued for this connection before it
+    /// handed the connection over: they are written first.
+    pub fn queue_output(&mut self, bufs: &mut BufPool, bytes: &[u8]) {
+        self.out.append(bufs, |b| b.extend_from_slice(bytes));
+    }
+
     /// Forgets the request being read (refused on its head, or timed out;
     /// the caller answers and closes, and drops the input).
     pub fn drop_request(&mut self) {

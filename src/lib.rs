@@ -1,8 +1,9 @@
 //! sluice: a small, fast HTTP/1.1 server that streams LLM tokens to clients
 //! over Server-Sent Events.
 //!
-//! One `mio` event loop owns every socket; a sans-IO engine beside it owns
-//! every connection machine, every stream and a hashed timer wheel. The
+//! Each `mio` event loop (one, or `--threads N`) owns its sockets; a
+//! sans-IO engine beside it owns its connection machines, its streams and a
+//! hashed timer wheel. The
 //! simulated model is paced inside the loop; blocking backends run on a
 //! small worker pool that hands tokens back through a per-stream queue and
 //! one waker. A stream is not its connection: the connection attaches to it
@@ -16,15 +17,20 @@
 //! [`conn`] (the body's chunks) → socket.
 //!
 //! - [`config`]: every flag, default and limit.
-//! - [`server`]: the mio loop: accept, readiness, waker, signals, drain;
-//!   the only code that touches a socket.
+//! - [`server`]: the mio loops: accept, readiness, waker, signals, drain;
+//!   the only code that touches a socket (`server/loops.rs`: `--threads`
+//!   loops on one listening socket, and the connections and messages they
+//!   hand each other).
+//! - [`limits`]: the counts behind the process-wide limits, shared by
+//!   every loop.
 //! - [`engine`]: the sans-IO core of a loop: the connection slab, the
 //!   stream table and the timer wheel, and the routing of bytes and events
 //!   between them (`engine/intake.rs`: the buffered-bytes budget, routing
 //!   per phase, idle eviction and per-address counts; `engine/ending.rs`:
 //!   how a stream ends; `engine/resume.rs`: resume and stop by id;
 //!   `engine/remote.rs`: the same for streams of other instances, through
-//!   the shared store).
+//!   the shared store;
+//!   `engine/loops.rs`: which loop owns a stream, connections handed to it).
 //! - [`conn`]: the HTTP/1.1 connection machine (requests in, responses and
 //!   body chunks out; keep-alive, pipelining, half-close, timeouts). It
 //!   names no endpoint and no event format.
@@ -65,6 +71,7 @@ pub mod encode;
 pub mod engine;
 pub mod errors;
 pub mod http;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod openai_api;

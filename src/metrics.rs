@@ -71,6 +71,8 @@ pub struct Metrics {
     pub accept_errors: AtomicU64,
     /// Idle keep-alive connections closed to admit a new one at the limit.
     pub connections_evicted: AtomicU64,
+    /// Connections handed to the event loop owning the stream they named.
+    pub connections_handed_over: AtomicU64,
     /// Request bytes held now (unread input and reserved bodies).
     pub request_bytes_buffered: AtomicI64,
     /// Bodies that had to wait for room in the buffered-bytes budget.
@@ -202,6 +204,12 @@ impl Metrics {
             "sluice_connections_evicted_total",
             "Idle keep-alive connections closed to admit new ones at --max-connections.",
             &self.connections_evicted,
+        );
+        counter(
+            &mut out,
+            "sluice_connections_handed_over_total",
+            "Connections handed to the event loop that owns the stream their resume or cancel names (--threads).",
+            &self.connections_handed_over,
         );
         gauge(
             &mut out,

@@ -1,7 +1,15 @@
-//! The mio event loop: accept, readiness, the workers' waker, signals. It
-//! owns every socket and is the only code that touches one; everything a
-//! connection or a stream decides lives in the sans-IO [`Engine`], which
-//! this shell feeds bytes, time and wake-ups, and whose output it writes.
+//! The mio event loops: accept, readiness, the workers' waker, signals.
+//! They own every socket and are the only code that touches one; everything
+//! a connection or a stream decides lives in each loop's sans-IO
+//! [`Engine`], which this shell feeds bytes, time and wake-ups, and whose
+//! output it writes.
+//!
+//! `--threads N` runs N loops, each on its own thread with its own engine
+//! (slab, stream table, timer wheel, buffer pool); `loops.rs` builds them
+//! around one listening socket that every loop accepts from, and the
+//! messages they send each other (a connection handed to the loop that
+//! owns its stream, drain, reloaded keys). The limits are counted
+//! process-wide in [`Limits`]; metrics are one set for the process.
 //!
 //! Rules it keeps (edge-triggered epoll): accept, read and write are drained
 //! until `WouldBlock`; a write is tried as soon as there is something to
@@ -20,24 +28,28 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token};
 
 use crate::auth::Auth;
-use crate::backend::openai::{OpenAiBackend, UpstreamConfig};
-use crate::backend::sim::SimPoolBackend;
-use crate::backend::{Backend, GenRequest};
-use crate::config::{BackendKind, Config};
-use crate::engine::{Access, Ended, Engine, Services};
+use crate::backend::GenRequest;
+use crate::config::Config;
+use crate::engine::{Access, Ended, Engine, Handoff, Services};
 use crate::http::Request;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, ReadyList, TokenSink};
 use crate::router::{Ops, Refusal};
 use crate::stream::{Outcome, Producer, StreamRef};
+
+mod loops;
+
+use loops::{Msg, Peers};
+pub use loops::{Server, ShutdownHandle};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -74,55 +86,31 @@ struct Sock {
 struct Shared {
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
-    pool: Option<Pool>,
+    pool: Option<Arc<Pool>>,
     ready: Arc<ReadyList>,
     next_id: u64,
+    /// Ids of loop `i` of `n` are `i` modulo `n`: unique in the process.
+    id_step: u64,
+    /// This loop's index: stream ids name it.
+    index: usize,
+    /// This loop's streams (the process's are counted in `limits`).
     streams_open: usize,
+    limits: Arc<Limits>,
     max_streams: usize,
     /// SIGTERM/SIGINT arrived: refuse new streams, readiness 503.
     draining: bool,
-    /// The shared resume store (`--resume-store redis://…`).
+    /// This loop's link to the shared resume store (`--resume-store redis://…`).
     store: Option<crate::store::Link>,
-}
-
-impl Shared {
-    /// Why a new stream cannot start now, if it cannot.
-    fn refusal(&self) -> Option<Refusal> {
-        if self.draining {
-            return Some(Refusal {
-                status: 503,
-                code: "shutting_down",
-                message: "the server is shutting down; retry on another instance".into(),
-            });
-        }
-        if self.streams_open >= self.max_streams {
-            return Some(Refusal {
-                status: 503,
-                code: "overloaded",
-                message: format!(
-                    "{} streams are running (--max-streams); retry later",
-                    self.streams_open
-                ),
-            });
-        }
-        None
-    }
-
-    fn count_stream(&mut self) {
-        self.streams_open += 1;
-        self.metrics.streams_open.fetch_add(1, Relaxed);
-        self.metrics.streams_started.fetch_add(1, Relaxed);
-    }
 }
 
 impl Services for Shared {
     fn next_id(&mut self) -> u64 {
-        self.next_id += 1;
+        self.next_id += self.id_step;
         self.next_id
     }
 
     fn stream_sid(&mut self, _id: u64) -> Box<str> {
-        crate::stream::random_sid()
+        crate::stream::sid_for_loop(self.index)
     }
 
     fn store(&mut self) -> Option<&mut crate::store::Link> {
@@ -131,29 +119,59 @@ impl Services for Shared {
 
     fn admit_relay(&mut self, r: StreamRef) -> Option<Result<Arc<TokenSink>, Refusal>> {
         self.store.as_ref()?;
-        if let Some(refusal) = self.refusal() {
-            return Some(Err(refusal));
+        if self.draining {
+            return Some(Err(Refusal {
+                status: 503,
+                code: "shutting_down",
+                message: "the server is shutting down; retry on another instance".into(),
+            }));
         }
-        self.count_stream();
+        if !self.limits.try_start_stream(self.max_streams) {
+            return Some(Err(Refusal {
+                status: 503,
+                code: "overloaded",
+                message: format!(
+                    "{} streams are running (--max-streams); retry later",
+                    self.limits.streams()
+                ),
+            }));
+        }
+        self.streams_open += 1;
+        self.metrics.streams_open.fetch_add(1, Relaxed);
+        self.metrics.streams_started.fetch_add(1, Relaxed);
         // Room for a whole replay: the store thread never waits on it.
-        let capacity = relay_capacity(&self.cfg);
         Some(Ok(Arc::new(TokenSink::new(
             r.key,
             r.id,
-            capacity,
+            relay_capacity(&self.cfg),
             self.ready.clone(),
         ))))
     }
 
     fn relay_dropped(&mut self) {
         self.streams_open = self.streams_open.saturating_sub(1);
+        self.limits.stream_ended();
         self.metrics.streams_open.fetch_sub(1, Relaxed);
         self.metrics.streams_started.fetch_sub(1, Relaxed);
     }
 
     fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal> {
-        if let Some(refusal) = self.refusal() {
-            return Err(refusal);
+        if self.draining {
+            return Err(Refusal {
+                status: 503,
+                code: "shutting_down",
+                message: "the server is shutting down; retry on another instance".into(),
+            });
+        }
+        if !self.limits.try_start_stream(self.max_streams) {
+            return Err(Refusal {
+                status: 503,
+                code: "overloaded",
+                message: format!(
+                    "{} streams are running (--max-streams); retry later",
+                    self.limits.streams()
+                ),
+            });
         }
         let producer = match &self.pool {
             None => Producer::Sim,
@@ -165,6 +183,7 @@ impl Services for Shared {
                     self.ready.clone(),
                 ));
                 if pool.submit(gen.clone(), sink.clone()).is_err() {
+                    self.limits.stream_ended();
                     return Err(Refusal {
                         status: 503,
                         code: "overloaded",
@@ -177,7 +196,9 @@ impl Services for Shared {
                 Producer::Pool(sink)
             }
         };
-        self.count_stream();
+        self.streams_open += 1;
+        self.metrics.streams_open.fetch_add(1, Relaxed);
+        self.metrics.streams_started.fetch_add(1, Relaxed);
         Ok(producer)
     }
 
@@ -231,6 +252,7 @@ impl Services for Shared {
     fn stream_ended(&mut self, e: &Ended) {
         let s = e.summary;
         self.streams_open = self.streams_open.saturating_sub(1);
+        self.limits.stream_ended();
         let m = &self.metrics;
         m.streams_open.fetch_sub(1, Relaxed);
         let outcome = match s.outcome {
@@ -264,20 +286,6 @@ impl Services for Shared {
     }
 }
 
-/// Starts a graceful shutdown from another thread (what SIGTERM does).
-#[derive(Clone)]
-pub struct ShutdownHandle {
-    flag: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-}
-
-impl ShutdownHandle {
-    pub fn shut_down(&self) {
-        self.flag.store(true, Ordering::Release);
-        let _ = self.waker.wake();
-    }
-}
-
 struct Drain {
     /// Running streams may finish until then.
     deadline: Instant,
@@ -285,25 +293,36 @@ struct Drain {
     final_at: Option<Instant>,
 }
 
-/// A bound server, ready to [`Server::run`].
-pub struct Server {
+/// What every loop of a process is built from.
+struct Common {
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    pool: Option<Arc<Pool>>,
+    limits: Arc<Limits>,
+    auth: Auth,
+    redactor: Option<Arc<crate::redact::Redactor>>,
+    store: Option<crate::store::Store>,
+}
+
+/// One event loop: its poll, its engine, and its way to the other loops.
+struct Loop {
     poll: Poll,
     listener: TcpListener,
-    local_addr: SocketAddr,
     engine: Engine<Sock>,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
     shared: Shared,
+    limits: Arc<Limits>,
+    /// Every loop's mailbox and waker (this one's too, at `shared.index`).
+    peers: Peers,
+    inbox: Receiver<Msg>,
     scratch: Vec<u8>,
     ready_list: Vec<(usize, u64)>,
     dirty: Vec<usize>,
     max_conns: usize,
-    accept_paused: bool,
     accept_retry_at: Option<Instant>,
     /// When "accepting paused" was last logged, and pauses since.
     pause_warned: Option<(Instant, u64)>,
-    waker: Arc<Waker>,
-    shutdown_flag: Arc<AtomicBool>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     drain: Option<Drain>,
     /// Connections (key, serial) left with unread input by their read budget.
@@ -312,120 +331,76 @@ pub struct Server {
     read_left: usize,
 }
 
-impl Server {
-    /// Binds `cfg.listen`. `backend` overrides `--backend` (tests use it to
-    /// run a scripted backend on the pool).
-    pub fn bind(cfg: Config, backend: Option<Arc<dyn Backend>>) -> io::Result<Server> {
-        let cfg = Arc::new(cfg);
-        let poll = Poll::new()?;
-        let listener = listen(cfg.listen)?;
-        let local_addr = listener.local_addr()?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let w = waker.clone();
+impl Loop {
+    /// Loop `index` of `count`, accepting from `listener` (registered in
+    /// `poll` already), woken through `peers[index]`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        c: &Common,
+        index: usize,
+        count: usize,
+        poll: Poll,
+        listener: TcpListener,
+        peers: Peers,
+        inbox: Receiver<Msg>,
+    ) -> Loop {
+        let cfg = c.cfg.clone();
+        let w = peers[index].waker.clone();
         let ready = Arc::new(ReadyList::new(move || {
             let _ = w.wake();
         }));
-        let metrics = Arc::new(Metrics::default());
-        let backend: Option<Arc<dyn Backend>> = match (backend, cfg.backend) {
-            (Some(b), _) => Some(b),
-            (None, BackendKind::Sim) => None,
-            (None, BackendKind::SimPool) => Some(Arc::new(SimPoolBackend {
-                ttft: cfg.sim_ttft(),
-                itl: cfg.sim_itl(),
-                sim_tokens: cfg.sim_tokens,
-            })),
-            (None, BackendKind::Openai) => {
-                let Some(url) = cfg.upstream_url.clone() else {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "--backend openai needs --upstream-url (e.g. http://127.0.0.1:8081/v1)",
-                    ));
-                };
-                let backend = OpenAiBackend::new(UpstreamConfig {
-                    url,
-                    key: cfg.upstream_key.clone(),
-                    model: cfg.upstream_model.clone(),
-                    system_prompt: cfg.system_prompt.clone(),
-                    connect_timeout: Duration::from_millis(cfg.upstream_connect_timeout_ms),
-                    read_timeout: Duration::from_millis(cfg.upstream_read_timeout_ms),
-                    max_idle: cfg.workers as usize,
-                    ca_file: cfg.upstream_ca_file.clone(),
-                })
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                Some(Arc::new(backend))
-            }
-        };
-        let auth =
-            Auth::from_config(&cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        if !auth.keys.is_empty() {
-            log::info!("API keys on: {} keys", auth.keys.len());
-        }
-        let pool =
-            backend.map(|b| Pool::new(cfg.workers as usize, cfg.queue_depth, b, metrics.clone()));
         let max_conns = cfg.effective_max_connections();
-        let store = crate::store::Store::start(
-            &cfg.resume_store,
-            cfg.resume_window_ms,
-            relay_capacity(&cfg),
-            metrics.clone(),
-        );
-        metrics
-            .store_configured
-            .store(store.is_some(), Ordering::Relaxed);
-        let store = store.map(|s| {
-            let w = waker.clone();
-            s.link(move || {
-                let _ = w.wake();
-            })
-        });
-        let mut engine = Engine::new(cfg.clone(), metrics.clone(), Instant::now());
-        engine.set_auth(auth);
-        if let Some(r) = crate::redact::from_config(&cfg, &metrics)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
-        {
-            engine.set_redactor(r);
+        let mut engine = Engine::new(cfg.clone(), c.metrics.clone(), Instant::now());
+        engine.set_auth(c.auth.clone());
+        engine.set_loop(index, count);
+        engine.share_limits(c.limits.clone());
+        if let Some(r) = &c.redactor {
+            engine.set_redactor(r.clone());
         }
-        Ok(Server {
+        Loop {
             poll,
             listener,
-            local_addr,
             engine,
-            metrics: metrics.clone(),
+            metrics: c.metrics.clone(),
             shared: Shared {
                 cfg: cfg.clone(),
-                metrics,
-                pool,
+                metrics: c.metrics.clone(),
+                pool: c.pool.clone(),
                 ready,
-                next_id: (std::process::id() as u64 & 0xfff) << 32,
+                next_id: ((std::process::id() as u64 & 0xfff) << 32) + index as u64,
+                id_step: count as u64,
+                index,
                 streams_open: 0,
+                limits: c.limits.clone(),
                 max_streams: cfg.effective_max_streams(),
                 draining: false,
-                store,
+                store: c.store.as_ref().map(|s| {
+                    let w = peers[index].waker.clone();
+                    s.link(move || {
+                        let _ = w.wake();
+                    })
+                }),
             },
+            limits: c.limits.clone(),
+            peers,
+            inbox,
             cfg,
             scratch: vec![0; SCRATCH],
             ready_list: Vec::new(),
             dirty: Vec::new(),
             max_conns,
-            accept_paused: false,
             accept_retry_at: None,
             pause_warned: None,
-            waker,
-            shutdown_flag: Arc::new(AtomicBool::new(false)),
             signals: None,
             drain: None,
             reread: Vec::new(),
             read_left: PHASE_READ_BUDGET,
-        })
+        }
     }
 
-    /// SIGTERM and SIGINT start a graceful shutdown (a second one ends the
-    /// drain at once). Only the binary calls this: tests use
-    /// [`Server::shutdown_handle`].
-    pub fn handle_signals(&mut self) -> io::Result<()> {
+    /// SIGTERM and SIGINT start a graceful shutdown of every loop (a second
+    /// one ends the drain at once); SIGHUP reloads the keys of every loop.
+    fn handle_signals(&mut self) -> io::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         self.poll
@@ -435,25 +410,57 @@ impl Server {
         Ok(())
     }
 
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            flag: self.shutdown_flag.clone(),
-            waker: self.waker.clone(),
+    /// What the other loops sent: connections to adopt, drain, new keys.
+    fn read_inbox(&mut self) {
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                Msg::Adopt(sock, h) => self.adopt(sock, h),
+                Msg::Drain => self.begin_drain(),
+                Msg::Keys(auth) => self.engine.set_auth(auth),
+            }
         }
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// A connection another loop handed over (it counts in the limits
+    /// already).
+    fn adopt(&mut self, mut sock: TcpStream, h: Handoff) {
+        let key = self.engine.vacant_key();
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("cannot register a connection handed over: {e}");
+            self.limits.connection_closed();
+            return;
+        }
+        let io = Sock {
+            sock,
+            blocked: false,
+            read_paused: false,
+        };
+        let key = self.engine.adopt(&mut self.shared, io, h, Instant::now());
+        self.service(key);
+        self.service_dirty();
     }
 
-    /// The server's counters, readable from other threads.
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.metrics.clone()
+    /// Hands connection `key` to the loop that owns the stream it asked for.
+    fn move_out(&mut self, key: usize) {
+        let Some((mut io, h)) = self.engine.take_moving(key) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut io.sock);
+        let owner = h.owner;
+        if !self.peers[owner].send(Msg::Adopt(io.sock, h)) {
+            // That loop has exited (the process is shutting down): the
+            // connection closes.
+            self.limits.connection_closed();
+        }
     }
 
     /// Runs the loop until a graceful shutdown completes (`Ok`) or polling
     /// fails.
-    pub fn run(mut self) -> io::Result<()> {
+    fn run(mut self) -> io::Result<()> {
         crate::logging::mark_loop_thread();
         let mut events = Events::with_capacity(1024);
         loop {
@@ -473,9 +480,7 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept(),
                     WAKER => {
-                        if self.shutdown_flag.swap(false, Ordering::AcqRel) {
-                            self.begin_drain();
-                        }
+                        self.read_inbox();
                         self.drain_ready();
                         self.drain_store();
                     }
@@ -488,6 +493,7 @@ impl Server {
                             if sig == signal_hook::consts::SIGHUP {
                                 self.reload_keys();
                             } else {
+                                self.peers.send_others(self.shared.index, || Msg::Drain);
                                 self.begin_drain();
                             }
                         }
@@ -531,13 +537,15 @@ impl Server {
         }
     }
 
-    /// SIGHUP: reads the API keys again. Running streams are untouched; a
-    /// file that does not load keeps the old keys. (A small local file,
-    /// read on the loop thread: reloads are rare.)
+    /// SIGHUP: reads the API keys again, for every loop. Running streams
+    /// are untouched; a file that does not load keeps the old keys. (A
+    /// small local file, read on the loop thread: reloads are rare.)
     fn reload_keys(&mut self) {
         match Auth::from_config(&self.cfg) {
             Ok(auth) => {
                 log::info!("SIGHUP: API keys reloaded: {} keys", auth.keys.len());
+                self.peers
+                    .send_others(self.shared.index, || Msg::Keys(auth.clone()));
                 self.engine.set_auth(auth);
             }
             Err(e) => log::warn!("SIGHUP: keeping the old API keys: {e}"),
@@ -609,9 +617,12 @@ impl Server {
         t
     }
 
+    /// Accepts while the process is under `--max-connections` (every loop
+    /// accepts from the one listening socket, so a connection never waits
+    /// for a loop at its limit while another has room).
     fn accept(&mut self) {
         loop {
-            if self.engine.connections() >= self.max_conns {
+            if !self.limits.try_open_connection(self.max_conns) {
                 // As nginx does: the longest-idle keep-alive connection
                 // makes room (its client reconnects when it needs to) —
                 // only for a connection that is waiting.
@@ -621,12 +632,12 @@ impl Server {
                         continue;
                     }
                 }
-                if !self.accept_paused {
+                if !self.limits.pause_accepting() {
                     self.warn_paused();
                 }
-                self.accept_paused = true;
                 return;
             }
+            // One connection's room is taken: it goes back unless one came.
             match self.listener.accept() {
                 Ok((mut sock, peer)) => {
                     let _ = sock.set_nodelay(true);
@@ -638,6 +649,7 @@ impl Server {
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
                         log::warn!("cannot register a connection from {peer}: {e}");
+                        self.limits.connection_closed();
                         continue;
                     }
                     let io = Sock {
@@ -649,15 +661,22 @@ impl Server {
                     let key = self.engine.open(io, Some(peer), now);
                     self.engine.check_peer_limit(&mut self.shared, key, now);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.limits.connection_closed();
+                    return;
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::Interrupted
                             | io::ErrorKind::ConnectionAborted
                             | io::ErrorKind::ConnectionReset
-                    ) => {}
+                    ) =>
+                {
+                    self.limits.connection_closed();
+                }
                 Err(e) => {
+                    self.limits.connection_closed();
                     // EMFILE/ENFILE and the like: retrying at once would spin.
                     self.metrics.accept_errors.fetch_add(1, Relaxed);
                     log::warn!("accept failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
@@ -685,7 +704,7 @@ impl Server {
                 log::warn!(
                     "{} connections open (--max-connections), none idle: accepting paused \
                      ({more} more pauses since the last warning)",
-                    self.engine.connections()
+                    self.limits.connections()
                 );
                 self.pause_warned = Some((now, 0));
             }
@@ -710,6 +729,7 @@ impl Server {
     fn close_now(&mut self, key: usize) {
         if let Some(mut io) = self.engine.remove(key) {
             let _ = self.poll.registry().deregister(&mut io.sock);
+            self.limits.connection_closed();
         }
     }
 
@@ -774,14 +794,20 @@ impl Server {
     /// all connections in a phase), each no larger than the engine allows:
     /// a client that sends faster than it is answered must not keep the
     /// loop from every other connection. A connection with more to read
-    /// goes on [`Server::reread`], served on the next pass of the loop.
+    /// goes on [`Loop::reread`], served on the next pass of the loop.
     fn read(&mut self, key: usize, read_closed: bool) {
+        self.read_reserved(key, read_closed);
+        // Each read's room in the budget was reserved; it is counted now.
+        self.engine.end_read();
+    }
+
+    fn read_reserved(&mut self, key: usize, read_closed: bool) {
         for _ in 0..READ_BUDGET {
             if self.read_left == 0 {
                 break;
             }
             let now = Instant::now();
-            let allowance = self.engine.read_allowance(key).min(SCRATCH);
+            let allowance = self.engine.reserve_read(key, SCRATCH);
             let wants = allowance > 0;
             let Some(io) = self.engine.io_mut(key) else {
                 return;
@@ -841,6 +867,9 @@ impl Server {
     /// Writes what is pending for `key`, half-closes or closes as its
     /// connection says, and resumes reading held-back input.
     fn service(&mut self, key: usize) {
+        if self.engine.is_moving(key) {
+            return self.move_out(key);
+        }
         let now = Instant::now();
         let sh = &mut self.shared;
         // Flush: one write carries every frame that is ready.
@@ -884,9 +913,10 @@ impl Server {
         if closed {
             if let Some(mut io) = self.engine.remove(key) {
                 let _ = self.poll.registry().deregister(&mut io.sock);
+                self.limits.connection_closed();
             }
-            if self.accept_paused && self.engine.connections() < self.max_conns {
-                self.accept_paused = false;
+            // Whichever loop accepting paused in, this one has room now.
+            if self.limits.connections() < self.max_conns && self.limits.resume_accepting() {
                 self.accept();
             }
         }

@@ -126,10 +126,7 @@ impl<S> Engine<S> {
             self.account_log(r, logged);
             self.touch_stream(r);
         } else {
-            self.log_bytes = self.log_bytes.saturating_sub(logged);
-            self.metrics
-                .replay_bytes
-                .store(self.log_bytes as i64, Relaxed);
+            self.set_log_bytes(self.log_bytes.saturating_sub(logged));
             self.remove_stream(r);
         }
         if let Some((key, serial)) = sub {
@@ -164,10 +161,7 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.remove(r) else {
             return;
         };
-        self.log_bytes = self.log_bytes.saturating_sub(stream.log_bytes());
-        self.metrics
-            .replay_bytes
-            .store(self.log_bytes as i64, Relaxed);
+        self.set_log_bytes(self.log_bytes.saturating_sub(stream.log_bytes()));
         let h = self.sid_hash(stream.sid());
         if self.by_sid.get(&h) == Some(&r) {
             self.by_sid.remove(&h);

@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::backend::sim::SimText;
 use crate::backend::{Finish, Message};
 use crate::pool::{ReadyList, TokenSink};
+use crate::router::{Ops, Refusal};
 use crate::sse::StreamError;
-use crate::stream::Outcome;
+use crate::stream::{Outcome, Producer, StreamSummary};
 
 // ------------------------------------------------------------------ fakes
 

@@ -1,5 +1,6 @@
-//! What comes in, and how much of it at once: the server-wide budget of
-//! buffered request bytes (`--max-buffered-bytes`) and the bodies waiting
+//! What comes in, and how much of it at once: the process-wide budget of
+//! buffered request bytes (`--max-buffered-bytes`, counted in
+//! [`crate::limits::Limits`] with every other loop's) and the bodies waiting
 //! for it, the routing work one loop turn may do, the idle keep-alive
 //! connections closed to admit new ones at `--max-connections`, and the
 //! connections per client address (`--max-connections-per-ip`).
@@ -15,7 +16,9 @@
 //! for each other's memory).
 //!
 //! No read takes more than the budget has room for, so the total never
-//! grows past it. Reservations may fill [`FUND_SHARE`] of it; the rest is
+//! grows past it: the server's read reserves its room first
+//! ([`Engine::reserve_read`]), so loops reading at once cannot overshoot
+//! together. Reservations may fill [`FUND_SHARE`] of it; the rest is
 //! kept for request heads (and what arrives with them), which are read
 //! [`HEAD_READ`] bytes at a time once the budget is half full: so that
 //! `/healthz` is still answered while uploads flood the server. A
@@ -26,7 +29,7 @@
 //! for the next phase, so that timers (the next token of every stream) run
 //! between them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -48,15 +51,14 @@ pub const HEAD_READ: usize = 4096;
 
 /// The engine's bookkeeping of what comes in.
 pub(super) struct Intake {
-    /// Sum of every connection's [`crate::conn::Conn::charge`].
-    pub charged: usize,
+    /// Bytes of the budget reserved for the read in flight
+    /// ([`Engine::reserve_read`]).
+    in_flight: usize,
     /// Connections whose body waits for funding, first come first served.
     waiting: VecDeque<(usize, u32)>,
     /// Kept-alive connections by when they went idle (entries are checked
     /// when used: a connection that got busy since is skipped).
     idle: VecDeque<(usize, u32, Instant)>,
-    /// Open connections by client address (with a per-address limit).
-    per_ip: HashMap<IpAddr, u32>,
     /// Body bytes that may still be routed in this phase.
     route_left: usize,
     /// Something was routed in this phase.
@@ -70,10 +72,9 @@ pub(super) struct Intake {
 impl Default for Intake {
     fn default() -> Intake {
         Intake {
-            charged: 0,
+            in_flight: 0,
             waiting: VecDeque::new(),
             idle: VecDeque::new(),
-            per_ip: HashMap::new(),
             // Unbounded until the driver starts phases (the server does;
             // tests and benches that feed requests directly need not).
             route_left: usize::MAX,
@@ -87,11 +88,11 @@ impl Default for Intake {
 /// What the engine keeps per connection for the intake.
 #[derive(Default)]
 pub(super) struct Mark {
-    /// This connection's part of [`Intake::charged`].
+    /// This connection's part of the buffered bytes.
     pub charged: usize,
     /// The idle start already queued in [`Intake::idle`].
     pub idle: Option<Instant>,
-    /// The address counted in [`Intake::per_ip`].
+    /// The address counted in [`crate::limits::Limits::count_ip`].
     pub ip: Option<IpAddr>,
     /// In [`Intake::deferred`]: not read until its kept requests are routed.
     pub deferred: bool,
@@ -116,13 +117,55 @@ impl<S> Engine<S> {
         n
     }
 
+    /// What the server reads from `key` now: [`Engine::read_allowance`]
+    /// capped at `max`, the part beyond the connection's own reservation
+    /// reserved in the process-wide budget until [`Engine::end_read`] (the
+    /// next call ends the previous reservation too).
+    pub fn reserve_read(&mut self, key: usize, max: usize) -> usize {
+        self.end_read();
+        let n = self.read_allowance(key).min(max);
+        let Some(link) = self.conns.get_mut(key) else {
+            return 0;
+        };
+        let c = &link.conn;
+        if n == 0 || (!c.is_reading() && !c.is_responding()) {
+            // Nothing, or bytes that are dropped: nothing to reserve.
+            return n;
+        }
+        let own = if c.is_reading() && c.body_size().is_some() {
+            c.reserve_slack().min(n)
+        } else {
+            0
+        };
+        let got = self
+            .limits
+            .reserve_buffered(n - own, self.cfg.max_buffered_bytes);
+        self.intake.in_flight = got;
+        if own + got == 0 && !link.mark.starved {
+            // Another loop took the room first: read again when some is back.
+            link.mark.starved = true;
+            self.intake.starved.push((key, link.serial));
+        }
+        own + got
+    }
+
+    /// The read of [`Engine::reserve_read`] is counted (or failed): its
+    /// reservation goes back.
+    pub fn end_read(&mut self) {
+        let n = std::mem::take(&mut self.intake.in_flight);
+        if n > 0 {
+            self.limits.release_buffered(n);
+            store_gauge(&self.limits, self.intake.in_flight, &self.metrics);
+        }
+    }
+
     /// [`Engine::read_allowance`] without noting anything.
     pub fn allowance(&self, key: usize) -> usize {
         let Some(link) = self.conns.get(key) else {
             return 0;
         };
         let c = &link.conn;
-        if link.mark.deferred || !c.wants_read(&self.cfg) {
+        if link.mark.deferred || !c.wants_read(&self.cfg) || self.is_moving(key) {
             return 0;
         }
         if !c.is_reading() && !c.is_responding() {
@@ -130,12 +173,13 @@ impl<S> Engine<S> {
             return usize::MAX;
         }
         let budget = self.cfg.max_buffered_bytes;
-        let room = budget.saturating_sub(self.intake.charged);
+        let charged = self.limits.buffered();
+        let room = budget.saturating_sub(charged);
         if c.is_reading() && c.body_size().is_some() {
             // A funded body: its own reservation's slack, and the room.
             return c.reserve_slack().saturating_add(room);
         }
-        if self.intake.charged >= budget / 2 {
+        if charged >= budget / 2 {
             room.min(HEAD_READ)
         } else {
             room
@@ -149,9 +193,9 @@ impl<S> Engine<S> {
             .is_some_and(|l| !l.mark.deferred && l.conn.wants_read(&self.cfg))
     }
 
-    /// Request bytes held (or reserved) by every connection.
+    /// Request bytes held (or reserved) by every connection of the process.
     pub fn buffered_bytes(&self) -> usize {
-        self.intake.charged
+        self.limits.buffered()
     }
 
     /// Funds the bodies waiting for the budget that fit now, first come
@@ -159,7 +203,7 @@ impl<S> Engine<S> {
     /// again if there is room (the server reads them again). The server
     /// calls it once per loop turn.
     pub fn fund_waiting(&mut self) {
-        if !self.intake.starved.is_empty() && self.intake.charged < self.cfg.max_buffered_bytes {
+        if !self.intake.starved.is_empty() && self.limits.buffered() < self.cfg.max_buffered_bytes {
             for (key, serial) in std::mem::take(&mut self.intake.starved) {
                 if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
                     link.mark.starved = false;
@@ -239,7 +283,7 @@ impl<S> Engine<S> {
         let Some(ip) = link.mark.ip else {
             return;
         };
-        let n = self.intake.per_ip.get(&ip).copied().unwrap_or(0);
+        let n = self.limits.ip_count(ip);
         if limit == 0 || n as usize <= limit {
             return;
         }
@@ -288,7 +332,7 @@ impl<S> Engine<S> {
             return;
         };
         if let Some(ip) = link.peer.map(|p| p.ip().to_canonical()) {
-            *self.intake.per_ip.entry(ip).or_insert(0) += 1;
+            self.limits.count_ip(ip);
             link.mark.ip = Some(ip);
         }
     }
@@ -297,12 +341,7 @@ impl<S> Engine<S> {
         let Some(ip) = self.conns.get_mut(key).and_then(|l| l.mark.ip.take()) else {
             return;
         };
-        if let Some(n) = self.intake.per_ip.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.intake.per_ip.remove(&ip);
-            }
-        }
+        self.limits.uncount_ip(ip);
     }
 
     /// After any change to `key`: its charge in the budget, and whether it
@@ -313,11 +352,9 @@ impl<S> Engine<S> {
         };
         let charge = link.conn.charge();
         if charge != link.mark.charged {
-            self.intake.charged = self.intake.charged - link.mark.charged + charge;
+            self.limits.recharge(link.mark.charged, charge);
             link.mark.charged = charge;
-            self.metrics
-                .request_bytes_buffered
-                .store(self.intake.charged as i64, Relaxed);
+            store_gauge(&self.limits, self.intake.in_flight, &self.metrics);
         }
         if link.conn.is_idle() && link.mark.idle != Some(link.conn.idle_since()) {
             let since = link.conn.idle_since();
@@ -333,10 +370,9 @@ impl<S> Engine<S> {
     pub(super) fn forget(&mut self, key: usize) {
         self.uncount_ip(key);
         if let Some(link) = self.conns.get_mut(key) {
-            self.intake.charged -= std::mem::take(&mut link.mark.charged);
-            self.metrics
-                .request_bytes_buffered
-                .store(self.intake.charged as i64, Relaxed);
+            self.limits
+                .recharge(std::mem::take(&mut link.mark.charged), 0);
+            store_gauge(&self.limits, self.intake.in_flight, &self.metrics);
         }
     }
 
@@ -376,8 +412,12 @@ impl<S> Engine<S> {
             Some(BodySize::Chunked) => max_body,
             None => 0,
         };
-        // What it holds now becomes part of its body: only the others count.
-        let others = self.intake.charged - link.mark.charged;
+        // What it holds now becomes part of its body: only the others count
+        // (and not this loop's read in flight, which is this connection's).
+        let others = self
+            .limits
+            .buffered()
+            .saturating_sub(link.mark.charged + self.intake.in_flight);
         let share = budget / FUND_SHARE.1 * FUND_SHARE.0;
         if others + need > share && others > 0 {
             return false;
@@ -417,4 +457,15 @@ impl<S> Engine<S> {
                 .is_some_and(|l| l.serial == s && l.conn.is_idle() && l.conn.idle_since() == since)
         });
     }
+}
+
+/// `sluice_request_bytes_buffered`: the process's bytes, without this
+/// loop's read in flight (a reservation, not bytes).
+fn store_gauge(
+    limits: &crate::limits::Limits,
+    in_flight: usize,
+    metrics: &crate::metrics::Metrics,
+) {
+    let n = limits.buffered().saturating_sub(in_flight);
+    metrics.request_bytes_buffered.store(n as i64, Relaxed);
 }

@@ -14,6 +14,9 @@
 //! buffered request bytes ([`Engine::read_allowance`], bodies funded first
 //! come first served), routing per phase of a loop turn, idle keep-alive
 //! connections evicted at the connection limit, connections per address.
+//! With several loops (`--threads`), the limits are counted process-wide
+//! ([`crate::limits::Limits`]) and a resume or stop by id that names
+//! another loop's stream hands its connection to that loop (`loops.rs`).
 //! Tests drive an `Engine<()>` with a simulated clock and scripted
 //! producers, and assert on exact bytes.
 
@@ -28,71 +31,21 @@ use slab::Slab;
 use crate::auth::Auth;
 use crate::backend::GenRequest;
 use crate::config::Config;
-use crate::conn::{Conn, Expired, Parsed, ReqLine, Response};
+use crate::conn::{Conn, Expired, Parsed, Response};
 use crate::encode::Encoder;
 use crate::http::Request;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::outbuf::BufPool;
-use crate::pool::TokenSink;
 use crate::redact::Redactor;
-use crate::router::{self, Answer, Meta, Ops, Refusal, Reply};
+use crate::router::{self, Answer, Meta, Reply};
 use crate::sse::{ErrorCode, StreamError};
-use crate::stream::{
-    Admission, Detach, End, Producer, Stream, StreamCx, StreamRef, StreamSummary, StreamTable,
-};
+use crate::stream::{Admission, Detach, End, Stream, StreamCx, StreamRef, StreamTable};
 use crate::timer::{TimerId, TimerWheel};
 
+pub use loops::Handoff;
+pub use services::{Access, Ended, Services};
 pub use sim_services::SimServices;
-
-/// One answered request that started no stream, for metrics and the access log.
-#[derive(Debug, Clone)]
-pub struct Access<'a> {
-    pub line: Option<&'a ReqLine>,
-    /// Who presented a valid API key.
-    pub principal: Option<&'a str>,
-    pub status: u16,
-    pub request_id: &'a str,
-    pub duration: Duration,
-    pub peer: Option<SocketAddr>,
-}
-
-/// One ended stream, for metrics and the access log.
-#[derive(Debug, Clone)]
-pub struct Ended<'a> {
-    pub summary: &'a StreamSummary,
-    /// The response's status (200 for a streamed answer).
-    pub status: u16,
-    pub peer: Option<SocketAddr>,
-}
-
-/// What the engine needs from the server around it.
-pub trait Services {
-    /// A fresh id, never reused (request ids of refused requests use one too).
-    fn next_id(&mut self) -> u64;
-    /// The id clients see for stream `id`: unguessable in the server
-    /// ([`crate::stream::random_sid`]), predictable in tests.
-    fn stream_sid(&mut self, id: u64) -> Box<str>;
-    /// Admits stream `r`, or refuses it.
-    fn admit(&mut self, r: StreamRef, gen: &GenRequest) -> Result<Producer, Refusal>;
-    /// Status, content type and body of an operational endpoint.
-    fn ops(&mut self, which: Ops, req: &Request) -> (u16, &'static str, Vec<u8>);
-    /// A stream ended; `streams_open` goes down here.
-    fn stream_ended(&mut self, ended: &Ended);
-    /// A request was answered without a stream.
-    fn responded(&mut self, _access: &Access) {}
-    /// This loop's link to the shared resume store (`--resume-store`),
-    /// when there is one.
-    fn store(&mut self) -> Option<&mut crate::store::Link> {
-        None
-    }
-    /// Admits relay `r` (a stream of another instance resumed here from
-    /// the store), counted like any stream; `None` without a store.
-    fn admit_relay(&mut self, _r: StreamRef) -> Option<Result<Arc<TokenSink>, Refusal>> {
-        None
-    }
-    /// An admitted relay found nothing to resume: it is not counted any more.
-    fn relay_dropped(&mut self) {}
-}
 
 /// A connection and what the engine knows about it.
 struct Link<S> {
@@ -134,7 +87,7 @@ pub struct Engine<S> {
     /// stream's own id is compared on lookup; no second copy of it is kept).
     by_sid: HashMap<u64, StreamRef>,
     sid_hasher: std::collections::hash_map::RandomState,
-    /// Bytes in every stream's replay log.
+    /// Bytes in this loop's replay logs (the process's are in `limits`).
     log_bytes: usize,
     /// Detached streams over the replay budget, to cancel.
     over_budget: Vec<StreamRef>,
@@ -150,6 +103,12 @@ pub struct Engine<S> {
     /// The request-bytes budget, routing per phase, idle and per-address
     /// bookkeeping.
     intake: intake::Intake,
+    /// The counts every loop of the process shares.
+    limits: Arc<Limits>,
+    /// This loop's index and the number of loops.
+    loops: (usize, usize),
+    /// Connections being handed to another loop (usually none).
+    moving: Vec<loops::Moving>,
 }
 
 impl<S> Engine<S> {
@@ -176,6 +135,9 @@ impl<S> Engine<S> {
             parked: HashMap::new(),
             redactor: None,
             intake: intake::Intake::default(),
+            limits: Arc::default(),
+            loops: (0, 1),
+            moving: Vec::new(),
         }
     }
 
@@ -202,6 +164,11 @@ impl<S> Engine<S> {
 
     /// A new connection carrying `io`.
     pub fn open(&mut self, io: S, peer: Option<SocketAddr>, now: Instant) -> usize {
+        self.metrics.connections_accepted.fetch_add(1, Relaxed);
+        self.insert_conn(io, peer, now)
+    }
+
+    fn insert_conn(&mut self, io: S, peer: Option<SocketAddr>, now: Instant) -> usize {
         self.next_serial = self.next_serial.wrapping_add(1);
         let key = self.conns.insert(Link {
             io,
@@ -216,7 +183,6 @@ impl<S> Engine<S> {
             mark: intake::Mark::default(),
         });
         self.metrics.connections_open.fetch_add(1, Relaxed);
-        self.metrics.connections_accepted.fetch_add(1, Relaxed);
         self.count_ip(key);
         self.touch(key);
         key
@@ -226,6 +192,7 @@ impl<S> Engine<S> {
     pub fn remove(&mut self, key: usize) -> Option<S> {
         self.forget(key);
         self.unpark(key);
+        self.forget_moving(key);
         let link = self.conns.try_remove(key)?;
         if let Some((id, _)) = link.timer {
             self.wheel.cancel(id);
@@ -566,6 +533,9 @@ impl<S> Engine<S> {
     /// Parses and dispatches every complete request in the kept input and
     /// `data`, as long as the connection is reading.
     fn process(&mut self, svc: &mut dyn Services, key: usize, data: &[u8], now: Instant) {
+        if self.is_moving(key) {
+            return self.moving_input(key, data);
+        }
         let Some(link) = self.conns.get_mut(key) else {
             return;
         };
@@ -594,7 +564,11 @@ impl<S> Engine<S> {
                 }
                 Some(Parsed::Request(req)) => {
                     self.routed(req.body.len());
-                    self.dispatch(svc, key, req, now)
+                    self.dispatch(svc, key, req, now);
+                    if self.is_moving(key) {
+                        // The rest goes with the connection, unread.
+                        break;
+                    }
                 }
                 Some(Parsed::Bad { err, line, origin }) => {
                     self.metrics.requests.fetch_add(1, Relaxed);
@@ -607,10 +581,14 @@ impl<S> Engine<S> {
                 }
             }
         }
+        let moving = self.is_moving(key);
         let Some(link) = self.conns.get_mut(key) else {
             return;
         };
         link.conn.keep_rest(&self.cfg, owned, data, at);
+        if moving {
+            return;
+        }
         link.conn
             .settle_if_peer_closed(&mut self.bufs, now, &self.cfg);
     }
@@ -645,6 +623,11 @@ impl<S> Engine<S> {
         let id = svc.next_id();
         let sid = svc.stream_sid(id);
         let (meta, answer) = router::route(&self.cfg, &self.auth, &sid, &req);
+        if let Answer::Resume { sid, .. } | Answer::Cancel { sid } = &answer {
+            if let Some(owner) = self.owner_elsewhere(sid) {
+                return self.hand_off(key, owner, &req);
+            }
+        }
         match answer {
             Answer::Reply(reply) => self.reply(svc, key, &meta, &reply, now),
             Answer::Ops(which) => {
@@ -973,8 +956,10 @@ fn tick_of(epoch: Instant, d: Instant) -> u64 {
 
 mod ending;
 mod intake;
+mod loops;
 mod remote;
 mod resume;
+mod services;
 mod sim_services;
 
 pub use intake::ROUTE_BUDGET;

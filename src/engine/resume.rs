@@ -2,8 +2,9 @@
 //! connection. A client that resumes is attached to the stream its id names
 //! (after the replay of what it missed); the previous subscriber is let go
 //! with `superseded`; a stop by id ends a stream wherever its client is;
-//! replay logs are held to `--resume-total-bytes`, shedding the oldest
-//! detached streams first.
+//! replay logs are held to `--resume-total-bytes` (counted across every
+//! loop of the process), shedding this loop's oldest detached streams
+//! first.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -46,29 +47,31 @@ impl<S> Engine<S> {
     /// over it loses its own oldest events.
     pub(super) fn account_log(&mut self, r: StreamRef, before: usize) {
         let Some(stream) = self.streams.get_mut(r) else {
-            self.log_bytes = self.log_bytes.saturating_sub(before);
+            self.set_log_bytes(self.log_bytes.saturating_sub(before));
             return;
         };
         let after = stream.log_bytes();
-        self.log_bytes = self.log_bytes.saturating_sub(before) + after;
+        let mine = self.log_bytes.saturating_sub(before) + after;
+        let total = self.limits.replay_changed(self.log_bytes, mine);
+        self.log_bytes = mine;
         // One stream's log over its own limit while attached: its oldest
         // events go (a detached one stopped taking before it got there).
         let own = self.cfg.resume_buffer_bytes as usize;
         if after > own {
             stream.trim_log(own);
         }
-        if self.log_bytes > (self.cfg.resume_total_bytes as usize) {
+        if total > (self.cfg.resume_total_bytes as usize) {
             if stream.is_attached() {
-                let over = self.log_bytes - (self.cfg.resume_total_bytes as usize);
+                let over = total - (self.cfg.resume_total_bytes as usize);
                 stream.trim_log(stream.log_bytes().saturating_sub(over));
             } else {
                 self.over_budget.push(r);
             }
         }
-        self.log_bytes = self.log_bytes.saturating_sub(after) + stream.log_bytes();
-        self.metrics
-            .replay_bytes
-            .store(self.log_bytes as i64, Relaxed);
+        let mine = self.log_bytes.saturating_sub(after) + stream.log_bytes();
+        let total = self.limits.replay_changed(self.log_bytes, mine);
+        self.log_bytes = mine;
+        self.metrics.replay_bytes.store(total as i64, Relaxed);
     }
 
     /// A client resumes stream `sid` after event `after`: the events it
@@ -185,7 +188,7 @@ impl<S> Engine<S> {
         let mut list = std::mem::take(&mut self.over_budget);
         list.sort_by_key(|r| r.id);
         for r in list.drain(..) {
-            if self.log_bytes <= (self.cfg.resume_total_bytes as usize) {
+            if self.limits.replay() <= (self.cfg.resume_total_bytes as usize) {
                 break;
             }
             if self.streams.get(r).is_some_and(|s| !s.is_attached()) {

@@ -722,12 +722,35 @@ impl Stream {
     }
 }
 
+/// The characters of a stream id, base64url's.
+const SID_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// The most event loops a stream id can name ([`sid_for_loop`]).
+pub const MAX_LOOPS: usize = 64;
+
+/// A stream id for a stream of event loop `index` (`< MAX_LOOPS`): a
+/// [`random_sid`] whose first character names the loop, so that a resume
+/// or a stop by id arriving on another loop finds its owner
+/// ([`loop_of_sid`]); 122 random bits remain.
+pub fn sid_for_loop(index: usize) -> Box<str> {
+    let mut sid = random_sid().into_string().into_bytes();
+    sid[0] = SID_ALPHABET[index % MAX_LOOPS];
+    // Only characters of the alphabet: still UTF-8.
+    String::from_utf8(sid).unwrap_or_default().into()
+}
+
+/// The event loop a stream id names (its first character), if any.
+pub fn loop_of_sid(sid: &str) -> Option<usize> {
+    let first = *sid.as_bytes().first()?;
+    SID_ALPHABET.iter().position(|&c| c == first)
+}
+
 /// A stream id clients cannot guess: 128 random bits from the kernel,
 /// base64url without padding (22 characters of `[A-Za-z0-9_-]`). The bits
 /// are read 4 KiB at a time per thread: one `getrandom` call serves 256
 /// ids.
 pub fn random_sid() -> Box<str> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const ALPHABET: &[u8; 64] = SID_ALPHABET;
     thread_local! {
         static POOL: std::cell::RefCell<([u8; 4096], usize)> =
             const { std::cell::RefCell::new(([0; 4096], 4096)) };
@@ -918,6 +941,19 @@ mod tests {
             assert_eq!(a.len(), 22);
             assert!(crate::router::is_sid(a), "{a}");
         }
+    }
+
+    #[test]
+    fn a_stream_id_names_its_loop() {
+        for i in [0, 1, 7, MAX_LOOPS - 1] {
+            let sid = sid_for_loop(i);
+            assert_eq!(sid.len(), 22);
+            assert!(crate::router::is_sid(&sid), "{sid}");
+            assert_eq!(loop_of_sid(&sid), Some(i));
+        }
+        assert_ne!(sid_for_loop(1), sid_for_loop(1));
+        assert_eq!(loop_of_sid(""), None);
+        assert_eq!(loop_of_sid("%x"), None);
     }
 
     #[test]

@@ -255,7 +255,8 @@ def main():
     rport = free_port()
     redis = start_redis(rport)
     sim = ["--sim-tokens", "30", "--sim-itl-ms", "15", "--sim-ttft-ms", "5"]
-    a, pa = start_sluice("a", rport, *sim)
+    # a runs two event loops: ids of its streams name either loop.
+    a, pa = start_sluice("a", rport, *sim, "--threads", "2")
     b, pb = start_sluice("b", rport, *sim)
     # c's streams are long: time to supersede, stop and kill them.
     c, pc = start_sluice("c", rport, "--sim-tokens", "200", "--sim-itl-ms", "20")
