@@ -128,6 +128,12 @@ pub struct Config {
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub threads: u32,
 
+    /// Before sleeping in epoll, poll without sleeping for up to this many
+    /// microseconds (0 = off): trades CPU for the cost of a wake-up.
+    /// Measured on the project's VM in BENCHMARKS.md.
+    #[arg(long, env = "SLUICE_SPIN_US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub spin_us: u64,
+
     /// Requests that may wait for a worker; beyond it: 503 overloaded.
     #[arg(long, env = "SLUICE_QUEUE_DEPTH", default_value_t = 256)]
     pub queue_depth: usize,

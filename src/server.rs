@@ -470,7 +470,7 @@ impl Loop {
                 Some(Duration::ZERO)
             };
             self.new_phase();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.wait(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -595,6 +595,31 @@ impl Loop {
             return true;
         }
         self.shared.streams_open == 0 && !self.engine.any_pending()
+    }
+
+    /// `epoll_wait` for up to `timeout`; with `--spin-us`, polls without
+    /// sleeping for that long first, so an event arriving soon is taken
+    /// without the kernel's wake-up.
+    fn wait(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+        let spin = Duration::from_micros(self.cfg.spin_us);
+        if spin.is_zero() || timeout == Some(Duration::ZERO) {
+            return self.poll.poll(events, timeout);
+        }
+        let start = Instant::now();
+        loop {
+            self.poll.poll(events, Some(Duration::ZERO))?;
+            if !events.is_empty() {
+                return Ok(());
+            }
+            let spent = start.elapsed();
+            if spent >= spin || timeout.is_some_and(|t| spent >= t) {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        let spent = start.elapsed();
+        self.poll
+            .poll(events, timeout.map(|t| t.saturating_sub(spent)))
     }
 
     fn poll_timeout(&self) -> Option<Duration> {

@@ -408,3 +408,19 @@ fn tokens_are_sent_as_they_are_produced() {
         "first token and done {gap:?} apart"
     );
 }
+
+#[test]
+fn spinning_before_epoll_changes_nothing_on_the_wire() {
+    // --spin-us polls without sleeping first: same events, same end, and
+    // idle timers (heartbeats) still fire.
+    let srv = start(&fast_with(&["--spin-us", "300", "--threads", "2"]));
+    for _ in 0..3 {
+        let (head, events) = stream_events(
+            srv.addr,
+            &post_stream(r#"{"prompt":"spin","max_tokens":4}"#),
+        );
+        assert_eq!(head.status, 200);
+        assert_eq!(events.len(), 5, "{events:?}");
+        assert_eq!(events[4].event, "done");
+    }
+}
