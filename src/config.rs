@@ -230,7 +230,19 @@ pub struct Config {
     /// `memory` (this process only) or
     /// `redis://[USER:PASS@]HOST:PORT[/DB]` / `rediss://…` (the password
     /// never reaches a log). Needs `--resume-window-ms`.
-    #[arg(long, env = "SLUICE_RESUME_STORE", default_value = "memory", value_parser = StoreSpec::parse, hide_env_values = true)]
+    /// (Checked in [`Config::settle`], so that a bad value's password is
+    /// not echoed by the argument parser.)
+    #[arg(
+        long = "resume-store",
+        env = "SLUICE_RESUME_STORE",
+        default_value = "memory",
+        hide_env_values = true,
+        hide_default_value = false
+    )]
+    pub resume_store_arg: String,
+
+    /// `--resume-store`, parsed.
+    #[arg(skip)]
     pub resume_store: StoreSpec,
 
     /// Redact text matching this regex before it is sent (repeatable;
@@ -388,6 +400,7 @@ impl Config {
                 self.max_buffered_bytes, self.max_body_bytes
             ));
         }
+        self.resume_store = StoreSpec::parse(&self.resume_store_arg)?;
         if self.resume_store != StoreSpec::Memory && self.resume_window_ms == 0 {
             return Err(format!(
                 "--resume-store {} needs --resume-window-ms (streams are resumable only then)",

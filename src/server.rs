@@ -530,6 +530,11 @@ impl Loop {
             // The turn's writes are done: now the log lines may go.
             crate::logging::end_of_turn();
             if self.drain.is_some() && self.drained(Instant::now()) {
+                if let Some(link) = self.shared.store.as_mut() {
+                    // The streams' last events reach the store before exit.
+                    link.flush();
+                    link.store().wait_written(Duration::from_secs(1));
+                }
                 log::info!("shutdown complete");
                 crate::logging::end_of_turn();
                 return Ok(());

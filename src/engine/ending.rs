@@ -11,7 +11,7 @@ use super::{Ended, Engine, Services};
 use crate::conn::Response;
 use crate::errors;
 use crate::sse::ErrorCode;
-use crate::stream::{End, StreamCx, StreamRef};
+use crate::stream::{End, Stream, StreamCx, StreamRef};
 
 impl<S> Engine<S> {
     /// Ends stream `r` with its terminal event, moves its connection on
@@ -25,6 +25,9 @@ impl<S> Engine<S> {
         from_producer: bool,
         now: Instant,
     ) {
+        if self.streams.get(r).is_some_and(Stream::is_awaiting) {
+            return self.end_awaiting(svc, r, end, now);
+        }
         let scx = StreamCx {
             now,
             cfg: &self.cfg,
@@ -36,7 +39,7 @@ impl<S> Engine<S> {
         let logged = stream.log_bytes();
         let retain = Duration::from_millis(self.cfg.resume_window_ms);
         let sub = stream.subscriber();
-        if sub.is_none() && stream.is_resumable() && !stream.is_ended() {
+        if sub.is_none() && stream.is_resumable() && !stream.is_ended() && !stream.is_attached() {
             self.metrics.streams_detached.fetch_sub(1, Relaxed);
         }
         let streaming = stream.is_streaming();
@@ -161,6 +164,9 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.remove(r) else {
             return;
         };
+        if !self.relays.is_empty() {
+            self.relays.remove(&r);
+        }
         self.set_log_bytes(self.log_bytes.saturating_sub(stream.log_bytes()));
         let h = self.sid_hash(stream.sid());
         if self.by_sid.get(&h) == Some(&r) {

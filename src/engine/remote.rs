@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use super::{Engine, Services};
 use crate::conn::ReqLine;
 use crate::encode::NativeSse;
-use crate::router::{self, Meta};
+use crate::errors;
+use crate::router::{self, Meta, Refusal};
 use crate::store::Inbound;
-use crate::stream::{Admission, Shipped, Stream, StreamCx, StreamRef};
+use crate::stream::{Admission, End, Shipped, Stream, StreamCx, StreamRef};
 
 impl<S> Engine<S> {
     /// Hands stream `r`'s events the store has not had to this turn's batch.
@@ -197,6 +198,52 @@ impl<S> Engine<S> {
         true
     }
 
+    /// A relay ends before the store answered (drain, its time limit, its
+    /// client left): no stream was ever sent, so the client gets an
+    /// ordinary error answer (or nothing, when it left).
+    pub(super) fn end_awaiting(
+        &mut self,
+        svc: &mut dyn Services,
+        r: StreamRef,
+        end: End,
+        now: Instant,
+    ) {
+        let Some(stream) = self.streams.get_mut(r) else {
+            return;
+        };
+        stream.abandon();
+        let sub = stream.subscriber();
+        self.remove_stream(r);
+        svc.relay_dropped();
+        let Some((key, serial)) = sub else {
+            return;
+        };
+        let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) else {
+            return;
+        };
+        link.sub = None;
+        match (end, link.meta.take()) {
+            (End::Error(e), Some(meta)) => {
+                let refusal = Refusal {
+                    status: errors::stream_error_status(&e),
+                    code: e.code.as_str(),
+                    message: e.message,
+                };
+                let reply = router::refused(&meta, &refusal);
+                self.reply(svc, key, &meta, &reply, now);
+                if self
+                    .conns
+                    .get(key)
+                    .is_some_and(|l| l.conn.has_waiting_input())
+                {
+                    self.process(svc, key, &[], now);
+                }
+            }
+            _ => link.conn.abort_body(&mut self.bufs),
+        }
+        self.touch(key);
+    }
+
     /// A stop of a stream not held here: asked of its owner through the
     /// store; `key` is answered when the store answers. `false`: no store
     /// (or it is overloaded): answer "not found" now.
@@ -235,9 +282,8 @@ impl<S> Engine<S> {
                 if self.conns.get(key).is_none_or(|l| l.serial != serial) {
                     return;
                 }
-                if found {
-                    self.metrics.cancels.fetch_add(1, Relaxed);
-                } else {
+                // A stop that reached its owner is counted there.
+                if !found {
                     self.metrics.cancels_not_found.fetch_add(1, Relaxed);
                 }
                 let reply = router::cancelled(&meta, &sid, found);

@@ -223,6 +223,8 @@ struct Inner {
     inboxes: Mutex<Vec<Arc<Inbox>>>,
     up: AtomicBool,
     stop: AtomicBool,
+    /// Batches handed to the writer and not written yet.
+    pending: std::sync::atomic::AtomicUsize,
 }
 
 impl Store {
@@ -249,6 +251,7 @@ impl Store {
                 inboxes: Mutex::new(Vec::new()),
                 up: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
+                pending: Default::default(),
             }),
         };
         let io = redis_io::Io {
@@ -313,6 +316,19 @@ impl Store {
     pub fn stop(&self) {
         self.inner.stop.store(true, Ordering::Relaxed);
     }
+
+    /// Waits up to `limit` for the writer to write what it was handed
+    /// (at shutdown: the streams' last events).
+    pub fn wait_written(&self, limit: std::time::Duration) {
+        let until = std::time::Instant::now() + limit;
+        while self.inner.pending.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn written(&self) {
+        self.inner.pending.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One loop's side of the store: its batch for the current turn and its
@@ -338,9 +354,11 @@ impl Link {
         }
         let next = lock(&self.store.inner.spare).pop().unwrap_or_default();
         let batch = std::mem::replace(&mut self.batch, next);
+        self.store.inner.pending.fetch_add(1, Ordering::AcqRel);
         match self.store.inner.writes.try_send(batch) {
             Ok(()) => Vec::new(),
             Err(TrySendError::Full(b)) | Err(TrySendError::Disconnected(b)) => {
+                self.store.written();
                 let sids = b.sids();
                 lock(&self.store.inner.broken).extend(sids.iter().cloned());
                 self.store.recycle(b);
@@ -475,6 +493,7 @@ pub(crate) mod testing {
                     inboxes: Mutex::new(Vec::new()),
                     up: AtomicBool::new(true),
                     stop: AtomicBool::new(false),
+                    pending: Default::default(),
                 }),
             };
             TestStore {

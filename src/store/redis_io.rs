@@ -42,6 +42,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const TAIL_BLOCK_MS: u64 = 50;
 /// Events read per stream per `XREAD`.
 const TAIL_COUNT: usize = 256;
+/// Broken streams remembered during an outage, to mark once Redis is back.
+const MAX_UNMARKED: usize = 100_000;
 
 /// What every store thread knows.
 pub(super) struct Io {
@@ -243,6 +245,7 @@ fn writer(io: &Arc<Io>, store: &Store, rx: &Receiver<Batch>) {
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
         };
+        let had_batch = batch.is_some();
         for sid in store.take_broken() {
             live.remove(&sid);
             broken.insert(sid.clone());
@@ -356,6 +359,13 @@ fn writer(io: &Arc<Io>, store: &Store, rx: &Receiver<Batch>) {
                     .arg(live_ttl)
                     .ignore();
             }
+            // A broken stream still runs: it can still be stopped elsewhere.
+            for sid in &broken {
+                pipe.cmd("PEXPIRE")
+                    .arg(meta_key(sid))
+                    .arg(live_ttl)
+                    .ignore();
+            }
         }
         if conn.get().is_some() {
             for sid in &unmarked {
@@ -363,6 +373,9 @@ fn writer(io: &Arc<Io>, store: &Store, rx: &Receiver<Batch>) {
             }
         }
         if pipe.is_empty() {
+            if had_batch {
+                store.written();
+            }
             continue;
         }
         match conn.call(|con| pipe.query::<()>(con)) {
@@ -384,8 +397,16 @@ fn writer(io: &Arc<Io>, store: &Store, rx: &Receiver<Batch>) {
                 }
                 unmarked.sort();
                 unmarked.dedup();
+                // A long outage: the oldest are left to expire on their own.
+                if unmarked.len() > MAX_UNMARKED {
+                    let extra = unmarked.len() - MAX_UNMARKED;
+                    unmarked.drain(..extra);
+                }
                 io.metrics.store_batches_lost.fetch_add(1, Relaxed);
             }
+        }
+        if had_batch {
+            store.written();
         }
     }
 }
@@ -459,11 +480,20 @@ fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tails: &Sender<
                 sink.mark_started(Instant::now());
                 let mut last = after;
                 let mut ended = false;
-                for e in &found.entries {
+                // Only what the sink has room for (it never blocks this
+                // thread); the tail reads the rest.
+                for e in found.entries.iter().take(sink.room().saturating_sub(1)) {
                     ended |= feed(&sink, e);
                     last = e.seq;
                 }
-                if !ended {
+                if found.ended && !ended && last >= found.last {
+                    // The client had everything, the end too.
+                    sink.finish(Ok(Finish {
+                        finish_reason: "stop".into(),
+                        prompt_tokens: None,
+                        completion_tokens: None,
+                    }));
+                } else if !ended {
                     let key = events_key(&sid);
                     let _ = tails.send(Tail {
                         sid,
@@ -503,6 +533,8 @@ struct Entry {
 struct Found {
     owner: String,
     ended: bool,
+    /// The last seq stored.
+    last: u64,
     entries: Vec<Entry>,
 }
 
@@ -560,9 +592,10 @@ fn lookup(
             .query(con)?,
     );
     let covers = match (first.first(), last.first()) {
-        (Some(f), Some(l)) => after + 1 >= f.seq && after <= l.seq,
+        (Some(f), Some(l)) => after.saturating_add(1) >= f.seq && after <= l.seq,
         _ => after == 0,
     };
+    let last_seq = last.first().map_or(0, |l| l.seq);
     let ended = meta.contains_key("ended");
     if !covers || (ended && last.is_empty()) {
         return Ok(None);
@@ -570,13 +603,18 @@ fn lookup(
     let rest = entries(
         redis::cmd("XRANGE")
             .arg(&ek)
-            .arg(format!("0-{}", after + 1))
+            .arg(format!("0-{}", after.saturating_add(1)))
             .arg("+")
             .query(con)?,
     );
+    // Trimmed between the two reads: never hand out a gap.
+    if rest.first().is_some_and(|e| e.seq != after + 1) {
+        return Ok(None);
+    }
     Ok(Some(Found {
         owner: owner.clone(),
         ended,
+        last: last_seq,
         entries: rest,
     }))
 }
@@ -735,17 +773,24 @@ fn follow(
     let mut left = Vec::new();
     tails.retain(|t| {
         if t.sink.is_cancelled() {
-            left.push((t.owner.clone(), t.sid.clone()));
+            left.push((t.owner.clone(), t.sid.clone(), t.epoch));
             false
         } else {
             true
         }
     });
-    for (owner, sid) in left {
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(channel(&owner))
-            .arg(format!("detach {sid}"))
+    for (owner, sid, epoch) in left {
+        // Only the latest follower's leaving starts the owner's window.
+        let sub: Option<i64> = redis::cmd("HGET")
+            .arg(meta_key(&sid))
+            .arg("sub")
             .query(con)?;
+        if sub == Some(epoch) {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(channel(&owner))
+                .arg(format!("detach {sid}"))
+                .query(con)?;
+        }
     }
     let now = Instant::now();
     if now >= *next_check {
@@ -760,12 +805,15 @@ fn follow(
                     a
                 }
             };
-            let (broken, sub): (Option<String>, Option<i64>) = redis::cmd("HMGET")
-                .arg(meta_key(&t.sid))
-                .arg("broken")
-                .arg("sub")
-                .query(con)?;
-            t.lost = !alive || broken.is_some();
+            let (owner, broken, sub): (Option<String>, Option<String>, Option<i64>) =
+                redis::cmd("HMGET")
+                    .arg(meta_key(&t.sid))
+                    .arg("owner")
+                    .arg("broken")
+                    .arg("sub")
+                    .query(con)?;
+            // Gone from the store (ended without an end, expired) is lost too.
+            t.lost = !alive || broken.is_some() || owner.is_none();
             t.superseded = sub.is_some_and(|s| s != t.epoch);
         }
     }
@@ -791,6 +839,8 @@ fn follow(
     let got = xread(cmd.query(con)?);
     let mut delivered: HashSet<usize> = HashSet::new();
     let mut done: HashSet<usize> = HashSet::new();
+    let mut gapped: HashSet<usize> = HashSet::new();
+    let read: HashSet<usize> = reading.iter().copied().collect();
     for (key, events) in got {
         let Some(i) = tails.iter().position(|t| t.key.as_bytes() == key) else {
             continue;
@@ -798,6 +848,12 @@ fn follow(
         for e in &events {
             if e.seq <= tails[i].last {
                 continue;
+            }
+            if e.seq != tails[i].last + 1 {
+                // Trimmed before this client read it: end (retryable,
+                // naming the last event it got) rather than skip.
+                gapped.insert(i);
+                break;
             }
             tails[i].last = e.seq;
             delivered.insert(i);
@@ -819,7 +875,7 @@ fn follow(
                 "another client resumed this stream",
             )));
             false
-        } else if t.lost && !delivered.contains(&i) {
+        } else if gapped.contains(&i) || (t.lost && read.contains(&i) && !delivered.contains(&i)) {
             // Everything stored was delivered and nobody will add more.
             t.sink.finish(Err(producer_lost()));
             false

@@ -585,6 +585,8 @@ impl Stream {
         if !self.ended {
             self.sub = Some(conn);
             self.keep_until = None;
+            // A client following it from another instance is superseded.
+            self.remote_sub = false;
         }
         buf.extend_from_slice(b"retry: 1000\n\n");
         self.log.as_ref().map_or(0, |l| l.replay_after(after, buf))
@@ -657,7 +659,9 @@ impl Stream {
         }
         let duration = now - self.parsed_at;
         let ttft = self.ttft_estimate();
-        let seq = self.tokens as u64 + 1;
+        // A relay's own error (not its owner's end) names the last event
+        // it delivered: a client reconnecting with that id misses nothing.
+        let seq = self.tokens as u64 + u64::from(!self.is_relay());
         let outcome = match &end {
             End::Done(_) => Outcome::Completed,
             End::Error(e) => Outcome::Errored(e.code),

@@ -57,6 +57,14 @@ impl Stream {
         }
     }
 
+    /// Stops whatever feeds a relay (its client will not get its events).
+    pub fn abandon(&mut self) {
+        if let Prod::Relay(sink) = &self.prod {
+            sink.cancel();
+        }
+        self.awaiting = false;
+    }
+
     /// The verdict was acted on.
     pub fn stop_awaiting(&mut self) {
         self.awaiting = false;
@@ -86,6 +94,12 @@ impl Stream {
     /// Hands the events the store has not had yet to `out` (and `Gone`
     /// once, when the stream ended without a terminal event).
     pub fn ship(&mut self, out: &mut dyn FnMut(&str, Shipped<'_>)) {
+        if self.stored == Stored::Broken && self.ended {
+            // The store forgets it (and whatever it kept of it).
+            out(&self.sid, Shipped::Gone);
+            self.stored = Stored::Done;
+            return;
+        }
         let Stored::Upto(upto) = self.stored else {
             return;
         };

@@ -305,6 +305,22 @@ def main():
             print(f"     trial {i}: cut {cut} status {r.status} tokens {len(toks)} terminal {terminal}")
     check(f"resume on the other instance at random cut points: {ok}/{trials} exactly once, in order", ok == trials)
 
+    # 1b. After the end: an EventSource reconnecting with the terminal id
+    # elsewhere gets an empty 200 that ends at once (never a hang).
+    s = Sse(pa, "POST", "/v1/chat/stream", {"prompt": "the reference"})
+    sid = s.headers["x-stream-id"]
+    while (e := s.event()) is not None:
+        end_id = e.get("id")
+    s.close()
+    t0 = time.time()
+    r = Sse(pb, "GET", "/v1/chat/stream", headers={"Last-Event-ID": end_id})
+    rest = []
+    while (e := r.event()) is not None:
+        rest.append(e)
+    r.close()
+    check("resuming after the terminal event elsewhere: 200, nothing more, at once",
+          r.status == 200 and not rest and time.time() - t0 < 2, (r.status, rest))
+
     # 2. There and back: cut on the owner, resume elsewhere, cut, resume on the owner.
     s = Sse(pa, "POST", "/v1/chat/stream", {"prompt": "the reference"})
     sid = s.headers["x-stream-id"]
