@@ -557,6 +557,21 @@ async fn shutdown() {
     }
 }
 
+/// Listen backlog, as sluice's (the kernel caps it at `somaxconn`): a burst
+/// of thousands of connects is not dropped (tokio's `bind` uses 1024).
+const BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 fn main() {
     let args = Args::parse();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -566,12 +581,10 @@ fn main() {
     }
     let rt = rt.build().expect("tokio runtime");
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .unwrap_or_else(|e| {
-                eprintln!("axum-sse: cannot listen on {}: {e}", args.listen);
-                std::process::exit(1)
-            });
+        let listener = listen(args.listen).unwrap_or_else(|e| {
+            eprintln!("axum-sse: cannot listen on {}: {e}", args.listen);
+            std::process::exit(1)
+        });
         let addr = listener.local_addr().expect("bound");
         let app = Arc::new(App {
             args,

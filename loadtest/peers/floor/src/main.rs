@@ -241,13 +241,26 @@ fn serve(c: &mut Conn, answers: &Answers, scratch: &mut [u8]) -> io::Result<bool
     Ok((close || hangup) && c.output.is_empty())
 }
 
+/// Listen backlog, as sluice's (the kernel caps it at `somaxconn`).
+const BACKLOG: i32 = 8192;
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 fn main() {
     let (addr, tokens) = parse_args().unwrap_or_else(|e| {
         eprintln!("floor: {e}");
         std::process::exit(2)
     });
     let answers = Answers::new(tokens);
-    let mut listener = TcpListener::bind(addr).unwrap_or_else(|e| {
+    let mut listener = listen(addr).unwrap_or_else(|e| {
         eprintln!("floor: cannot listen on {addr}: {e}");
         std::process::exit(1)
     });
