@@ -319,9 +319,10 @@ struct Gen {
     prompt_tokens: u32,
     start: Instant,
     deadline: tokio::time::Instant,
+    /// When the next token is due.
+    next_due: tokio::time::Instant,
     ttft_ms: Option<f64>,
     sid: String,
-    ttft: Duration,
     itl: Duration,
     guard: OpenGuard,
 }
@@ -358,8 +359,9 @@ async fn step(mut g: Gen) -> Option<(Result<Event, Infallible>, Gen)> {
     }
     let m = &g.guard.app.metrics;
     if g.i < g.text.total {
-        let pause = if g.i == 0 { g.ttft } else { g.itl };
-        let due = tokio::time::Instant::now() + pause;
+        // Absolute deadlines, as sluice's simulated model: token i is due at
+        // ttft + i * itl after the request; one that is late goes at once.
+        let due = g.next_due;
         if due >= g.deadline {
             tokio::time::sleep_until(g.deadline).await;
             let data = serde_json::json!({
@@ -376,9 +378,10 @@ async fn step(mut g: Gen) -> Option<(Result<Event, Infallible>, Gen)> {
             g.guard.ended = true;
             return Some((Ok(ev), g));
         }
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
+        if due > tokio::time::Instant::now() {
+            tokio::time::sleep_until(due).await;
         }
+        g.next_due += g.itl;
         let ev = token_event(g.text.token(g.i));
         if g.i == 0 {
             g.ttft_ms = Some(g.start.elapsed().as_secs_f64() * 1e3);
@@ -440,9 +443,9 @@ async fn serve(app: Shared, headers: HeaderMap, req: GenRequest) -> Response {
         prompt_tokens,
         start,
         deadline: tokio::time::Instant::now() + Duration::from_millis(app.args.max_stream_ms),
+        next_due: tokio::time::Instant::now() + Duration::from_millis(app.args.sim_ttft_ms),
         ttft_ms: None,
         sid,
-        ttft: Duration::from_millis(app.args.sim_ttft_ms),
         itl: Duration::from_millis(app.args.sim_itl_ms),
         guard: OpenGuard::new(app.clone()),
     };
@@ -451,10 +454,10 @@ async fn serve(app: Shared, headers: HeaderMap, req: GenRequest) -> Response {
         let mut g = g;
         let mut all = String::new();
         for i in 0..g.text.total {
-            let pause = if i == 0 { g.ttft } else { g.itl };
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
+            if g.next_due > tokio::time::Instant::now() {
+                tokio::time::sleep_until(g.next_due).await;
             }
+            g.next_due += g.itl;
             all.push_str(g.text.token(i));
             if i == 0 {
                 g.ttft_ms = Some(start.elapsed().as_secs_f64() * 1e3);
