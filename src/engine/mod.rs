@@ -95,8 +95,24 @@ struct Link<S> {
     ttft_mark: Option<(u64, Instant, StreamRef)>,
     timer: Option<(TimerId, u64)>,
     dirty: bool,
+    /// A write that makes room pumps the stream again: its producer is a
+    /// worker (pieces may wait in its queue), or the last pump left the
+    /// output at or past half the high-water mark (or did not run for want
+    /// of room). A simulated stream with room holds nothing back.
+    held: bool,
     /// Its place in the intake (budget, idle order, address).
     mark: intake::Mark,
+}
+
+/// A stream's wheel entry, and how its deadline was last computed.
+#[derive(Debug, Default, Clone, Copy)]
+struct StreamTimer {
+    armed: Option<(TimerId, u64)>,
+    /// The deadline was computed while its subscriber had no room (so it
+    /// left out the next simulated token): room coming back must re-arm.
+    /// Otherwise nothing a connection does can make the deadline earlier,
+    /// and touching the connection need not touch the stream.
+    roomless: bool,
 }
 
 /// The wheel key of a stream entry has this bit set.
@@ -110,7 +126,7 @@ pub struct Engine<S> {
     conns: Slab<Link<S>>,
     streams: StreamTable,
     /// The wheel entry of each stream, by stream key.
-    stream_timers: Slab<Option<(TimerId, u64)>>,
+    stream_timers: Slab<StreamTimer>,
     wheel: TimerWheel,
     epoch: Instant,
     expired: Vec<u64>,
@@ -193,6 +209,7 @@ impl<S> Engine<S> {
             ttft_mark: None,
             timer: None,
             dirty: false,
+            held: false,
             mark: intake::Mark::default(),
         });
         self.metrics.connections_open.fetch_add(1, Relaxed);
@@ -347,7 +364,9 @@ impl<S> Engine<S> {
         // answer pipelined requests that waited for the answers before.
         if link.conn.pending_len() < self.cfg.high_water() / 2 {
             if let Some(r) = link.sub {
-                self.pump(svc, r, now);
+                if link.held {
+                    self.pump(svc, r, now);
+                }
             } else if link.conn.has_waiting_input() {
                 self.process(svc, key, &[], now);
             }
@@ -403,7 +422,7 @@ impl<S> Engine<S> {
                 }
                 let r = StreamRef { key, id: s.id() };
                 if let Some(t) = self.stream_timers.get_mut(key) {
-                    *t = None;
+                    t.armed = None;
                 }
                 self.stream_timeout(svc, r, now);
             }
@@ -437,7 +456,10 @@ impl<S> Engine<S> {
     pub fn deadline(&self, key: usize) -> Option<Instant> {
         let link = self.conns.get(key)?;
         let c = link.conn.next_deadline(&self.cfg);
-        let s = link.sub.and_then(|r| self.stream_deadline(r));
+        let s = link
+            .sub
+            .and_then(|r| self.stream_deadline(r))
+            .map(|(d, _)| d);
         match (c, s) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -472,8 +494,25 @@ impl<S> Engine<S> {
         self.touch(key);
     }
 
-    /// The connection has news for the server, and maybe a new deadline.
+    /// The connection has news for the server, and maybe a new deadline
+    /// (and so may its stream: room to write makes the next simulated
+    /// token due again).
     fn touch(&mut self, key: usize) {
+        self.touch_conn(key);
+        let Some(r) = self.conns.get(key).and_then(|l| l.sub) else {
+            return;
+        };
+        if self
+            .stream_timers
+            .get(r.key)
+            .is_some_and(|t| t.armed.is_none() || t.roomless)
+        {
+            self.touch_stream(r);
+        }
+    }
+
+    /// [`Engine::touch`] without the stream (its caller touches it).
+    fn touch_conn(&mut self, key: usize) {
         let Some(link) = self.conns.get_mut(key) else {
             return;
         };
@@ -504,13 +543,10 @@ impl<S> Engine<S> {
             // deadline later, and re-arms then (lazy re-arming).
             _ => {}
         }
-        // The attached stream's simulated tokens wait for room here.
-        if let Some(r) = link.sub {
-            self.touch_stream(r);
-        }
     }
 
-    fn stream_deadline(&self, r: StreamRef) -> Option<Instant> {
+    /// The stream's next deadline, and whether its subscriber had room.
+    fn stream_deadline(&self, r: StreamRef) -> Option<(Instant, bool)> {
         let s = self.streams.get(r)?;
         let room = match s.subscriber() {
             Some((key, _)) => self
@@ -519,25 +555,29 @@ impl<S> Engine<S> {
                 .is_some_and(|l| l.conn.pending_len() < self.cfg.high_water()),
             None => true,
         };
-        s.next_deadline(&self.cfg, room)
+        s.next_deadline(&self.cfg, room).map(|d| (d, room))
     }
 
     fn touch_stream(&mut self, r: StreamRef) {
-        let want = self.stream_deadline(r).map(|d| tick_of(self.epoch, d));
+        let (want, room) = match self.stream_deadline(r) {
+            Some((d, room)) => (Some(tick_of(self.epoch, d)), room),
+            None => (None, true),
+        };
         let Some(slot) = self.stream_timers.get_mut(r.key) else {
             return;
         };
+        slot.roomless = !room;
         let wheel_key = STREAM_TIMER | ((r.id & 0x7fff_ffff) << 32) | r.key as u64;
-        match (want, *slot) {
+        match (want, slot.armed) {
             (None, Some((id, _))) => {
                 self.wheel.cancel(id);
-                *slot = None;
+                slot.armed = None;
             }
             (Some(at), Some((id, armed))) if at < armed => {
                 self.wheel.cancel(id);
-                *slot = Some((self.wheel.insert(at, wheel_key), at));
+                slot.armed = Some((self.wheel.insert(at, wheel_key), at));
             }
-            (Some(at), None) => *slot = Some((self.wheel.insert(at, wheel_key), at)),
+            (Some(at), None) => slot.armed = Some((self.wheel.insert(at, wheel_key), at)),
             _ => {}
         }
     }
@@ -761,7 +801,7 @@ impl<S> Engine<S> {
         debug_assert_eq!(inserted, r);
         let h = std::hash::BuildHasher::hash_one(&self.sid_hasher, &*sid);
         self.by_sid.insert(h, r);
-        let slot = self.stream_timers.insert(None);
+        let slot = self.stream_timers.insert(StreamTimer::default());
         debug_assert_eq!(slot, r.key);
         link.sub = Some(r);
         // Only a whole answer needs the request's meta at the end (its
@@ -798,11 +838,16 @@ impl<S> Engine<S> {
             Some((key, link)) => {
                 let pending = link.conn.pending_len();
                 if pending >= hwm {
-                    return;
+                    link.held = true;
+                    return self.touch_stream(r);
                 }
                 link.conn.append_body(&mut self.bufs, |b| {
                     progress = stream.pump(&scx, b, hwm - pending);
                 });
+                // A worker's pieces left in its queue are taken on the
+                // next write; a simulated token waits only for its timer
+                // or for room.
+                link.held = !stream.is_simulated() || link.conn.pending_len() >= hwm / 2;
                 if progress.first_token {
                     if let Some((_, t0, _)) = link.ttft_mark {
                         // A pipelined stream's first token is still
@@ -812,7 +857,7 @@ impl<S> Engine<S> {
                     }
                     link.ttft_mark = Some((link.conn.appended_total(), stream.parsed_at(), r));
                 }
-                self.touch(key);
+                self.touch_conn(key);
             }
             None if sub.is_none() => {
                 let mut scratch = std::mem::take(&mut self.scratch);
@@ -820,7 +865,7 @@ impl<S> Engine<S> {
                 scratch.clear();
                 self.scratch = scratch;
             }
-            None => return,
+            None => return self.touch_stream(r),
         }
         self.account_log(r, logged);
         if let Some(end) = progress.end {
@@ -850,6 +895,7 @@ impl<S> Engine<S> {
             }
             return self.end_stream(svc, r, end, false, now);
         }
+        // The pump re-arms the stream's timer (or ends it).
         self.pump(svc, r, now);
         let scx = StreamCx {
             now,
@@ -859,11 +905,14 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.get_mut(r) else {
             return;
         };
+        if !stream.heartbeat_due(&scx) {
+            return;
+        }
         if let Some((key, serial)) = stream.subscriber() {
             if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
                 link.conn
                     .append_body(&mut self.bufs, |b| stream.heartbeat_if_due(&scx, b));
-                self.touch(key);
+                self.touch_conn(key);
             }
         }
         self.touch_stream(r);

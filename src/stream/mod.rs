@@ -234,6 +234,11 @@ impl Stream {
         self.sub
     }
 
+    /// Produced by the simulated model (its tokens come due by its timer).
+    pub fn is_simulated(&self) -> bool {
+        matches!(self.prod, Prod::Sim { .. })
+    }
+
     /// Sends events as they happen (rather than one answer at the end).
     pub fn is_streaming(&self) -> bool {
         self.encoder.streaming()
@@ -487,13 +492,17 @@ impl Stream {
         self.ended && self.keep_until.is_none_or(|k| now >= k)
     }
 
+    /// Whether nothing else was sent for `--heartbeat-ms`.
+    pub fn heartbeat_due(&self, cx: &StreamCx) -> bool {
+        !self.ended
+            && self.sub.is_some()
+            && self.is_streaming()
+            && cx.now >= self.last_event_at + cx.cfg.heartbeat()
+    }
+
     /// A heartbeat, when nothing else was sent for `--heartbeat-ms`.
     pub fn heartbeat_if_due(&mut self, cx: &StreamCx, buf: &mut Vec<u8>) {
-        if self.ended
-            || self.sub.is_none()
-            || !self.is_streaming()
-            || cx.now < self.last_event_at + cx.cfg.heartbeat()
-        {
+        if !self.heartbeat_due(cx) {
             return;
         }
         let phase = match &self.prod {
