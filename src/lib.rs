@@ -22,7 +22,9 @@
 //!   stream table and the timer wheel, and the routing of bytes and events
 //!   between them (`engine/intake.rs`: the buffered-bytes budget, routing
 //!   per phase, idle eviction and per-address counts; `engine/ending.rs`:
-//!   how a stream ends; `engine/resume.rs`: resume and stop by id).
+//!   how a stream ends; `engine/resume.rs`: resume and stop by id;
+//!   `engine/timers.rs`: one wheel entry per connection and per stream,
+//!   re-armed lazily).
 //! - [`conn`]: the HTTP/1.1 connection machine (requests in, responses and
 //!   body chunks out; keep-alive, pipelining, half-close, timeouts). It
 //!   names no endpoint and no event format.

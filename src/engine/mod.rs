@@ -104,17 +104,6 @@ struct Link<S> {
     mark: intake::Mark,
 }
 
-/// A stream's wheel entry, and how its deadline was last computed.
-#[derive(Debug, Default, Clone, Copy)]
-struct StreamTimer {
-    armed: Option<(TimerId, u64)>,
-    /// The deadline was computed while its subscriber had no room (so it
-    /// left out the next simulated token): room coming back must re-arm.
-    /// Otherwise nothing a connection does can make the deadline earlier,
-    /// and touching the connection need not touch the stream.
-    roomless: bool,
-}
-
 /// The wheel key of a stream entry has this bit set.
 const STREAM_TIMER: u64 = 1 << 63;
 
@@ -494,94 +483,6 @@ impl<S> Engine<S> {
         self.touch(key);
     }
 
-    /// The connection has news for the server, and maybe a new deadline
-    /// (and so may its stream: room to write makes the next simulated
-    /// token due again).
-    fn touch(&mut self, key: usize) {
-        self.touch_conn(key);
-        let Some(r) = self.conns.get(key).and_then(|l| l.sub) else {
-            return;
-        };
-        if self
-            .stream_timers
-            .get(r.key)
-            .is_some_and(|t| t.armed.is_none() || t.roomless)
-        {
-            self.touch_stream(r);
-        }
-    }
-
-    /// [`Engine::touch`] without the stream (its caller touches it).
-    fn touch_conn(&mut self, key: usize) {
-        let Some(link) = self.conns.get_mut(key) else {
-            return;
-        };
-        if !link.dirty {
-            link.dirty = true;
-            self.dirty.push(key);
-        }
-        self.account(key);
-        let Some(link) = self.conns.get_mut(key) else {
-            return;
-        };
-        let want = link
-            .conn
-            .next_deadline(&self.cfg)
-            .map(|d| tick_of(self.epoch, d));
-        let wheel_key = (u64::from(link.serial) << 32) | key as u64;
-        match (want, link.timer) {
-            (None, Some((id, _))) => {
-                self.wheel.cancel(id);
-                link.timer = None;
-            }
-            (Some(at), Some((id, armed))) if at < armed => {
-                self.wheel.cancel(id);
-                link.timer = Some((self.wheel.insert(at, wheel_key), at));
-            }
-            (Some(at), None) => link.timer = Some((self.wheel.insert(at, wheel_key), at)),
-            // Armed at or before the deadline: it fires, finds the real
-            // deadline later, and re-arms then (lazy re-arming).
-            _ => {}
-        }
-    }
-
-    /// The stream's next deadline, and whether its subscriber had room.
-    fn stream_deadline(&self, r: StreamRef) -> Option<(Instant, bool)> {
-        let s = self.streams.get(r)?;
-        let room = match s.subscriber() {
-            Some((key, _)) => self
-                .conns
-                .get(key)
-                .is_some_and(|l| l.conn.pending_len() < self.cfg.high_water()),
-            None => true,
-        };
-        s.next_deadline(&self.cfg, room).map(|d| (d, room))
-    }
-
-    fn touch_stream(&mut self, r: StreamRef) {
-        let (want, room) = match self.stream_deadline(r) {
-            Some((d, room)) => (Some(tick_of(self.epoch, d)), room),
-            None => (None, true),
-        };
-        let Some(slot) = self.stream_timers.get_mut(r.key) else {
-            return;
-        };
-        slot.roomless = !room;
-        let wheel_key = STREAM_TIMER | ((r.id & 0x7fff_ffff) << 32) | r.key as u64;
-        match (want, slot.armed) {
-            (None, Some((id, _))) => {
-                self.wheel.cancel(id);
-                slot.armed = None;
-            }
-            (Some(at), Some((id, armed))) if at < armed => {
-                self.wheel.cancel(id);
-                slot.armed = Some((self.wheel.insert(at, wheel_key), at));
-            }
-            (Some(at), None) => slot.armed = Some((self.wheel.insert(at, wheel_key), at)),
-            _ => {}
-        }
-    }
-
     /// Parses and dispatches every complete request in the kept input and
     /// `data`, as long as the connection is reading.
     fn process(&mut self, svc: &mut dyn Services, key: usize, data: &[u8], now: Instant) {
@@ -827,6 +728,7 @@ impl<S> Engine<S> {
             return;
         };
         let logged = stream.log_bytes();
+        let logging = logged != 0 || stream.is_resumable();
         let mut progress = Default::default();
         let sub = stream.subscriber();
         match sub.and_then(|(key, serial)| {
@@ -857,7 +759,7 @@ impl<S> Engine<S> {
                     }
                     link.ttft_mark = Some((link.conn.appended_total(), stream.parsed_at(), r));
                 }
-                self.touch_conn(key);
+                self.mark_dirty(key);
             }
             None if sub.is_none() => {
                 let mut scratch = std::mem::take(&mut self.scratch);
@@ -867,7 +769,9 @@ impl<S> Engine<S> {
             }
             None => return self.touch_stream(r),
         }
-        self.account_log(r, logged);
+        if logging {
+            self.account_log(r, logged);
+        }
         if let Some(end) = progress.end {
             self.end_stream(svc, r, end, true, now);
         } else if progress.log_full {
@@ -912,7 +816,7 @@ impl<S> Engine<S> {
             if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
                 link.conn
                     .append_body(&mut self.bufs, |b| stream.heartbeat_if_due(&scx, b));
-                self.touch_conn(key);
+                self.mark_dirty(key);
             }
         }
         self.touch_stream(r);
@@ -978,17 +882,13 @@ impl<S> Engine<S> {
     }
 }
 
-/// Rounds a deadline up to the wheel's millisecond tick: firing early would
-/// only re-arm, firing late never happens.
-fn tick_of(epoch: Instant, d: Instant) -> u64 {
-    let d = d.saturating_duration_since(epoch);
-    d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000))
-}
-
 mod ending;
 mod intake;
 mod resume;
 mod sim_services;
+mod timers;
+
+use timers::StreamTimer;
 
 pub use intake::ROUTE_BUDGET;
 
