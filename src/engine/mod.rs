@@ -337,6 +337,9 @@ impl<S> Engine<S> {
         let Some(link) = self.conns.get_mut(key) else {
             return;
         };
+        // A stream's body going out as it should changes nothing but the
+        // bytes waiting: no charge, idleness or deadline to recompute.
+        let quiet = link.conn.is_responding() && !link.conn.is_write_blocked();
         link.conn.handle_written(&mut self.bufs, n);
         self.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
         if let Some((mark, t0, r)) = link.ttft_mark {
@@ -360,7 +363,17 @@ impl<S> Engine<S> {
                 self.process(svc, key, &[], now);
             }
         }
-        self.touch(key);
+        let quiet = quiet
+            && self
+                .conns
+                .get(key)
+                .is_some_and(|l| l.sub.is_some() && l.conn.is_responding());
+        if quiet {
+            self.mark_dirty(key);
+            self.touch_sub(key);
+        } else {
+            self.touch(key);
+        }
     }
 
     /// `key`'s socket would block with bytes pending.
@@ -391,7 +404,10 @@ impl<S> Engine<S> {
         self.wheel.poll(self.now_ms(now), &mut expired);
         // Connections first: a client that stopped reading ends its
         // stream as a slow consumer before the stream's own timers run.
-        expired.sort_unstable();
+        // (Streams alone, the usual tick, need no order.)
+        if expired.iter().any(|k| k & STREAM_TIMER == 0) {
+            expired.sort_unstable();
+        }
         for &k in &expired {
             if k & STREAM_TIMER == 0 {
                 let (key, serial) = ((k & 0xffff_ffff) as usize, (k >> 32) as u32);
@@ -702,7 +718,11 @@ impl<S> Engine<S> {
         debug_assert_eq!(inserted, r);
         let h = std::hash::BuildHasher::hash_one(&self.sid_hasher, &*sid);
         self.by_sid.insert(h, r);
-        let slot = self.stream_timers.insert(StreamTimer::default());
+        let limit = tick_of(self.epoch, now + self.cfg.max_stream());
+        let slot = self.stream_timers.insert(StreamTimer {
+            limit,
+            ..StreamTimer::default()
+        });
         debug_assert_eq!(slot, r.key);
         link.sub = Some(r);
         // Only a whole answer needs the request's meta at the end (its
@@ -888,7 +908,7 @@ mod resume;
 mod sim_services;
 mod timers;
 
-use timers::StreamTimer;
+use timers::{tick_of, StreamTimer};
 
 pub use intake::ROUTE_BUDGET;
 

@@ -21,6 +21,9 @@ pub(super) struct StreamTimer {
     /// Otherwise nothing a connection does can make the deadline earlier,
     /// and touching the connection need not touch the stream.
     pub roomless: bool,
+    /// The tick of the stream's time limit (`--max-stream-ms`), which
+    /// never moves.
+    pub limit: u64,
 }
 
 impl<S> Engine<S> {
@@ -29,6 +32,12 @@ impl<S> Engine<S> {
     /// token due again).
     pub(super) fn touch(&mut self, key: usize) {
         self.touch_conn(key);
+        self.touch_sub(key);
+    }
+
+    /// Re-arms `key`'s stream if the connection may have made its
+    /// deadline earlier.
+    pub(super) fn touch_sub(&mut self, key: usize) {
         let Some(r) = self.conns.get(key).and_then(|l| l.sub) else {
             return;
         };
@@ -83,20 +92,41 @@ impl<S> Engine<S> {
     /// The stream's next deadline, and whether its subscriber had room.
     pub(super) fn stream_deadline(&self, r: StreamRef) -> Option<(Instant, bool)> {
         let s = self.streams.get(r)?;
-        let room = match s.subscriber() {
+        let room = self.has_room(s.subscriber());
+        s.next_deadline(&self.cfg, room).map(|d| (d, room))
+    }
+
+    /// Whether a stream's subscriber can take more bytes (a detached
+    /// stream always can).
+    fn has_room(&self, sub: Option<(usize, u32)>) -> bool {
+        match sub {
             Some((key, _)) => self
                 .conns
                 .get(key)
                 .is_some_and(|l| l.conn.pending_len() < self.cfg.high_water()),
             None => true,
-        };
-        s.next_deadline(&self.cfg, room).map(|d| (d, room))
+        }
     }
 
     pub(super) fn touch_stream(&mut self, r: StreamRef) {
-        let (want, room) = match self.stream_deadline(r) {
-            Some((d, room)) => (Some(tick_of(self.epoch, d)), room),
+        let Some(limit) = self.stream_timers.get(r.key).map(|t| t.limit) else {
+            return;
+        };
+        // `stream_deadline` in ticks, with the time limit's tick kept.
+        let (want, room) = match self.streams.get(r) {
             None => (None, true),
+            Some(s) => {
+                let room = self.has_room(s.subscriber());
+                let want = if s.is_ended() {
+                    s.keep_until().map(|k| tick_of(self.epoch, k))
+                } else {
+                    Some(
+                        s.next_wake(&self.cfg, room)
+                            .map_or(limit, |w| tick_of(self.epoch, w).min(limit)),
+                    )
+                };
+                (want, room)
+            }
         };
         let Some(slot) = self.stream_timers.get_mut(r.key) else {
             return;
@@ -122,5 +152,5 @@ impl<S> Engine<S> {
 /// only re-arm, firing late never happens.
 pub(super) fn tick_of(epoch: Instant, d: Instant) -> u64 {
     let d = d.saturating_duration_since(epoch);
-    d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000))
+    d.as_secs() * 1000 + u64::from(d.subsec_nanos()).div_ceil(1_000_000)
 }

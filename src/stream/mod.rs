@@ -169,6 +169,8 @@ pub struct Stream {
     /// Who started the stream: only they may resume or stop it.
     principal: Option<Box<str>>,
     ended: bool,
+    /// `encoder.streaming()`, asked once.
+    streaming: bool,
 }
 
 impl Stream {
@@ -185,6 +187,7 @@ impl Stream {
             ),
             Producer::Pool(sink) => (Prod::Pool(sink), None),
         };
+        let streaming = a.encoder.streaming();
         Stream {
             id: a.id,
             request_id: (a.request_id != *a.sid).then(|| a.request_id.into()),
@@ -208,6 +211,7 @@ impl Stream {
             peer: None,
             principal: None,
             ended: false,
+            streaming,
         }
     }
 
@@ -241,7 +245,7 @@ impl Stream {
 
     /// Sends events as they happen (rather than one answer at the end).
     pub fn is_streaming(&self) -> bool {
-        self.encoder.streaming()
+        self.streaming
     }
 
     /// The `Content-Type` of the answer.
@@ -319,19 +323,25 @@ impl Stream {
         if self.ended {
             return self.keep_until;
         }
-        let mut d = self.parsed_at + cfg.max_stream();
-        if let Some(k) = self.keep_until {
-            d = d.min(k);
-        }
-        if self.is_streaming() && self.sub.is_some() {
-            d = d.min(self.last_event_at + cfg.heartbeat());
+        let limit = self.parsed_at + cfg.max_stream();
+        Some(self.next_wake(cfg, room).map_or(limit, |w| w.min(limit)))
+    }
+
+    /// [`Stream::next_deadline`] of a stream not ended, without its time
+    /// limit (which never moves: the engine keeps it). `None`: only the
+    /// time limit.
+    pub fn next_wake(&self, cfg: &Config, room: bool) -> Option<Instant> {
+        let mut d = self.keep_until;
+        let mut sooner = |t: Instant| d = Some(d.map_or(t, |d| d.min(t)));
+        if self.streaming && self.sub.is_some() {
+            sooner(self.last_event_at + cfg.heartbeat());
         }
         if let Prod::Sim { text, next_due } = &self.prod {
             if self.produced <= text.total && room {
-                d = d.min(*next_due);
+                sooner(*next_due);
             }
         }
-        Some(d)
+        d
     }
 
     /// Moves every piece of text that is ready through the stages and the
