@@ -191,20 +191,18 @@ impl OutBuf {
 }
 
 /// `{n:x}\r\n` into `out`; returns its length.
-fn hex_line(mut n: usize, out: &mut [u8; CHUNK_HEAD_ROOM]) -> usize {
+fn hex_line(n: usize, out: &mut [u8; CHUNK_HEAD_ROOM]) -> usize {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut len = 0;
-    loop {
-        digits[len] = HEX[n & 0xf];
-        len += 1;
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    for i in 0..len {
-        out[i] = digits[len - 1 - i];
+    let len = match n {
+        0..0x10 => 1,
+        0x10..0x100 => 2,
+        0x100..0x1000 => 3,
+        _ => (usize::BITS - n.leading_zeros()).div_ceil(4) as usize,
+    };
+    let mut m = n;
+    for d in out[..len].iter_mut().rev() {
+        *d = HEX[m & 0xf];
+        m >>= 4;
     }
     out[len] = b'\r';
     out[len + 1] = b'\n';

@@ -401,7 +401,8 @@ impl<S> Engine<S> {
     pub fn handle_timeouts(&mut self, svc: &mut dyn Services, now: Instant) {
         let mut expired = std::mem::take(&mut self.expired);
         expired.clear();
-        self.wheel.poll(self.now_ms(now), &mut expired);
+        let now_ms = self.now_ms(now);
+        self.wheel.poll(now_ms, &mut expired);
         // Connections first: a client that stopped reading ends its
         // stream as a slow consumer before the stream's own timers run.
         // (Streams alone, the usual tick, need no order.)
@@ -429,7 +430,7 @@ impl<S> Engine<S> {
                 if let Some(t) = self.stream_timers.get_mut(key) {
                     t.armed = None;
                 }
-                self.stream_timeout(svc, r, now);
+                self.stream_timeout(svc, r, now, now_ms);
             }
         }
         self.expired = expired;
@@ -805,7 +806,8 @@ impl<S> Engine<S> {
         }
     }
 
-    fn stream_timeout(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+    /// `now_ms`: `now` as the wheel's tick (rounded down).
+    fn stream_timeout(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant, now_ms: u64) {
         let scx = self.stream_scx(now);
         let Some(stream) = self.streams.get(r) else {
             return;
@@ -813,7 +815,11 @@ impl<S> Engine<S> {
         if stream.retention_over(now) {
             return self.remove_stream(r);
         }
-        if let Some(end) = stream.expired(&scx) {
+        // Nothing can have expired before the time limit's tick for a
+        // stream with a subscriber (`now_ms` is rounded down, the tick up).
+        let limit = self.stream_timers.get(r.key).map_or(0, |t| t.limit);
+        let may_expire = stream.subscriber().is_none() || now_ms + 1 >= limit;
+        if let Some(end) = may_expire.then(|| stream.expired(&scx)).flatten() {
             if end == End::Disconnected {
                 log::debug!("stream {:x}: its resume window ran out", r.id);
             }

@@ -504,6 +504,11 @@ impl Stream {
 
     /// Whether nothing else was sent for `--heartbeat-ms`.
     pub fn heartbeat_due(&self, cx: &StreamCx) -> bool {
+        // An event just went out (the usual case after a pump): not due,
+        // without the time arithmetic.
+        if self.last_event_at == cx.now && cx.cfg.heartbeat_ms > 0 {
+            return false;
+        }
         !self.ended
             && self.sub.is_some()
             && self.is_streaming()
