@@ -1,13 +1,18 @@
-//! Criterion benches of the hot paths: framing a token, each encoder,
-//! batching frames into one chunk, parsing a request, the timer wheel, the
-//! worker hand-off, and a whole simulated stream through the engine (no
-//! sockets).
+//! Criterion benches of the hot paths: framing a token, each encoder (one
+//! token, and a whole 64-token answer for each of the five shapes),
+//! batching frames into one chunk, parsing a request, the timer wheel (one
+//! entry, and a tick that fires 40), the worker hand-off (a burst, and one
+//! token at a time), a whole simulated stream through the engine, and one
+//! paced token event through the engine (no sockets). Redaction has its
+//! own file (`benches/redact.rs`).
 
 use std::hint::black_box;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sluice::encode::{ChunkFormat, Encoder, NativeSse, OpenAiSse};
+use sluice::encode::{
+    ChunkFormat, Encoder, NativeJson, NativeSse, OpenAiAtOnce, OpenAiJson, OpenAiSse, Summary,
+};
 use sluice::engine::{Engine, SimServices};
 use sluice::http::{Limits, RequestReader};
 use sluice::metrics::Metrics;
@@ -94,6 +99,21 @@ fn wheel(c: &mut Criterion) {
             black_box(&expired);
         })
     });
+    // A busy tick: 200 streams paced 5 ms apart fire 40 at a time.
+    let mut g = c.benchmark_group("timer");
+    g.throughput(Throughput::Elements(40));
+    g.bench_function("fire_40_in_one_tick", |b| {
+        b.iter(|| {
+            for k in 0..40 {
+                w.insert(now + 5, k);
+            }
+            now += 5;
+            expired.clear();
+            w.poll(now, &mut expired);
+            black_box(&expired);
+        })
+    });
+    g.finish();
 }
 
 /// A whole 64-token simulated stream through the engine: request parsed,
@@ -112,6 +132,40 @@ fn engine(c: &mut Criterion) {
         let mut dirty = Vec::new();
         b.iter(|| {
             e.handle_read(&mut svc, key, req, now);
+            let n = e.pending(key).len();
+            e.handle_written(&mut svc, key, n, now);
+            e.take_dirty(&mut dirty);
+            black_box(n);
+        })
+    });
+    // One token event at 5 ms pacing, as the loop sees it: the stream's
+    // timer fires, its token is encoded into one chunk, the chunk is
+    // written, the timer is re-armed (a new stream when one ends).
+    let cfg = Config::for_tests(&[
+        "--sim-ttft-ms",
+        "5",
+        "--sim-itl-ms",
+        "5",
+        "--sim-tokens",
+        "4096",
+    ]);
+    let long = b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 33\r\n\r\n{\"prompt\":\"hi\",\"max_tokens\":4096}";
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("paced_token_event", |b| {
+        let t0 = Instant::now();
+        let mut e: Engine<()> =
+            Engine::new(Arc::new(cfg.clone()), Arc::new(Metrics::default()), t0);
+        let key = e.open((), None, t0);
+        let mut dirty = Vec::new();
+        let mut ms = 0u64;
+        b.iter(|| {
+            let now = t0 + Duration::from_millis(ms);
+            if e.streams() == 0 {
+                e.handle_read(&mut svc, key, long, now);
+            }
+            ms += 5;
+            let now = t0 + Duration::from_millis(ms);
+            e.handle_timeouts(&mut svc, now);
             let n = e.pending(key).len();
             e.handle_written(&mut svc, key, n, now);
             e.take_dirty(&mut dirty);
@@ -147,6 +201,41 @@ fn encoders(c: &mut Criterion) {
             })
         });
     }
+    // Every shape, a whole 64-token answer: open, tokens, done.
+    g.throughput(Throughput::Elements(64));
+    let format = || ChunkFormat::new("1000", "sluice-sim", 1_700_000_000, true);
+    type Make = fn(ChunkFormat) -> Box<dyn Encoder>;
+    let shapes: [(&str, Make); 5] = [
+        ("native_sse", |_| Box::new(NativeSse)),
+        ("native_json", |_| Box::new(NativeJson::default())),
+        ("openai_sse", |f| Box::new(OpenAiSse(f))),
+        ("openai_json", |f| Box::new(OpenAiJson::new(f))),
+        ("openai_all_at_once", |f| {
+            Box::new(OpenAiAtOnce(OpenAiJson::new(f)))
+        }),
+    ];
+    let summary = Summary {
+        finish_reason: "stop",
+        prompt_tokens: Some(3),
+        tokens: 64,
+        backend_completion_tokens: None,
+        ttft_ms: Some(1.25),
+        tokens_per_s: 50.0,
+    };
+    for (name, make) in shapes {
+        g.bench_function(format!("{name}_answer_64_tokens"), |b| {
+            b.iter(|| {
+                let mut enc = make(format());
+                buf.clear();
+                enc.open(&mut buf);
+                for _ in 0..64 {
+                    enc.token(&mut buf, None, black_box(" word"));
+                }
+                enc.done(&mut buf, ("1000", 65), &summary);
+                black_box(&buf);
+            })
+        });
+    }
     g.finish();
 }
 
@@ -163,6 +252,21 @@ fn handoff(c: &mut Criterion) {
     let sink = sluice::pool::TokenSink::new(0, 1, 256, ready.clone());
     let mut list = Vec::new();
     let mut g = c.benchmark_group("pool");
+    // A paced upstream: each token on its own, one ready entry and one
+    // wake-up flag swap each.
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("push_take_1_token", |b| {
+        b.iter(|| {
+            sink.push_token(black_box(" word")).unwrap();
+            ready.take(&mut list);
+            let mut n = 0;
+            sink.take(|_| {
+                n += 1;
+                true
+            });
+            black_box(n);
+        })
+    });
     g.throughput(Throughput::Elements(64));
     g.bench_function("push_take_64_tokens", |b| {
         b.iter(|| {

@@ -528,6 +528,11 @@ impl Conn {
     }
 
     /// The socket took `n` bytes.
+    /// The last write would block (and the write timeout runs).
+    pub fn is_write_blocked(&self) -> bool {
+        self.blocked_since.is_some()
+    }
+
     pub fn handle_written(&mut self, bufs: &mut BufPool, n: usize) {
         self.out.consume(n, bufs);
         self.blocked_since = None;

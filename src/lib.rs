@@ -30,7 +30,9 @@
 //!   how a stream ends; `engine/resume.rs`: resume and stop by id;
 //!   `engine/remote.rs`: the same for streams of other instances, through
 //!   the shared store;
-//!   `engine/loops.rs`: which loop owns a stream, connections handed to it).
+//!   `engine/loops.rs`: which loop owns a stream, connections handed to it;
+//!   `engine/timers.rs`: one wheel entry per connection and per stream,
+//!   re-armed lazily).
 //! - [`conn`]: the HTTP/1.1 connection machine (requests in, responses and
 //!   body chunks out; keep-alive, pipelining, half-close, timeouts). It
 //!   names no endpoint and no event format.

@@ -17,6 +17,17 @@ pub const BUCKETS: [f64; 22] = [
     2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// [`BUCKETS`] in nanoseconds.
+const BUCKETS_NS: [u64; BUCKETS.len()] = {
+    let mut ns = [0; BUCKETS.len()];
+    let mut i = 0;
+    while i < BUCKETS.len() {
+        ns[i] = (BUCKETS[i] * 1e9 + 0.5) as u64;
+        i += 1;
+    }
+    ns
+};
+
 /// The statuses `sluice_requests_refused_total` has a label for.
 pub const REFUSAL_STATUSES: [u16; 12] =
     [400, 401, 404, 405, 408, 413, 417, 429, 431, 500, 503, 505];
@@ -34,14 +45,16 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = BUCKETS
+        // In whole nanoseconds: the same bucket as comparing seconds as
+        // f64 (every bound is a whole number of nanoseconds), without the
+        // float conversion.
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
+        let i = BUCKETS_NS
             .iter()
-            .position(|b| s <= *b)
+            .position(|b| ns <= *b)
             .unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Relaxed);
-        self.sum_ns
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
     }
 
     pub fn count(&self) -> u64 {
@@ -423,6 +436,27 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_in_nanoseconds_sort_as_the_seconds_did() {
+        let by_secs = |d: Duration| {
+            let s = d.as_secs_f64();
+            BUCKETS
+                .iter()
+                .position(|b| s <= *b)
+                .unwrap_or(BUCKETS.len())
+        };
+        for (i, b) in BUCKETS.iter().enumerate() {
+            assert_eq!(BUCKETS_NS[i] as f64 / 1e9, *b);
+            for ns in [BUCKETS_NS[i] - 1, BUCKETS_NS[i], BUCKETS_NS[i] + 1] {
+                let d = Duration::from_nanos(ns);
+                let h = Histogram::default();
+                h.observe(d);
+                let got = h.counts.iter().position(|c| c.load(Relaxed) == 1);
+                assert_eq!(got, Some(by_secs(d)), "{d:?}");
+            }
+        }
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

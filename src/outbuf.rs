@@ -139,11 +139,22 @@ impl OutBuf {
             self.release_if_empty(pool);
             return;
         }
+        let mut head = [0u8; CHUNK_HEAD_ROOM];
+        let n = hex_line(body, &mut head);
+        if start == self.pos {
+            // Nothing else waits (a paced stream's usual case): the size
+            // line goes at the end of the room, and the bytes before it
+            // count as written already.
+            let at = start + CHUNK_HEAD_ROOM - n;
+            self.buf[at..start + CHUNK_HEAD_ROOM].copy_from_slice(&head[..n]);
+            self.pos = at;
+            self.buf.extend_from_slice(b"\r\n");
+            self.appended += (self.buf.len() - at) as u64;
+            return;
+        }
         // Write the size line right before the body, then slide the body
         // down over the unused room: one memmove of a few hundred bytes
         // instead of a second buffer.
-        let mut head = [0u8; CHUNK_HEAD_ROOM];
-        let n = hex_line(body, &mut head);
         self.buf[start..start + n].copy_from_slice(&head[..n]);
         self.buf.copy_within(start + CHUNK_HEAD_ROOM.., start + n);
         self.buf.truncate(start + n + body);
@@ -180,20 +191,18 @@ impl OutBuf {
 }
 
 /// `{n:x}\r\n` into `out`; returns its length.
-fn hex_line(mut n: usize, out: &mut [u8; CHUNK_HEAD_ROOM]) -> usize {
+fn hex_line(n: usize, out: &mut [u8; CHUNK_HEAD_ROOM]) -> usize {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut len = 0;
-    loop {
-        digits[len] = HEX[n & 0xf];
-        len += 1;
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    for i in 0..len {
-        out[i] = digits[len - 1 - i];
+    let len = match n {
+        0..0x10 => 1,
+        0x10..0x100 => 2,
+        0x100..0x1000 => 3,
+        _ => (usize::BITS - n.leading_zeros()).div_ceil(4) as usize,
+    };
+    let mut m = n;
+    for d in out[..len].iter_mut().rev() {
+        *d = HEX[m & 0xf];
+        m >>= 4;
     }
     out[len] = b'\r';
     out[len + 1] = b'\n';
@@ -217,6 +226,26 @@ mod tests {
         want.extend_from_slice(b"\r\n0\r\n\r\n");
         assert_eq!(out.pending(), &want[..]);
         assert_eq!(out.appended_total(), want.len() as u64);
+    }
+
+    #[test]
+    fn a_chunk_into_an_empty_buffer_is_framed_in_place() {
+        let mut pool = BufPool::default();
+        let mut out = OutBuf::default();
+        out.append_chunk(&mut pool, true, |b| b.extend_from_slice(b"hello"));
+        assert_eq!(out.pending(), b"5\r\nhello\r\n");
+        out.consume(4, &mut pool);
+        out.append_chunk(&mut pool, true, |b| b.extend_from_slice(b"ab"));
+        assert_eq!(out.pending(), b"ello\r\n2\r\nab\r\n");
+        out.consume(11, &mut pool);
+        assert_eq!(out.pending(), b"\r\n");
+        out.consume(2, &mut pool);
+        assert!(!out.holds_allocation());
+        out.append_chunk(&mut pool, true, |b| b.extend_from_slice(&[b'x'; 16]));
+        assert_eq!(&out.pending()[..4], b"10\r\n");
+        assert_eq!(out.pending().len(), 22);
+        assert_eq!(out.appended_total(), 10 + 7 + 22);
+        assert_eq!(out.written_total(), 17);
     }
 
     #[test]
@@ -255,6 +284,8 @@ mod tests {
             (15, "f\r\n"),
             (16, "10\r\n"),
             (65535, "ffff\r\n"),
+            (0x10000, "10000\r\n"),
+            (usize::MAX, "ffffffffffffffff\r\n"),
         ] {
             let mut b = [0u8; CHUNK_HEAD_ROOM];
             let len = hex_line(n, &mut b);

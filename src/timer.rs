@@ -87,15 +87,24 @@ impl TimerWheel {
         // Wrapping is harmless: a collision needs 2^64 inserts while one id
         // is kept stale and its slab slot happens to be reused at that moment.
         self.next_generation = self.next_generation.wrapping_add(1);
+        // Linked at the head of its list as it is created (no second
+        // look-up of the new entry).
+        let old = self.heads[list];
         let idx = self.entries.insert(Entry {
             deadline: deadline_ms,
             key,
             generation,
             list,
             prev: NIL,
-            next: NIL,
+            next: old,
         });
-        self.link(idx, list);
+        if old != NIL {
+            self.entries[old].prev = idx;
+        }
+        self.heads[list] = idx;
+        if list < SLOTS {
+            self.occupied[list / 64] |= 1 << (list % 64);
+        }
         TimerId(idx, generation)
     }
 
@@ -211,22 +220,6 @@ impl TimerWheel {
             }
         }
         None
-    }
-
-    fn link(&mut self, idx: usize, list: usize) {
-        let old = self.heads[list];
-        {
-            let e = &mut self.entries[idx];
-            e.prev = NIL;
-            e.next = old;
-        }
-        if old != NIL {
-            self.entries[old].prev = idx;
-        }
-        self.heads[list] = idx;
-        if list < SLOTS {
-            self.occupied[list / 64] |= 1 << (list % 64);
-        }
     }
 
     fn unlink(&mut self, idx: usize) {

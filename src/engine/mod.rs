@@ -61,6 +61,11 @@ struct Link<S> {
     ttft_mark: Option<(u64, Instant, StreamRef)>,
     timer: Option<(TimerId, u64)>,
     dirty: bool,
+    /// A write that makes room pumps the stream again: its producer is a
+    /// worker (pieces may wait in its queue), or the last pump left the
+    /// output at or past half the high-water mark (or did not run for want
+    /// of room). A simulated stream with room holds nothing back.
+    held: bool,
     /// Its place in the intake (budget, idle order, address).
     mark: intake::Mark,
 }
@@ -76,7 +81,7 @@ pub struct Engine<S> {
     conns: Slab<Link<S>>,
     streams: StreamTable,
     /// The wheel entry of each stream, by stream key.
-    stream_timers: Slab<Option<(TimerId, u64)>>,
+    stream_timers: Slab<StreamTimer>,
     wheel: TimerWheel,
     epoch: Instant,
     expired: Vec<u64>,
@@ -180,6 +185,7 @@ impl<S> Engine<S> {
             ttft_mark: None,
             timer: None,
             dirty: false,
+            held: false,
             mark: intake::Mark::default(),
         });
         self.metrics.connections_open.fetch_add(1, Relaxed);
@@ -319,6 +325,9 @@ impl<S> Engine<S> {
         let Some(link) = self.conns.get_mut(key) else {
             return;
         };
+        // A stream's body going out as it should changes nothing but the
+        // bytes waiting: no charge, idleness or deadline to recompute.
+        let quiet = link.conn.is_responding() && !link.conn.is_write_blocked();
         link.conn.handle_written(&mut self.bufs, n);
         self.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
         if let Some((mark, t0, r)) = link.ttft_mark {
@@ -335,12 +344,24 @@ impl<S> Engine<S> {
         // answer pipelined requests that waited for the answers before.
         if link.conn.pending_len() < self.cfg.high_water() / 2 {
             if let Some(r) = link.sub {
-                self.pump(svc, r, now);
+                if link.held {
+                    self.pump(svc, r, now);
+                }
             } else if link.conn.has_waiting_input() {
                 self.process(svc, key, &[], now);
             }
         }
-        self.touch(key);
+        let quiet = quiet
+            && self
+                .conns
+                .get(key)
+                .is_some_and(|l| l.sub.is_some() && l.conn.is_responding());
+        if quiet {
+            self.mark_dirty(key);
+            self.touch_sub(key);
+        } else {
+            self.touch(key);
+        }
     }
 
     /// `key`'s socket would block with bytes pending.
@@ -368,10 +389,14 @@ impl<S> Engine<S> {
     pub fn handle_timeouts(&mut self, svc: &mut dyn Services, now: Instant) {
         let mut expired = std::mem::take(&mut self.expired);
         expired.clear();
-        self.wheel.poll(self.now_ms(now), &mut expired);
+        let now_ms = self.now_ms(now);
+        self.wheel.poll(now_ms, &mut expired);
         // Connections first: a client that stopped reading ends its
         // stream as a slow consumer before the stream's own timers run.
-        expired.sort_unstable();
+        // (Streams alone, the usual tick, need no order.)
+        if expired.iter().any(|k| k & STREAM_TIMER == 0) {
+            expired.sort_unstable();
+        }
         for &k in &expired {
             if k & STREAM_TIMER == 0 {
                 let (key, serial) = ((k & 0xffff_ffff) as usize, (k >> 32) as u32);
@@ -391,9 +416,9 @@ impl<S> Engine<S> {
                 }
                 let r = StreamRef { key, id: s.id() };
                 if let Some(t) = self.stream_timers.get_mut(key) {
-                    *t = None;
+                    t.armed = None;
                 }
-                self.stream_timeout(svc, r, now);
+                self.stream_timeout(svc, r, now, now_ms);
             }
         }
         self.expired = expired;
@@ -425,7 +450,10 @@ impl<S> Engine<S> {
     pub fn deadline(&self, key: usize) -> Option<Instant> {
         let link = self.conns.get(key)?;
         let c = link.conn.next_deadline(&self.cfg);
-        let s = link.sub.and_then(|r| self.stream_deadline(r));
+        let s = link
+            .sub
+            .and_then(|r| self.stream_deadline(r))
+            .map(|(d, _)| d);
         match (c, s) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -458,76 +486,6 @@ impl<S> Engine<S> {
             }
         }
         self.touch(key);
-    }
-
-    /// The connection has news for the server, and maybe a new deadline.
-    fn touch(&mut self, key: usize) {
-        let Some(link) = self.conns.get_mut(key) else {
-            return;
-        };
-        if !link.dirty {
-            link.dirty = true;
-            self.dirty.push(key);
-        }
-        self.account(key);
-        let Some(link) = self.conns.get_mut(key) else {
-            return;
-        };
-        let want = link
-            .conn
-            .next_deadline(&self.cfg)
-            .map(|d| tick_of(self.epoch, d));
-        let wheel_key = (u64::from(link.serial) << 32) | key as u64;
-        match (want, link.timer) {
-            (None, Some((id, _))) => {
-                self.wheel.cancel(id);
-                link.timer = None;
-            }
-            (Some(at), Some((id, armed))) if at < armed => {
-                self.wheel.cancel(id);
-                link.timer = Some((self.wheel.insert(at, wheel_key), at));
-            }
-            (Some(at), None) => link.timer = Some((self.wheel.insert(at, wheel_key), at)),
-            // Armed at or before the deadline: it fires, finds the real
-            // deadline later, and re-arms then (lazy re-arming).
-            _ => {}
-        }
-        // The attached stream's simulated tokens wait for room here.
-        if let Some(r) = link.sub {
-            self.touch_stream(r);
-        }
-    }
-
-    fn stream_deadline(&self, r: StreamRef) -> Option<Instant> {
-        let s = self.streams.get(r)?;
-        let room = match s.subscriber() {
-            Some((key, _)) => self
-                .conns
-                .get(key)
-                .is_some_and(|l| l.conn.pending_len() < self.cfg.high_water()),
-            None => true,
-        };
-        s.next_deadline(&self.cfg, room)
-    }
-
-    fn touch_stream(&mut self, r: StreamRef) {
-        let want = self.stream_deadline(r).map(|d| tick_of(self.epoch, d));
-        let Some(slot) = self.stream_timers.get_mut(r.key) else {
-            return;
-        };
-        let wheel_key = STREAM_TIMER | ((r.id & 0x7fff_ffff) << 32) | r.key as u64;
-        match (want, *slot) {
-            (None, Some((id, _))) => {
-                self.wheel.cancel(id);
-                *slot = None;
-            }
-            (Some(at), Some((id, armed))) if at < armed => {
-                self.wheel.cancel(id);
-                *slot = Some((self.wheel.insert(at, wheel_key), at));
-            }
-            (Some(at), None) => *slot = Some((self.wheel.insert(at, wheel_key), at)),
-            _ => {}
-        }
     }
 
     /// Parses and dispatches every complete request in the kept input and
@@ -774,7 +732,11 @@ impl<S> Engine<S> {
         debug_assert_eq!(inserted, r);
         let h = std::hash::BuildHasher::hash_one(&self.sid_hasher, &*sid);
         self.by_sid.insert(h, r);
-        let slot = self.stream_timers.insert(None);
+        let limit = tick_of(self.epoch, now + self.cfg.max_stream());
+        let slot = self.stream_timers.insert(StreamTimer {
+            limit,
+            ..StreamTimer::default()
+        });
         debug_assert_eq!(slot, r.key);
         link.sub = Some(r);
         // Only a whole answer needs the request's meta at the end (its
@@ -804,6 +766,7 @@ impl<S> Engine<S> {
             return;
         };
         let logged = stream.log_bytes();
+        let logging = logged != 0 || stream.is_resumable();
         let mut progress = Default::default();
         let sub = stream.subscriber();
         match sub.and_then(|(key, serial)| {
@@ -815,11 +778,16 @@ impl<S> Engine<S> {
             Some((key, link)) => {
                 let pending = link.conn.pending_len();
                 if pending >= hwm {
-                    return;
+                    link.held = true;
+                    return self.touch_stream(r);
                 }
                 link.conn.append_body(&mut self.bufs, |b| {
                     progress = stream.pump(&scx, b, hwm - pending);
                 });
+                // A worker's pieces left in its queue are taken on the
+                // next write; a simulated token waits only for its timer
+                // or for room.
+                link.held = !stream.is_simulated() || link.conn.pending_len() >= hwm / 2;
                 if progress.first_token {
                     if let Some((_, t0, _)) = link.ttft_mark {
                         // A pipelined stream's first token is still
@@ -829,7 +797,7 @@ impl<S> Engine<S> {
                     }
                     link.ttft_mark = Some((link.conn.appended_total(), stream.parsed_at(), r));
                 }
-                self.touch(key);
+                self.mark_dirty(key);
             }
             None if sub.is_none() => {
                 let mut scratch = std::mem::take(&mut self.scratch);
@@ -837,10 +805,12 @@ impl<S> Engine<S> {
                 scratch.clear();
                 self.scratch = scratch;
             }
-            None => return,
+            None => return self.touch_stream(r),
         }
-        self.ship(svc, r);
-        self.account_log(r, logged);
+        if logging {
+            self.ship(svc, r);
+            self.account_log(r, logged);
+        }
         if let Some(end) = progress.end {
             self.end_stream(svc, r, end, true, now);
         } else if progress.log_full {
@@ -854,7 +824,8 @@ impl<S> Engine<S> {
         }
     }
 
-    fn stream_timeout(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+    /// `now_ms`: `now` as the wheel's tick (rounded down).
+    fn stream_timeout(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant, now_ms: u64) {
         let scx = self.stream_scx(now);
         let Some(stream) = self.streams.get(r) else {
             return;
@@ -862,12 +833,17 @@ impl<S> Engine<S> {
         if stream.retention_over(now) {
             return self.remove_stream(r);
         }
-        if let Some(end) = stream.expired(&scx) {
+        // Nothing can have expired before the time limit's tick for a
+        // stream with a subscriber (`now_ms` is rounded down, the tick up).
+        let limit = self.stream_timers.get(r.key).map_or(0, |t| t.limit);
+        let may_expire = stream.subscriber().is_none() || now_ms + 1 >= limit;
+        if let Some(end) = may_expire.then(|| stream.expired(&scx)).flatten() {
             if end == End::Disconnected {
                 log::debug!("stream {:x}: its resume window ran out", r.id);
             }
             return self.end_stream(svc, r, end, false, now);
         }
+        // The pump re-arms the stream's timer (or ends it).
         self.pump(svc, r, now);
         let scx = StreamCx {
             now,
@@ -877,11 +853,14 @@ impl<S> Engine<S> {
         let Some(stream) = self.streams.get_mut(r) else {
             return;
         };
+        if !stream.heartbeat_due(&scx) {
+            return;
+        }
         if let Some((key, serial)) = stream.subscriber() {
             if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
                 link.conn
                     .append_body(&mut self.bufs, |b| stream.heartbeat_if_due(&scx, b));
-                self.touch(key);
+                self.mark_dirty(key);
             }
         }
         self.touch_stream(r);
@@ -947,13 +926,6 @@ impl<S> Engine<S> {
     }
 }
 
-/// Rounds a deadline up to the wheel's millisecond tick: firing early would
-/// only re-arm, firing late never happens.
-fn tick_of(epoch: Instant, d: Instant) -> u64 {
-    let d = d.saturating_duration_since(epoch);
-    d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000))
-}
-
 mod ending;
 mod intake;
 mod loops;
@@ -961,6 +933,9 @@ mod remote;
 mod resume;
 mod services;
 mod sim_services;
+mod timers;
+
+use timers::{tick_of, StreamTimer};
 
 pub use intake::ROUTE_BUDGET;
 

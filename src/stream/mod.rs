@@ -176,6 +176,8 @@ pub struct Stream {
     /// Who started the stream: only they may resume or stop it.
     principal: Option<Box<str>>,
     ended: bool,
+    /// `encoder.streaming()`, asked once.
+    streaming: bool,
     /// What the shared resume store has of this stream.
     stored: Stored,
     /// A client resumed it on another instance (it is not detached).
@@ -212,6 +214,7 @@ impl Stream {
             Producer::Pool(sink) => (Prod::Pool(sink), None),
             Producer::Relay(sink) => (Prod::Relay(sink), None),
         };
+        let streaming = a.encoder.streaming();
         Stream {
             id: a.id,
             request_id: (a.request_id != *a.sid).then(|| a.request_id.into()),
@@ -235,6 +238,7 @@ impl Stream {
             peer: None,
             principal: None,
             ended: false,
+            streaming,
             stored: Stored::No,
             remote_sub: false,
             awaiting: false,
@@ -264,9 +268,14 @@ impl Stream {
         self.sub
     }
 
+    /// Produced by the simulated model (its tokens come due by its timer).
+    pub fn is_simulated(&self) -> bool {
+        matches!(self.prod, Prod::Sim { .. })
+    }
+
     /// Sends events as they happen (rather than one answer at the end).
     pub fn is_streaming(&self) -> bool {
-        self.encoder.streaming()
+        self.streaming
     }
 
     /// The `Content-Type` of the answer.
@@ -344,19 +353,25 @@ impl Stream {
         if self.ended {
             return self.keep_until;
         }
-        let mut d = self.parsed_at + cfg.max_stream();
-        if let Some(k) = self.keep_until {
-            d = d.min(k);
-        }
-        if self.is_streaming() && self.sub.is_some() {
-            d = d.min(self.last_event_at + cfg.heartbeat());
+        let limit = self.parsed_at + cfg.max_stream();
+        Some(self.next_wake(cfg, room).map_or(limit, |w| w.min(limit)))
+    }
+
+    /// [`Stream::next_deadline`] of a stream not ended, without its time
+    /// limit (which never moves: the engine keeps it). `None`: only the
+    /// time limit.
+    pub fn next_wake(&self, cfg: &Config, room: bool) -> Option<Instant> {
+        let mut d = self.keep_until;
+        let mut sooner = |t: Instant| d = Some(d.map_or(t, |d| d.min(t)));
+        if self.streaming && self.sub.is_some() {
+            sooner(self.last_event_at + cfg.heartbeat());
         }
         if let Prod::Sim { text, next_due } = &self.prod {
             if self.produced <= text.total && room {
-                d = d.min(*next_due);
+                sooner(*next_due);
             }
         }
-        Some(d)
+        d
     }
 
     /// Moves every piece of text that is ready through the stages and the
@@ -539,14 +554,23 @@ impl Stream {
         self.ended && self.keep_until.is_none_or(|k| now >= k)
     }
 
+    /// Whether nothing else was sent for `--heartbeat-ms`.
+    pub fn heartbeat_due(&self, cx: &StreamCx) -> bool {
+        // An event just went out (the usual case after a pump): not due,
+        // without the time arithmetic.
+        if self.last_event_at == cx.now && cx.cfg.heartbeat_ms > 0 {
+            return false;
+        }
+        !self.ended
+            && self.sub.is_some()
+            && !self.awaiting
+            && self.is_streaming()
+            && cx.now >= self.last_event_at + cx.cfg.heartbeat()
+    }
+
     /// A heartbeat, when nothing else was sent for `--heartbeat-ms`.
     pub fn heartbeat_if_due(&mut self, cx: &StreamCx, buf: &mut Vec<u8>) {
-        if self.ended
-            || self.sub.is_none()
-            || self.awaiting
-            || !self.is_streaming()
-            || cx.now < self.last_event_at + cx.cfg.heartbeat()
-        {
+        if !self.heartbeat_due(cx) {
             return;
         }
         let phase = match &self.prod {
