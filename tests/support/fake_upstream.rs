@@ -714,7 +714,14 @@ impl Conn {
             }
         };
         self.write(head.as_bytes())?;
-        for (text, is_content) in &events {
+        // Unless told to wait, the last event and the chunked terminator go
+        // in one write, as a real server's last flush does: a test of
+        // connection reuse then does not depend on when the terminator
+        // would have arrived.
+        let terminator_with_last = spec.tail_delay_ms == 0 && !spec.split_events;
+        let mut terminated = false;
+        let last = events.len().saturating_sub(1);
+        for (i, (text, is_content)) in events.iter().enumerate() {
             if *is_content && spec.delay_ms > 0 {
                 self.pause(Duration::from_millis(spec.delay_ms))?;
             }
@@ -739,6 +746,12 @@ impl Conn {
                         self.pause(Duration::from_millis(2))?;
                         self.write(b)?;
                     }
+                    Framing::Chunked if terminator_with_last && i == last => {
+                        let mut framed = chunk(piece);
+                        framed.extend_from_slice(b"0\r\n\r\n");
+                        self.write(&framed)?;
+                        terminated = true;
+                    }
                     Framing::Chunked => self.write(&chunk(piece))?,
                     Framing::Length | Framing::Close => self.write(piece)?,
                 }
@@ -754,6 +767,7 @@ impl Conn {
             self.pause(Duration::from_millis(spec.tail_delay_ms))?;
         }
         match spec.framing {
+            Framing::Chunked if terminated => Ok(()),
             Framing::Chunked => self.write(b"0\r\n\r\n"),
             Framing::Length => Ok(()),
             Framing::Close => Err(Stop::Close),
