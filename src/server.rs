@@ -18,8 +18,11 @@
 //! idle server sleeps. Log lines are handed to the log thread once per turn,
 //! after the writes (see [`crate::logging`]).
 //!
-//! A turn of the loop: readiness events (accept, reads, writes), timers,
-//! then the work left for later — bodies admitted to the request budget,
+//! A turn of the loop: readiness events (accept, reads, writes), timers
+//! (at most a slice of them: a tick due for thousands of streams is spread
+//! over several turns, each of which polls the sockets first, so a new
+//! request waits for one slice, not for the whole tick), then the work left
+//! for later — bodies admitted to the request budget,
 //! requests deferred by the routing bound, connections with unread input
 //! (each read is bounded, see `READ_BUDGET`) — so that no client, however
 //! fast it sends, keeps the timers (the next token of every stream) waiting

@@ -1744,6 +1744,62 @@ impl H {
     }
 }
 
+/// A tick due for more streams than a slice is handled over several calls,
+/// each stream once and in order; between calls the server polls its
+/// sockets (the engine asks for a zero poll timeout while some are left).
+#[test]
+fn a_tick_due_for_many_streams_is_handled_in_slices() {
+    let mut h = H::new(&["--sim-ttft-ms", "50", "--sim-itl-ms", "1000"]);
+    let n = 2 * TIMER_SLICE + 10;
+    let mut keys = vec![K];
+    keys.extend((1..n).map(|_| h.open_other()));
+    for &k in &keys {
+        h.e.new_phase();
+        let got = h.roundtrip_on(k, post(r#"{"prompt":"x","max_tokens":2}"#).as_bytes());
+        assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    }
+    assert_eq!(h.e.next_timeout(h.now), Some(ms(50)));
+    h.at(50);
+    let mut tokens = vec![0; n];
+    let mut slices = Vec::new();
+    let mut left = None;
+    loop {
+        h.timeout();
+        let mut got = 0;
+        for (i, &k) in keys.iter().enumerate() {
+            let out = String::from_utf8(h.e.pending(k).to_vec()).unwrap();
+            if !out.is_empty() {
+                h.e.handle_written(&mut h.svc, k, out.len(), h.now);
+                tokens[i] += out.matches("event: token").count();
+                got += 1;
+            }
+        }
+        slices.push(got);
+        if h.e.next_timeout(h.now) != Some(Duration::ZERO) {
+            break;
+        }
+        if slices.len() == 1 {
+            // Between slices: a client whose entry is still to come leaves.
+            let i = tokens
+                .iter()
+                .position(|&t| t == 0)
+                .expect("one still to come");
+            left = Some(i);
+            h.e.handle_eof(&mut h.svc, keys[i], h.now);
+        }
+    }
+    let left = left.expect("a client left between slices");
+    assert_eq!(slices, [TIMER_SLICE, TIMER_SLICE, 9]);
+    for (i, &t) in tokens.iter().enumerate() {
+        let want = usize::from(i != left);
+        assert_eq!(
+            t, want,
+            "stream {i}: its token once (none for the one that left)"
+        );
+    }
+    assert_eq!(h.e.next_timeout(h.now), Some(ms(1000)), "the next tick");
+}
+
 #[test]
 fn a_stream_stops_by_its_id_from_another_connection() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "100"]);

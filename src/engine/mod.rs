@@ -72,6 +72,10 @@ struct Link<S> {
 
 /// The wheel key of a stream entry has this bit set.
 const STREAM_TIMER: u64 = 1 << 63;
+/// Timer entries handled per call of [`Engine::handle_timeouts`]; the rest
+/// wait for the next call, after the server has polled its sockets again,
+/// so a tick due for thousands of streams does not hold back new requests.
+const TIMER_SLICE: usize = 256;
 
 /// One loop's connections, streams and timers.
 pub struct Engine<S> {
@@ -84,7 +88,10 @@ pub struct Engine<S> {
     stream_timers: Slab<StreamTimer>,
     wheel: TimerWheel,
     epoch: Instant,
+    /// Wheel entries taken out of the wheel; those from `expired_next` on
+    /// are still to be handled (the next slice).
     expired: Vec<u64>,
+    expired_next: usize,
     next_serial: u32,
     dirty: Vec<usize>,
     auth: Auth,
@@ -128,6 +135,7 @@ impl<S> Engine<S> {
             wheel: TimerWheel::new(0),
             epoch: now,
             expired: Vec::new(),
+            expired_next: 0,
             next_serial: 0,
             dirty: Vec::new(),
             auth: Auth::default(),
@@ -385,19 +393,28 @@ impl<S> Engine<S> {
         self.pump(svc, r, now);
     }
 
-    /// Runs every timer that is due.
+    /// Runs the timers that are due, at most [`TIMER_SLICE`] entries a
+    /// call: while some are left, [`Engine::next_timeout`] is zero and the
+    /// next call goes on with them before it looks at the wheel again.
     pub fn handle_timeouts(&mut self, svc: &mut dyn Services, now: Instant) {
         let mut expired = std::mem::take(&mut self.expired);
-        expired.clear();
         let now_ms = self.now_ms(now);
-        self.wheel.poll(now_ms, &mut expired);
-        // Connections first: a client that stopped reading ends its
-        // stream as a slow consumer before the stream's own timers run.
-        // (Streams alone, the usual tick, need no order.)
-        if expired.iter().any(|k| k & STREAM_TIMER == 0) {
-            expired.sort_unstable();
+        if self.expired_next >= expired.len() {
+            expired.clear();
+            self.expired_next = 0;
+            self.wheel.poll(now_ms, &mut expired);
+            // Connections first: a client that stopped reading ends its
+            // stream as a slow consumer before the stream's own timers run.
+            // (Streams alone, the usual tick, need no order.)
+            if expired.iter().any(|k| k & STREAM_TIMER == 0) {
+                expired.sort_unstable();
+            }
         }
-        for &k in &expired {
+        // One slice; an entry made stale meanwhile is skipped below.
+        let end = expired.len().min(self.expired_next + TIMER_SLICE);
+        let slice = self.expired_next..end;
+        self.expired_next = end;
+        for &k in &expired[slice] {
             if k & STREAM_TIMER == 0 {
                 let (key, serial) = ((k & 0xffff_ffff) as usize, (k >> 32) as u32);
                 match self.conns.get_mut(key) {
@@ -426,6 +443,9 @@ impl<S> Engine<S> {
 
     /// Milliseconds until the next timer, for the poll timeout.
     pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        if self.expired_next < self.expired.len() {
+            return Some(Duration::ZERO);
+        }
         self.wheel
             .next_timeout_ms(self.now_ms(now))
             .map(Duration::from_millis)
