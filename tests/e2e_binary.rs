@@ -254,3 +254,67 @@ fn json_logs_are_one_object_per_line_with_the_access_fields() {
     );
     assert!(a["time"].as_str().unwrap().ends_with('Z'));
 }
+
+#[test]
+fn a_bad_resume_store_is_refused_without_showing_its_password() {
+    let cases: [&[&str]; 3] = [
+        &[
+            "--resume-store",
+            "redis://bob:S3CRET-pw@h:6379/x",
+            "--resume-window-ms",
+            "5",
+        ],
+        &[
+            "--resume-store",
+            "memcached://bob:S3CRET-pw@h:1",
+            "--resume-window-ms",
+            "5",
+        ],
+        // Valid, but a store needs resumable streams.
+        &["--resume-store", "redis://bob:S3CRET-pw@h:6379"],
+    ];
+    for args in cases {
+        let out = sluice_command().args(args).output().expect("run sluice");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--resume-store"), "{args:?}: {err}");
+        assert!(!err.contains("S3CRET"), "the password leaked: {err}");
+    }
+}
+
+#[test]
+fn an_unreachable_resume_store_is_a_warning_and_streams_go_on() {
+    // A loopback port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("redis://:S3CRET-pw@127.0.0.1:{port}");
+    let bin = Binary::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--resume-window-ms",
+            "5000",
+            "--resume-store",
+            &url,
+            "--sim-ttft-ms",
+            "0",
+            "--sim-itl-ms",
+            "1",
+        ],
+        &[],
+    );
+    assert!(log_shows(&bin, "unreachable"), "{:?}", bin.log());
+    assert!(
+        bin.log().iter().all(|l| !l.contains("S3CRET")),
+        "{:?}",
+        bin.log()
+    );
+    let (head, events) = stream_events(bin.addr, &post_stream(r#"{"prompt":"hi","max_tokens":3}"#));
+    assert_eq!(head.status, 200);
+    assert_eq!(events.last().map(|e| e.event.as_str()), Some("done"));
+    let r = Client::connect(bin.addr).roundtrip(&get("/readyz", ""));
+    assert_eq!(r.status(), 200);
+    assert!(r.text().contains("degraded"), "{}", r.text());
+}

@@ -242,18 +242,7 @@ impl Store {
         };
         let (writes, write_rx) = mpsc::sync_channel(WRITE_QUEUE);
         let (queries, query_rx) = mpsc::sync_channel(QUERY_QUEUE);
-        let store = Store {
-            inner: Arc::new(Inner {
-                writes,
-                queries,
-                spare: Mutex::new(Vec::new()),
-                broken: Mutex::new(Vec::new()),
-                inboxes: Mutex::new(Vec::new()),
-                up: AtomicBool::new(false),
-                stop: AtomicBool::new(false),
-                pending: Default::default(),
-            }),
-        };
+        let store = Store::with_queues(writes, queries, false);
         let io = redis_io::Io {
             url: url.clone(),
             shown: shown.clone(),
@@ -268,6 +257,21 @@ impl Store {
         );
         redis_io::spawn(io, store.clone(), write_rx, query_rx);
         Some(store)
+    }
+
+    fn with_queues(writes: SyncSender<Batch>, queries: SyncSender<Query>, up: bool) -> Store {
+        Store {
+            inner: Arc::new(Inner {
+                writes,
+                queries,
+                spare: Mutex::new(Vec::new()),
+                broken: Mutex::new(Vec::new()),
+                inboxes: Mutex::new(Vec::new()),
+                up: AtomicBool::new(up),
+                stop: AtomicBool::new(false),
+                pending: Default::default(),
+            }),
+        }
     }
 
     /// A loop's link to the store; `wake` wakes that loop.
@@ -484,18 +488,7 @@ pub(crate) mod testing {
         pub fn new(queue: usize) -> TestStore {
             let (writes, write_rx) = mpsc::sync_channel(queue);
             let (queries, query_rx) = mpsc::sync_channel(16);
-            let store = Store {
-                inner: Arc::new(Inner {
-                    writes,
-                    queries,
-                    spare: Mutex::new(Vec::new()),
-                    broken: Mutex::new(Vec::new()),
-                    inboxes: Mutex::new(Vec::new()),
-                    up: AtomicBool::new(true),
-                    stop: AtomicBool::new(false),
-                    pending: Default::default(),
-                }),
-            };
+            let store = Store::with_queues(writes, queries, true);
             TestStore {
                 store,
                 writes: write_rx,
