@@ -2553,8 +2553,9 @@ fn refusals_log_their_real_duration() {
 
 mod remote {
     use super::*;
-    use crate::store::testing::{Asked, TestStore};
+    use crate::store::testing::TestStore;
     use crate::store::Inbound;
+    use crate::store::Query;
 
     fn with_store(flags: &[&str], queue: usize) -> (H, TestStore) {
         let mut h = H::new(flags);
@@ -2676,7 +2677,7 @@ mod remote {
         h.read(req.as_bytes());
         assert_eq!(h.pending(), "", "nothing before the store answers");
         match ts.asked() {
-            Some(Asked::Resume {
+            Some(Query::Resume {
                 sid,
                 after,
                 sink,
@@ -2802,11 +2803,12 @@ mod remote {
             let (mut h, ts) = with_store(&RESUME, 64);
             h.read(b"POST /v1/chat/stream/elsewhere/cancel HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
             assert_eq!(h.pending(), "", "waits for the owner");
-            let Some(Asked::Cancel {
+            let Some(Query::Cancel {
                 sid,
                 key,
                 serial,
                 principal,
+                ..
             }) = ts.asked()
             else {
                 panic!("the store was not asked");

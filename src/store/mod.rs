@@ -190,7 +190,7 @@ impl Inbox {
 }
 
 /// A request for the query thread.
-enum Query {
+pub(crate) enum Query {
     Resume {
         sid: Box<str>,
         after: u64,
@@ -461,22 +461,6 @@ pub(crate) mod testing {
     use super::*;
     use std::sync::mpsc::Receiver;
 
-    /// What a loop asked of the store.
-    pub enum Asked {
-        Resume {
-            sid: Box<str>,
-            after: u64,
-            principal: Option<Box<str>>,
-            sink: Arc<TokenSink>,
-        },
-        Cancel {
-            sid: Box<str>,
-            principal: Option<Box<str>>,
-            key: usize,
-            serial: u32,
-        },
-    }
-
     pub struct TestStore {
         pub store: Store,
         writes: Receiver<Batch>,
@@ -542,32 +526,8 @@ pub(crate) mod testing {
         }
 
         /// The next question a loop asked.
-        pub fn asked(&self) -> Option<Asked> {
-            match self.queries.try_recv().ok()? {
-                Query::Resume {
-                    sid,
-                    after,
-                    principal,
-                    sink,
-                } => Some(Asked::Resume {
-                    sid,
-                    after,
-                    principal,
-                    sink,
-                }),
-                Query::Cancel {
-                    sid,
-                    principal,
-                    key,
-                    serial,
-                    ..
-                } => Some(Asked::Cancel {
-                    sid,
-                    principal,
-                    key,
-                    serial,
-                }),
-            }
+        pub fn asked(&self) -> Option<Query> {
+            self.queries.try_recv().ok()
         }
     }
 }
