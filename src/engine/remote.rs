@@ -13,7 +13,7 @@ use super::{Engine, Services};
 use crate::conn::ReqLine;
 use crate::encode::NativeSse;
 use crate::errors;
-use crate::router::{self, Meta, Refusal};
+use crate::router::{self, Meta, Refusal, Reply};
 use crate::store::Inbound;
 use crate::stream::{Admission, End, Shipped, Stream, StreamCx, StreamRef};
 
@@ -167,13 +167,7 @@ impl<S> Engine<S> {
             svc.relay_dropped();
             self.metrics.resumes_not_found.fetch_add(1, Relaxed);
             let reply = router::nothing_to_resume(&meta, quiet);
-            self.reply(svc, key, &meta, &reply, now);
-            if let Some(link) = self.conns.get_mut(key) {
-                if link.conn.has_waiting_input() {
-                    self.process(svc, key, &[], now);
-                }
-            }
-            self.touch(key);
+            self.answer_waiting(svc, key, &meta, &reply, now);
             return false;
         }
         let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
@@ -234,16 +228,32 @@ impl<S> Engine<S> {
                     message: e.message,
                 };
                 let reply = router::refused(&meta, &refusal);
-                self.reply(svc, key, &meta, &reply, now);
-                if self
-                    .conns
-                    .get(key)
-                    .is_some_and(|l| l.conn.has_waiting_input())
-                {
-                    self.process(svc, key, &[], now);
-                }
+                self.answer_waiting(svc, key, &meta, &reply, now);
             }
-            _ => link.conn.abort_body(&mut self.bufs),
+            _ => {
+                link.conn.abort_body(&mut self.bufs);
+                self.touch(key);
+            }
+        }
+    }
+
+    /// Answers a request that waited for the store, then reads the
+    /// requests pipelined behind it.
+    fn answer_waiting(
+        &mut self,
+        svc: &mut dyn Services,
+        key: usize,
+        meta: &Meta,
+        reply: &Reply,
+        now: Instant,
+    ) {
+        self.reply(svc, key, meta, reply, now);
+        if self
+            .conns
+            .get(key)
+            .is_some_and(|l| l.conn.has_waiting_input())
+        {
+            self.process(svc, key, &[], now);
         }
         self.touch(key);
     }
@@ -291,15 +301,7 @@ impl<S> Engine<S> {
                     self.metrics.cancels_not_found.fetch_add(1, Relaxed);
                 }
                 let reply = router::cancelled(&meta, &sid, found);
-                self.reply(svc, key, &meta, &reply, now);
-                if self
-                    .conns
-                    .get(key)
-                    .is_some_and(|l| l.conn.has_waiting_input())
-                {
-                    self.process(svc, key, &[], now);
-                }
-                self.touch(key);
+                self.answer_waiting(svc, key, &meta, &reply, now);
             }
             Inbound::Cancel { sid } => {
                 let Some(r) = self.stream_by_sid(&sid) else {
