@@ -2829,14 +2829,28 @@ mod remote {
     #[test]
     fn another_instance_stops_attaches_and_detaches_a_local_stream() {
         // Stop.
-        let (mut h, _ts) = with_store(&RESUME, 64);
+        let (mut h, ts) = with_store(&RESUME, 64);
         h.read(post(r#"{"prompt":"a long one","max_tokens":50}"#).as_bytes());
         h.flush();
         let now = h.now;
-        h.e.handle_inbound(&mut h.svc, Inbound::Cancel { sid: "1000".into() }, now);
+        let cancel = |sid: &str, q: &str| Inbound::Cancel {
+            sid: sid.into(),
+            reply: q.into(),
+        };
+        h.e.handle_inbound(&mut h.svc, cancel("1000", "q1"), now);
         let (chunks, _) = dechunk(h.flush().as_str());
         let last = events(&chunks.concat()).pop().unwrap();
         assert!(last.contains("\"code\":\"cancelled\""), "{last}");
+        // The asking instance hears whether it was running: yes, then no.
+        h.e.handle_inbound(&mut h.svc, cancel("1000", "q2"), now);
+        h.e.handle_inbound(&mut h.svc, cancel("nope", "q3"), now);
+        end_turn(&mut h);
+        let replies: Vec<String> = ts
+            .ops()
+            .into_iter()
+            .filter(|o| o.starts_with("reply"))
+            .collect();
+        assert_eq!(replies, ["reply q1 1", "reply q2 0", "reply q3 0"]);
 
         // Attach: the local client is superseded; the stream goes on for
         // the remote one past the resume window, then detach starts it.

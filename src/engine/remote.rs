@@ -303,15 +303,19 @@ impl<S> Engine<S> {
                 let reply = router::cancelled(&meta, &sid, found);
                 self.answer_waiting(svc, key, &meta, &reply, now);
             }
-            Inbound::Cancel { sid } => {
-                let Some(r) = self.stream_by_sid(&sid) else {
+            Inbound::Cancel { sid, reply } => {
+                // Every loop hears it; the one that owns the id answers.
+                if self.owner_elsewhere(&sid).is_some() {
                     return;
-                };
+                }
                 let principal = self
-                    .streams
-                    .get(r)
+                    .stream_by_sid(&sid)
+                    .and_then(|r| self.streams.get(r))
                     .and_then(|s| s.principal().map(Box::<str>::from));
-                self.cancel_by_sid(svc, &sid, principal.as_deref(), now);
+                let found = self.cancel_by_sid(svc, &sid, principal.as_deref(), now);
+                if let Some(link) = svc.store() {
+                    link.batch().reply(&reply, found);
+                }
             }
             Inbound::Attach { sid } => {
                 let Some(r) = self.stream_by_sid(&sid) else {

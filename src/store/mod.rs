@@ -62,6 +62,9 @@ enum Kind {
     /// A client resumed it on its own instance: a client following it
     /// from another instance is superseded.
     Attach,
+    /// The answer to a stop asked by another instance: `seq` is 1 when
+    /// the stream was running (here `sid` is the question's id).
+    Reply,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -115,6 +118,11 @@ impl Batch {
         self.push(Kind::Attach, sid, 0, b"");
     }
 
+    /// The answer to stop question `id` from another instance.
+    pub fn reply(&mut self, id: &str, found: bool) {
+        self.push(Kind::Reply, id, u64::from(found), b"");
+    }
+
     fn text(&self, r: (u32, u32)) -> &[u8] {
         &self.bytes[r.0 as usize..(r.0 + r.1) as usize]
     }
@@ -141,8 +149,8 @@ impl Batch {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inbound {
     /// Another instance asks to stop stream `sid` (its principal was
-    /// checked there).
-    Cancel { sid: Box<str> },
+    /// checked there); whether it was running goes back under `reply`.
+    Cancel { sid: Box<str>, reply: Box<str> },
     /// A client resumed stream `sid` on another instance: a local
     /// subscriber is superseded and the stream keeps going for it.
     Attach { sid: Box<str> },
@@ -501,6 +509,7 @@ pub(crate) mod testing {
                         }
                         Kind::Gone => format!("gone {sid}"),
                         Kind::Attach => format!("attach {sid}"),
+                        Kind::Reply => format!("reply {sid} {}", op.seq),
                     });
                 }
             }

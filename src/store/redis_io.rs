@@ -40,6 +40,8 @@ const BEAT_EVERY: Duration = Duration::from_secs(1);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a live tail's `XREAD` blocks before looking at new tails.
 const TAIL_BLOCK_MS: u64 = 50;
+/// How long a stop waits for the owner's answer (seconds; then 404).
+const STOP_ANSWER_WAIT_S: f64 = 1.0;
 /// Events read per stream per `XREAD`.
 const TAIL_COUNT: usize = 256;
 /// Broken streams remembered during an outage, to mark once Redis is back.
@@ -79,6 +81,11 @@ fn events_key(sid: &str) -> String {
 
 fn beat_key(inst: &str) -> String {
     format!("sluice:i:{inst}")
+}
+
+/// Where the answer to stop question `id` goes.
+fn reply_key(id: &str) -> String {
+    format!("sluice:r:{id}")
 }
 
 fn channel(inst: &str) -> String {
@@ -314,6 +321,11 @@ fn writer(io: &Arc<Io>, store: &Store, rx: &Receiver<Batch>) {
                         } else {
                             touched.insert(sid);
                         }
+                    }
+                    Kind::Reply => {
+                        let rk = reply_key(sid);
+                        pipe.cmd("RPUSH").arg(&rk).arg(op.seq).ignore();
+                        pipe.cmd("PEXPIRE").arg(&rk).arg(HEARTBEAT_TTL_MS).ignore();
                     }
                     Kind::Attach => {
                         pipe.cmd("HINCRBY")
@@ -638,11 +650,21 @@ fn stop(
     if !alive {
         return Ok(false);
     }
+    // The owner answers whether the stream was still running (it may have
+    // ended since its record was read).
+    let id = crate::stream::random_sid();
     let heard: i64 = redis::cmd("PUBLISH")
         .arg(channel(owner))
-        .arg(format!("cancel {sid}"))
+        .arg(format!("cancel {sid} {id}"))
         .query(con)?;
-    Ok(heard > 0)
+    if heard == 0 {
+        return Ok(false);
+    }
+    let answer: Option<(String, i64)> = redis::cmd("BLPOP")
+        .arg(reply_key(&id))
+        .arg(STOP_ANSWER_WAIT_S)
+        .query(con)?;
+    Ok(answer.is_some_and(|(_, found)| found == 1))
 }
 
 /// The entries of an `XRANGE`/`XREVRANGE` reply (`[[id, [f, v, …]], …]`).
@@ -927,9 +949,18 @@ fn command(store: &Store, payload: &[u8]) {
     let Some((verb, sid)) = text.split_once(' ') else {
         return;
     };
+    if verb == "cancel" {
+        let Some((sid, reply)) = sid.split_once(' ') else {
+            return;
+        };
+        let (sid, reply): (Box<str>, Box<str>) = (sid.into(), reply.into());
+        return store.broadcast(|| Inbound::Cancel {
+            sid: sid.clone(),
+            reply: reply.clone(),
+        });
+    }
     let sid: Box<str> = sid.into();
     match verb {
-        "cancel" => store.broadcast(|| Inbound::Cancel { sid: sid.clone() }),
         "attach" => store.broadcast(|| Inbound::Attach { sid: sid.clone() }),
         "detach" => store.broadcast(|| Inbound::Detach { sid: sid.clone() }),
         _ => log::debug!("resume store: unknown command {verb:?}"),

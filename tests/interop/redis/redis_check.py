@@ -285,6 +285,10 @@ def main():
             if e.get("event") == "token":
                 got.append(e)
         s.close()
+        # A client never reconnects at once (EventSource waits `retry`,
+        # 1 s): give the owner's store thread the moment it needs to write
+        # the stream's record (a resume elsewhere before that is a 404/204).
+        time.sleep(0.2)
         if rng.random() < 0.3:
             time.sleep(rng.uniform(0, 0.5))  # sometimes after the end
         after = int(got[-1]["id"].rsplit(":", 1)[1]) if got else 0
