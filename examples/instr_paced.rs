@@ -77,6 +77,7 @@ fn main() {
                 break;
             }
             for &key in &dirty {
+                std::hint::black_box(e.times_first_token(key));
                 loop {
                     let n = e.pending(key).len();
                     if n == 0 {
@@ -86,9 +87,7 @@ fn main() {
                     writes += 1;
                     e.handle_written(&mut svc, key, n, now);
                 }
-                let c = e.conn(key);
-                std::hint::black_box(c.map(|c| (c.wants_half_close(), c.is_closed())));
-                std::hint::black_box((e.wants_read(key), e.serial(key)));
+                std::hint::black_box(e.after_write(key));
             }
         }
     }

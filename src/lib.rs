@@ -20,12 +20,15 @@
 //! - [`server`]: the mio loops: accept, readiness, waker, signals, drain;
 //!   the only code that touches a socket (`server/loops.rs`: `--threads`
 //!   loops on one listening socket, and the connections and messages they
-//!   hand each other).
+//!   hand each other; `server/sock.rs`: the listening socket and the
+//!   options of each connection).
 //! - [`limits`]: the counts behind the process-wide limits, shared by
 //!   every loop.
 //! - [`engine`]: the sans-IO core of a loop: the connection slab, the
 //!   stream table and the timer wheel, and the routing of bytes and events
-//!   between them (`engine/intake.rs`: the buffered-bytes budget, routing
+//!   between them (`engine/flow.rs`: admission, the pump that moves a
+//!   stream's events to its subscriber, the stream's timer — the paced
+//!   path; `engine/intake.rs`: the buffered-bytes budget, routing
 //!   per phase, idle eviction and per-address counts; `engine/ending.rs`:
 //!   how a stream ends; `engine/resume.rs`: resume and stop by id;
 //!   `engine/remote.rs`: the same for streams of other instances, through
@@ -63,6 +66,8 @@
 //!   back only text that could still become part of one.
 //! - [`metrics`]: counters, histograms, Prometheus exposition.
 //! - [`logging`]: stderr logging that never blocks the loop.
+//! - [`wire`]: numbers and JSON strings written into an output buffer
+//!   without `core::fmt` (heads, frames, terminal events).
 
 pub mod api;
 pub mod auth;
@@ -87,6 +92,7 @@ pub mod store;
 pub mod stream;
 pub mod timer;
 pub mod upstream;
+pub mod wire;
 
 pub use config::Config;
 pub use server::Server;

@@ -45,10 +45,15 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn observe(&self, d: Duration) {
+        self.observe_ns(d.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// [`Histogram::observe`] of a duration in nanoseconds.
+    #[inline]
+    pub fn observe_ns(&self, ns: u64) {
         // In whole nanoseconds: the same bucket as comparing seconds as
         // f64 (every bound is a whole number of nanoseconds), without the
         // float conversion.
-        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
         let i = BUCKETS_NS
             .iter()
             .position(|b| ns <= *b)

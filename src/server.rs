@@ -29,7 +29,7 @@
 //! for long.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::Shutdown;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -50,9 +50,11 @@ use crate::router::{Ops, Refusal};
 use crate::stream::{Outcome, Producer, StreamRef};
 
 mod loops;
+mod sock;
 
 use loops::{Msg, Peers};
 pub use loops::{Server, ShutdownHandle};
+use sock::set_notsent_lowat;
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -65,8 +67,6 @@ const SCRATCH: usize = 64 * 1024;
 const SINK_CAPACITY: usize = 256;
 /// How long accepting pauses after `EMFILE`/`ENFILE`.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Listen backlog; the kernel caps it at `somaxconn`.
-const BACKLOG: i32 = 8192;
 /// Reads of [`SCRATCH`] bytes one connection gets per turn.
 const READ_BUDGET: usize = 4;
 /// Bytes read from all connections together in one phase of a turn; the
@@ -332,6 +332,9 @@ struct Loop {
     reread: Vec<(usize, u32)>,
     /// Bytes that may still be read in this phase ([`PHASE_READ_BUDGET`]).
     read_left: usize,
+    /// The time of this turn's phase (after `epoll_wait`, and after the
+    /// timers): what writes are stamped with.
+    now: Instant,
 }
 
 impl Loop {
@@ -398,6 +401,7 @@ impl Loop {
             drain: None,
             reread: Vec::new(),
             read_left: PHASE_READ_BUDGET,
+            now: Instant::now(),
         }
     }
 
@@ -479,6 +483,7 @@ impl Loop {
                 }
                 return Err(e);
             }
+            self.now = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -504,13 +509,16 @@ impl Loop {
                     Token(key) => self.conn_event(key, ev),
                 }
             }
-            self.engine
-                .handle_timeouts(&mut self.shared, Instant::now());
+            self.now = Instant::now();
+            self.engine.handle_timeouts(&mut self.shared, self.now);
             self.service_dirty();
             // The work left for later, in a phase of its own.
             self.new_phase();
             self.engine.fund_waiting();
-            self.engine.serve_deferred(&mut self.shared, Instant::now());
+            if self.engine.has_deferred() {
+                self.now = Instant::now();
+            }
+            self.engine.serve_deferred(&mut self.shared, self.now);
             self.service_dirty();
             self.serve_rereads();
             if let Some(at) = self.accept_retry_at {
@@ -903,7 +911,13 @@ impl Loop {
         if self.engine.is_moving(key) {
             return self.move_out(key);
         }
-        let now = Instant::now();
+        // The turn's time does for a write (its write timeout, its
+        // metrics), except where the write ends a time to first token.
+        let now = if self.engine.times_first_token(key) {
+            Instant::now()
+        } else {
+            self.now
+        };
         let sh = &mut self.shared;
         // Flush: one write carries every frame that is ready.
         loop {
@@ -924,24 +938,24 @@ impl Loop {
                 Err(_) => self.engine.handle_reset(sh, key, now),
             }
         }
-        if self.engine.conn(key).is_some_and(|c| c.wants_half_close()) {
+        let Some(mut after) = self.engine.after_write(key) else {
+            return;
+        };
+        if after.half_close {
             if let Some(io) = self.engine.io_mut(key) {
                 let _ = io.sock.shutdown(Shutdown::Write);
             }
             self.engine.half_closed(key, now);
+            after.closed = self.engine.conn(key).is_none_or(|c| c.is_closed());
         }
-        let closed = self.engine.conn(key).is_none_or(|c| c.is_closed());
-        let wants = self.engine.wants_read(key);
-        let serial = self.engine.serial(key);
-        let Some(io) = self.engine.io_mut(key) else {
-            return;
-        };
+        let closed = after.closed;
+        let paused = self.engine.io_mut(key).is_some_and(|io| io.read_paused);
         // Input held back (a stream ran, or answers piled up) may be read now.
-        if io.read_paused && !closed && wants {
-            io.read_paused = false;
-            if let Some(serial) = serial {
-                self.reread.push((key, serial));
+        if paused && !closed && self.engine.wants_read(key) {
+            if let Some(io) = self.engine.io_mut(key) {
+                io.read_paused = false;
             }
+            self.reread.push((key, after.serial));
         }
         if closed {
             if let Some(mut io) = self.engine.remove(key) {
@@ -954,43 +968,6 @@ impl Loop {
             }
         }
     }
-}
-
-/// Unsent bytes the kernel may hold for a client before the socket stops
-/// being writable. Without it the send buffer auto-tunes to megabytes: a
-/// slow client's backlog would sit in the kernel instead of holding back
-/// its producer, and a client reading steadily could go seconds without a
-/// writable edge and be taken for a slow consumer.
-const NOTSENT_LOWAT: libc::c_int = 32 * 1024;
-
-fn set_notsent_lowat(sock: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let v = NOTSENT_LOWAT;
-    // SAFETY: a valid fd and a pointer to a c_int of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        log::debug!("TCP_NOTSENT_LOWAT: {}", io::Error::last_os_error());
-    }
-}
-
-/// A non-blocking listener with an explicit backlog, so bursts of
-/// thousands of connects are not dropped.
-fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(socket.into())
 }
 
 /// How many events a relay's sink (and a stream in the shared store)

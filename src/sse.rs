@@ -1,12 +1,12 @@
 //! Server-Sent Events framing: the four events of the contract, written
 //! straight into a caller's buffer.
 //!
-//! Nothing here allocates: token text is escaped by `serde_json::to_writer`
-//! into the output buffer, numbers by `itoa`-style `write!`. Every event ends
+//! Nothing here allocates: token text is escaped and numbers are written
+//! straight into the output buffer ([`crate::wire`]). Every event ends
 //! with a blank line, and JSON never contains a raw newline, so no token can
 //! break a frame.
 
-use std::io::Write;
+use crate::wire::{is_json_plain, push3, push_fixed, push_json_inner, push_json_str, push_u64};
 
 /// Why a stream failed; the `code` of an `error` event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,12 +107,16 @@ pub struct DoneInfo<'a> {
 
 /// `event: token` with `{"t": text}`.
 pub fn token(buf: &mut Vec<u8>, text: &str) {
-    // One reservation for the frame (escapes may still grow it).
+    const HEAD: &[u8] = b"event: token\ndata: {\"t\":\"";
+    const TAIL: &[u8] = b"\"}\n\n";
+    if is_json_plain(text.as_bytes()) {
+        // The usual token: nothing to escape, one copy.
+        return push3(buf, HEAD, text.as_bytes(), TAIL);
+    }
     buf.reserve(text.len() + 32);
-    buf.extend_from_slice(b"event: token\ndata: {\"t\":");
-    // Writing a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *buf, text);
-    buf.extend_from_slice(b"}\n\n");
+    buf.extend_from_slice(HEAD);
+    push_json_inner(buf, text);
+    buf.extend_from_slice(TAIL);
 }
 
 /// `event: heartbeat` with `{"phase": phase}`.
@@ -124,7 +128,11 @@ pub fn heartbeat(buf: &mut Vec<u8>, phase: &str) {
 
 /// `id: <stream-id>:<seq>`, the line a resumable event starts with.
 pub fn id_line(buf: &mut Vec<u8>, stream_id: &str, seq: u64) {
-    let _ = writeln!(buf, "id: {stream_id}:{seq}");
+    buf.extend_from_slice(b"id: ");
+    buf.extend_from_slice(stream_id.as_bytes());
+    buf.push(b':');
+    push_u64(buf, seq);
+    buf.push(b'\n');
 }
 
 /// The terminal `done` event, with its `id:` line.
@@ -138,16 +146,23 @@ pub fn done(buf: &mut Vec<u8>, stream_id: &str, seq: u64, info: &DoneInfo) {
 /// The JSON object of a `done` event (also used by the non-streaming answer).
 pub fn done_json(buf: &mut Vec<u8>, info: &DoneInfo) {
     buf.extend_from_slice(b"{\"finish_reason\":");
-    let _ = serde_json::to_writer(&mut *buf, info.finish_reason);
+    push_json_str(buf, info.finish_reason);
     buf.extend_from_slice(b",\"usage\":{");
     if let Some(p) = info.prompt_tokens {
-        let _ = write!(buf, "\"prompt_tokens\":{p},");
+        buf.extend_from_slice(b"\"prompt_tokens\":");
+        push_u64(buf, p.into());
+        buf.push(b',');
     }
-    let _ = write!(buf, "\"completion_tokens\":{}}}", info.completion_tokens);
+    buf.extend_from_slice(b"\"completion_tokens\":");
+    push_u64(buf, info.completion_tokens.into());
+    buf.push(b'}');
     if let Some(t) = info.ttft_ms {
-        let _ = write!(buf, ",\"ttft_ms\":{t:.3}");
+        buf.extend_from_slice(b",\"ttft_ms\":");
+        push_fixed(buf, t, 3);
     }
-    let _ = write!(buf, ",\"tokens_per_s\":{:.1}}}", info.tokens_per_s);
+    buf.extend_from_slice(b",\"tokens_per_s\":");
+    push_fixed(buf, info.tokens_per_s, 1);
+    buf.push(b'}');
 }
 
 /// The terminal `error` event, with its `id:` line.
@@ -163,10 +178,15 @@ pub fn error_json(buf: &mut Vec<u8>, err: &StreamError) {
     buf.extend_from_slice(b"{\"code\":\"");
     buf.extend_from_slice(err.code.as_str().as_bytes());
     buf.extend_from_slice(b"\",\"message\":");
-    let _ = serde_json::to_writer(&mut *buf, &err.message);
-    let _ = write!(buf, ",\"retryable\":{}", err.retryable);
+    push_json_str(buf, &err.message);
+    buf.extend_from_slice(if err.retryable {
+        b",\"retryable\":true"
+    } else {
+        b",\"retryable\":false"
+    });
     if let Some(s) = err.upstream_status {
-        let _ = write!(buf, ",\"upstream_status\":{s}");
+        buf.extend_from_slice(b",\"upstream_status\":");
+        push_u64(buf, s.into());
     }
     buf.push(b'}');
 }

@@ -48,7 +48,7 @@ impl ChunkFormat {
         buf.extend_from_slice(b"data: ");
         buf.extend_from_slice(self.prefix.as_bytes());
         buf.extend_from_slice(b"[{\"index\":0,\"delta\":{\"content\":");
-        let _ = serde_json::to_writer(&mut *buf, text);
+        crate::wire::push_json_str(buf, text);
         buf.extend_from_slice(b"},\"finish_reason\":null}]}\n\n");
     }
 

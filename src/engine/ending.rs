@@ -29,7 +29,7 @@ impl<S> Engine<S> {
             return self.end_awaiting(svc, r, end, now);
         }
         let scx = StreamCx {
-            now,
+            now_ns: self.ns(now),
             cfg: &self.cfg,
             metrics: &self.metrics,
         };
@@ -113,7 +113,7 @@ impl<S> Engine<S> {
             }
         }
         let peer = stream.peer();
-        let retained = !stream.retention_over(now);
+        let retained = !stream.retention_over(scx.now_ns);
         if let Some(summary) = &summary {
             svc.stream_ended(&Ended {
                 summary,

@@ -7,7 +7,7 @@ use super::*;
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::backend::sim::SimText;
-use crate::backend::{Finish, Message};
+use crate::backend::{Finish, GenRequest, Message};
 use crate::pool::{ReadyList, TokenSink};
 use crate::router::{Ops, Refusal};
 use crate::sse::StreamError;

@@ -29,10 +29,8 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use crate::auth::Auth;
-use crate::backend::GenRequest;
 use crate::config::Config;
 use crate::conn::{Conn, Expired, Parsed, Response};
-use crate::encode::Encoder;
 use crate::http::Request;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -40,7 +38,7 @@ use crate::outbuf::BufPool;
 use crate::redact::Redactor;
 use crate::router::{self, Answer, Meta, Reply};
 use crate::sse::{ErrorCode, StreamError};
-use crate::stream::{Admission, Detach, End, Stream, StreamCx, StreamRef, StreamTable};
+use crate::stream::{Detach, End, StreamCx, StreamRef, StreamTable};
 use crate::timer::{TimerId, TimerWheel};
 
 pub use loops::Handoff;
@@ -57,8 +55,9 @@ struct Link<S> {
     sub: Option<StreamRef>,
     /// How the response being sent goes out (set while a stream is attached).
     meta: Option<Box<Meta>>,
-    /// `(appended mark, parse time, stream)` of a first token not yet written.
-    ttft_mark: Option<(u64, Instant, StreamRef)>,
+    /// `(appended mark, parse time, stream)` of a first token not yet
+    /// written (the time in nanoseconds since the loop's epoch).
+    ttft_mark: Option<(u64, u64, StreamRef)>,
     timer: Option<(TimerId, u64)>,
     dirty: bool,
     /// A write that makes room pumps the stream again: its producer is a
@@ -68,6 +67,15 @@ struct Link<S> {
     held: bool,
     /// Its place in the intake (budget, idle order, address).
     mark: intake::Mark,
+}
+
+/// A connection's state after the server wrote to it ([`Engine::after_write`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AfterWrite {
+    /// Everything is written and the server should half-close the socket.
+    pub half_close: bool,
+    pub closed: bool,
+    pub serial: u32,
 }
 
 /// The wheel key of a stream entry has this bit set.
@@ -88,6 +96,9 @@ pub struct Engine<S> {
     stream_timers: Slab<StreamTimer>,
     wheel: TimerWheel,
     epoch: Instant,
+    /// The last `Instant` turned into the streams' clock, and what it
+    /// gave: one loop turn asks for the same moment many times.
+    clock: std::cell::Cell<(Instant, u64)>,
     /// Wheel entries taken out of the wheel; those from `expired_next` on
     /// are still to be handled (the next slice).
     expired: Vec<u64>,
@@ -134,6 +145,7 @@ impl<S> Engine<S> {
             stream_timers: Slab::new(),
             wheel: TimerWheel::new(0),
             epoch: now,
+            clock: std::cell::Cell::new((now, 0)),
             expired: Vec::new(),
             expired_next: 0,
             next_serial: 0,
@@ -224,6 +236,24 @@ impl<S> Engine<S> {
         self.conns
             .get_mut(key)
             .map(|l| (&mut l.io, l.conn.pending()))
+    }
+
+    /// Whether writing `key`'s bytes now completes a first token (whose
+    /// time to first token is measured at that write: the server reads
+    /// the clock for it rather than use its turn's time).
+    pub fn times_first_token(&self, key: usize) -> bool {
+        self.conns.get(key).is_some_and(|l| l.ttft_mark.is_some())
+    }
+
+    /// What the server does with `key` after writing: half-close it,
+    /// close it, and its serial (`None`: gone).
+    pub fn after_write(&self, key: usize) -> Option<AfterWrite> {
+        let l = self.conns.get(key)?;
+        Some(AfterWrite {
+            half_close: l.conn.wants_half_close(),
+            closed: l.conn.is_closed(),
+            serial: l.serial,
+        })
     }
 
     pub fn conn(&self, key: usize) -> Option<&Conn> {
@@ -330,6 +360,8 @@ impl<S> Engine<S> {
 
     /// `key`'s socket took `n` bytes.
     pub fn handle_written(&mut self, svc: &mut dyn Services, key: usize, n: usize, now: Instant) {
+        let clock = &self.clock;
+        let epoch = self.epoch;
         let Some(link) = self.conns.get_mut(key) else {
             return;
         };
@@ -341,8 +373,12 @@ impl<S> Engine<S> {
         if let Some((mark, t0, r)) = link.ttft_mark {
             if link.conn.written_total() >= mark {
                 link.ttft_mark = None;
-                let ttft = now - t0;
-                self.metrics.ttft.observe(ttft);
+                let now_ns = match clock.get() {
+                    (at, ns) if at == now => ns,
+                    _ => ns_since(epoch, now),
+                };
+                let ttft = now_ns.saturating_sub(t0);
+                self.metrics.ttft.observe_ns(ttft);
                 if let Some(s) = self.streams.get_mut(r) {
                     s.set_ttft(ttft);
                 }
@@ -364,12 +400,12 @@ impl<S> Engine<S> {
                 .conns
                 .get(key)
                 .is_some_and(|l| l.sub.is_some() && l.conn.is_responding());
-        if quiet {
-            self.mark_dirty(key);
-            self.touch_sub(key);
-        } else {
-            self.touch(key);
+        // `key` itself is not marked dirty: the server is servicing it (it
+        // looks at its state again after its writes).
+        if !quiet {
+            self.retime_conn(key);
         }
+        self.touch_sub(key);
     }
 
     /// `key`'s socket would block with bytes pending.
@@ -482,13 +518,25 @@ impl<S> Engine<S> {
 
     // ---------------------------------------------------------- internals
 
+    /// `t` on the streams' clock: nanoseconds since the loop's epoch.
+    #[inline]
+    fn ns(&self, t: Instant) -> u64 {
+        let (at, ns) = self.clock.get();
+        if at == t {
+            return ns;
+        }
+        let ns = ns_since(self.epoch, t);
+        self.clock.set((t, ns));
+        ns
+    }
+
     fn now_ms(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     fn stream_scx(&self, now: Instant) -> StreamCx<'_> {
         StreamCx {
-            now,
+            now_ns: self.ns(now),
             cfg: &self.cfg,
             metrics: &self.metrics,
         }
@@ -685,207 +733,6 @@ impl<S> Engine<S> {
         );
     }
 
-    /// Admits a stream, attaches `key` to it and sends its head (when
-    /// streaming), or refuses it.
-    #[allow(clippy::too_many_arguments)]
-    fn start_stream(
-        &mut self,
-        svc: &mut dyn Services,
-        key: usize,
-        id: u64,
-        sid: Box<str>,
-        meta: Meta,
-        gen: &GenRequest,
-        encoder: Box<dyn Encoder>,
-        resumable: bool,
-        now: Instant,
-    ) {
-        let r = StreamRef {
-            key: self.streams.vacant_key(),
-            id,
-        };
-        let producer = match svc.admit(r, gen) {
-            Ok(p) => p,
-            Err(refusal) => {
-                let reply = router::refused(&meta, &refusal);
-                return self.reply(svc, key, &meta, &reply, now);
-            }
-        };
-        let Some(link) = self.conns.get_mut(key) else {
-            return;
-        };
-        let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
-        let streaming = encoder.streaming();
-        let scx = StreamCx {
-            now,
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-        };
-        let replay = (resumable && self.cfg.resume_window_ms > 0)
-            .then_some(self.cfg.resume_buffer_bytes as usize);
-        let admission = Admission {
-            id,
-            sid: sid.clone(),
-            request_id: meta.request_id.clone(),
-            line,
-            encoder,
-            conn: (key, link.serial),
-            replay,
-        };
-        let mut stream = Stream::new(&scx, admission, gen, producer);
-        if let Some(r) = &self.redactor {
-            // First in the chain: no later stage (the replay log) sees a secret.
-            stream.push_stage(Box::new(r.stage()));
-        }
-        stream.set_peer(link.peer);
-        stream.set_principal(meta.principal.clone());
-        let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", &*sid))
-            .chain(meta.cors.iter().map(|(k, v)| (*k, v.as_str())))
-            .collect();
-        let head = streaming.then_some((meta.request_id.as_str(), headers.as_slice()));
-        link.conn
-            .begin_body(&mut self.bufs, head, meta.version, meta.keep_alive);
-        if streaming {
-            link.conn.append_body(&mut self.bufs, |b| stream.open(b));
-        }
-        let inserted = self.streams.insert(stream);
-        debug_assert_eq!(inserted, r);
-        let h = std::hash::BuildHasher::hash_one(&self.sid_hasher, &*sid);
-        self.by_sid.insert(h, r);
-        let limit = tick_of(self.epoch, now + self.cfg.max_stream());
-        let slot = self.stream_timers.insert(StreamTimer {
-            limit,
-            ..StreamTimer::default()
-        });
-        debug_assert_eq!(slot, r.key);
-        link.sub = Some(r);
-        // Only a whole answer needs the request's meta at the end (its
-        // head is written then); a stream's head went out already.
-        if !streaming {
-            link.meta = Some(Box::new(meta));
-        }
-        self.store_new_stream(svc, r);
-        self.pump(svc, r, now);
-        self.touch_stream(r);
-    }
-
-    /// Moves what stream `r` has ready to its subscriber, up to the
-    /// high-water mark, and ends it when its producer is done. A detached
-    /// resumable stream goes on into its replay log.
-    fn pump(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
-        if self.streams.get(r).is_some_and(Stream::is_awaiting) && !self.relay_ready(svc, r, now) {
-            return;
-        }
-        let hwm = self.cfg.high_water();
-        let scx = StreamCx {
-            now,
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-        };
-        let Some(stream) = self.streams.get_mut(r) else {
-            return;
-        };
-        let logged = stream.log_bytes();
-        let logging = logged != 0 || stream.is_resumable();
-        let mut progress = Default::default();
-        let sub = stream.subscriber();
-        match sub.and_then(|(key, serial)| {
-            self.conns
-                .get_mut(key)
-                .filter(|l| l.serial == serial)
-                .map(|l| (key, l))
-        }) {
-            Some((key, link)) => {
-                let pending = link.conn.pending_len();
-                if pending >= hwm {
-                    link.held = true;
-                    return self.touch_stream(r);
-                }
-                link.conn.append_body(&mut self.bufs, |b| {
-                    progress = stream.pump(&scx, b, hwm - pending);
-                });
-                // A worker's pieces left in its queue are taken on the
-                // next write; a simulated token waits only for its timer
-                // or for room.
-                link.held = !stream.is_simulated() || link.conn.pending_len() >= hwm / 2;
-                if progress.first_token {
-                    if let Some((_, t0, _)) = link.ttft_mark {
-                        // A pipelined stream's first token is still
-                        // unwritten: count it now (a slight underestimate)
-                        // rather than lose it.
-                        self.metrics.ttft.observe(now - t0);
-                    }
-                    link.ttft_mark = Some((link.conn.appended_total(), stream.parsed_at(), r));
-                }
-                self.mark_dirty(key);
-            }
-            None if sub.is_none() => {
-                let mut scratch = std::mem::take(&mut self.scratch);
-                progress = stream.pump(&scx, &mut scratch, usize::MAX);
-                scratch.clear();
-                self.scratch = scratch;
-            }
-            None => return self.touch_stream(r),
-        }
-        if logging {
-            self.ship(svc, r);
-            self.account_log(r, logged);
-        }
-        if let Some(end) = progress.end {
-            self.end_stream(svc, r, end, true, now);
-        } else if progress.log_full {
-            log::debug!("stream {:x}: detached and its replay log is full", r.id);
-            self.end_stream(svc, r, End::Disconnected, false, now);
-        } else {
-            self.touch_stream(r);
-        }
-        if !self.over_budget.is_empty() {
-            self.shed_over_budget(svc, now);
-        }
-    }
-
-    /// `now_ms`: `now` as the wheel's tick (rounded down).
-    fn stream_timeout(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant, now_ms: u64) {
-        let scx = self.stream_scx(now);
-        let Some(stream) = self.streams.get(r) else {
-            return;
-        };
-        if stream.retention_over(now) {
-            return self.remove_stream(r);
-        }
-        // Nothing can have expired before the time limit's tick for a
-        // stream with a subscriber (`now_ms` is rounded down, the tick up).
-        let limit = self.stream_timers.get(r.key).map_or(0, |t| t.limit);
-        let may_expire = stream.subscriber().is_none() || now_ms + 1 >= limit;
-        if let Some(end) = may_expire.then(|| stream.expired(&scx)).flatten() {
-            if end == End::Disconnected {
-                log::debug!("stream {:x}: its resume window ran out", r.id);
-            }
-            return self.end_stream(svc, r, end, false, now);
-        }
-        // The pump re-arms the stream's timer (or ends it).
-        self.pump(svc, r, now);
-        let scx = StreamCx {
-            now,
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-        };
-        let Some(stream) = self.streams.get_mut(r) else {
-            return;
-        };
-        if !stream.heartbeat_due(&scx) {
-            return;
-        }
-        if let Some((key, serial)) = stream.subscriber() {
-            if let Some(link) = self.conns.get_mut(key).filter(|l| l.serial == serial) {
-                link.conn
-                    .append_body(&mut self.bufs, |b| stream.heartbeat_if_due(&scx, b));
-                self.mark_dirty(key);
-            }
-        }
-        self.touch_stream(r);
-    }
-
     fn conn_timeout(&mut self, svc: &mut dyn Services, key: usize, now: Instant) {
         let Some(link) = self.conns.get_mut(key) else {
             return;
@@ -929,11 +776,12 @@ impl<S> Engine<S> {
 
     /// The subscriber of `r` left; the stream's policy decides what follows.
     fn detach(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+        let now_ns = self.ns(now);
         let Some(stream) = self.streams.get_mut(r) else {
             return;
         };
         let window = Duration::from_millis(self.cfg.resume_window_ms);
-        match stream.handle_detach(now, window) {
+        match stream.handle_detach(now_ns, window) {
             Detach::Cancel => self.end_stream(svc, r, End::Disconnected, false, now),
             Detach::Keep(_) => {
                 log::debug!("stream {:x}: detached; resumable for {window:?}", r.id);
@@ -947,6 +795,7 @@ impl<S> Engine<S> {
 }
 
 mod ending;
+mod flow;
 mod intake;
 mod loops;
 mod remote;
@@ -955,7 +804,7 @@ mod services;
 mod sim_services;
 mod timers;
 
-use timers::{tick_of, StreamTimer};
+use timers::{ns_since, tick_of, StreamTimer};
 
 pub use intake::ROUTE_BUDGET;
 

@@ -96,7 +96,7 @@ impl<S> Engine<S> {
             link.resume(sid, after, meta.principal.as_deref(), sink.clone());
         }
         let scx = StreamCx {
-            now,
+            now_ns: self.ns(now),
             cfg: &self.cfg,
             metrics: &self.metrics,
         };
@@ -342,10 +342,11 @@ impl<S> Engine<S> {
                     return;
                 };
                 let window = Duration::from_millis(self.cfg.resume_window_ms);
+                let now_ns = self.ns(now);
                 let Some(stream) = self.streams.get_mut(r) else {
                     return;
                 };
-                if stream.remote_detach(now, window) {
+                if stream.remote_detach(now_ns, window) {
                     self.metrics.streams_detached.fetch_add(1, Relaxed);
                     log::debug!("stream {sid}: its client on another instance left");
                 }

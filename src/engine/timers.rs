@@ -6,10 +6,10 @@
 //! the connection could have made the stream's deadline earlier (room to
 //! write came back), so a paced token costs one deadline computation.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Engine, STREAM_TIMER};
-use crate::stream::StreamRef;
+use crate::stream::{duration_ns, StreamRef};
 use crate::timer::TimerId;
 
 /// A stream's wheel entry, and how its deadline was last computed.
@@ -64,6 +64,12 @@ impl<S> Engine<S> {
     /// [`Engine::touch`] without the stream (its caller touches it).
     pub(super) fn touch_conn(&mut self, key: usize) {
         self.mark_dirty(key);
+        self.retime_conn(key);
+    }
+
+    /// [`Engine::touch_conn`] without marking it dirty (the server is
+    /// servicing it already): its charge and its deadline.
+    pub(super) fn retime_conn(&mut self, key: usize) {
         self.account(key);
         let Some(link) = self.conns.get_mut(key) else {
             return;
@@ -93,7 +99,8 @@ impl<S> Engine<S> {
     pub(super) fn stream_deadline(&self, r: StreamRef) -> Option<(Instant, bool)> {
         let s = self.streams.get(r)?;
         let room = self.has_room(s.subscriber());
-        s.next_deadline(&self.cfg, room).map(|d| (d, room))
+        let d = s.next_deadline(&self.cfg, room)?;
+        Some((self.epoch.checked_add(Duration::from_nanos(d))?, room))
     }
 
     /// Whether a stream's subscriber can take more bytes (a detached
@@ -109,28 +116,43 @@ impl<S> Engine<S> {
     }
 
     pub(super) fn touch_stream(&mut self, r: StreamRef) {
-        let Some(limit) = self.stream_timers.get(r.key).map(|t| t.limit) else {
-            return;
-        };
-        // `stream_deadline` in ticks, with the time limit's tick kept.
-        let (want, room) = match self.streams.get(r) {
-            None => (None, true),
+        // `stream_deadline`, with the time limit kept.
+        match self.streams.get(r) {
+            None => self.arm_stream(r, None, true, false),
             Some(s) => {
                 let room = self.has_room(s.subscriber());
-                let want = if s.is_ended() {
-                    s.keep_until().map(|k| tick_of(self.epoch, k))
+                if s.is_ended() {
+                    self.arm_stream(r, s.keep_until(), room, false);
                 } else {
-                    Some(
-                        s.next_wake(&self.cfg, room)
-                            .map_or(limit, |w| tick_of(self.epoch, w).min(limit)),
-                    )
-                };
-                (want, room)
+                    let want = s.next_wake(&self.cfg, room);
+                    self.arm_stream(r, Some(want), room, true);
+                }
             }
-        };
+        }
+    }
+
+    /// Arms `r`'s wheel entry for `want` (nanoseconds since the epoch;
+    /// `limited`: no later than its time limit), computed while its
+    /// subscriber had `room` or not.
+    #[inline]
+    pub(super) fn arm_stream(
+        &mut self,
+        r: StreamRef,
+        want: Option<u64>,
+        room: bool,
+        limited: bool,
+    ) {
         let Some(slot) = self.stream_timers.get_mut(r.key) else {
             return;
         };
+        let want = want.map(|w| {
+            let t = tick_of_ns(w);
+            if limited {
+                t.min(slot.limit)
+            } else {
+                t
+            }
+        });
         slot.roomless = !room;
         let wheel_key = STREAM_TIMER | ((r.id & 0x7fff_ffff) << 32) | r.key as u64;
         match (want, slot.armed) {
@@ -151,6 +173,17 @@ impl<S> Engine<S> {
 /// Rounds a deadline up to the wheel's millisecond tick: firing early would
 /// only re-arm, firing late never happens.
 pub(super) fn tick_of(epoch: Instant, d: Instant) -> u64 {
-    let d = d.saturating_duration_since(epoch);
-    d.as_secs() * 1000 + u64::from(d.subsec_nanos()).div_ceil(1_000_000)
+    tick_of_ns(ns_since(epoch, d))
+}
+
+/// [`tick_of`] of a time in nanoseconds since the epoch.
+#[inline]
+pub(super) fn tick_of_ns(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000)
+}
+
+/// `t` in nanoseconds since `epoch` (0 before it): the clock of streams.
+#[inline]
+pub(crate) fn ns_since(epoch: Instant, t: Instant) -> u64 {
+    duration_ns(t.saturating_duration_since(epoch))
 }

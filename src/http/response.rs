@@ -1,8 +1,7 @@
 //! Response heads and whole small responses, written into a caller's buffer.
 
-use std::io::Write;
-
 use super::Version;
+use crate::wire::push_u64;
 
 /// The reason phrase of the statuses we send.
 pub fn reason(status: u16) -> &'static str {
@@ -55,13 +54,19 @@ pub struct Head<'a> {
 
 /// Writes `head` ending with the blank line.
 pub fn write_head(buf: &mut Vec<u8>, head: &Head) {
-    let _ = write!(buf, "HTTP/1.1 {} {}\r\n", head.status, reason(head.status));
+    buf.extend_from_slice(b"HTTP/1.1 ");
+    push_u64(buf, head.status.into());
+    buf.push(b' ');
+    buf.extend_from_slice(reason(head.status).as_bytes());
+    buf.extend_from_slice(b"\r\n");
     if let Some(ct) = head.content_type {
-        let _ = write!(buf, "Content-Type: {ct}\r\n");
+        header(buf, "Content-Type", ct);
     }
     match head.body {
         Body::Length(n) => {
-            let _ = write!(buf, "Content-Length: {n}\r\n");
+            buf.extend_from_slice(b"Content-Length: ");
+            push_u64(buf, n as u64);
+            buf.extend_from_slice(b"\r\n");
         }
         Body::Chunked => buf.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         Body::CloseDelimited | Body::Empty => {}
@@ -73,11 +78,20 @@ pub fn write_head(buf: &mut Vec<u8>, head: &Head) {
         buf.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     if !head.request_id.is_empty() {
-        let _ = write!(buf, "X-Request-Id: {}\r\n", head.request_id);
+        header(buf, "X-Request-Id", head.request_id);
     }
     for (k, v) in head.extra {
-        let _ = write!(buf, "{k}: {v}\r\n");
+        header(buf, k, v);
     }
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// `name: value` and its CRLF.
+fn header(buf: &mut Vec<u8>, name: &str, value: &str) {
+    buf.reserve(name.len() + value.len() + 4);
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value.as_bytes());
     buf.extend_from_slice(b"\r\n");
 }
 
@@ -109,7 +123,7 @@ pub fn write_sse_head(
         // Insert before the blank line that ends the head.
         buf.truncate(buf.len() - 2);
         for (k, v) in extra {
-            let _ = write!(buf, "{k}: {v}\r\n");
+            header(buf, k, v);
         }
         buf.extend_from_slice(b"\r\n");
     }

@@ -27,7 +27,8 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Poll, Waker};
 
-use super::{listen, Common, Loop, LISTENER, WAKER};
+use super::sock::listen;
+use super::{Common, Loop, LISTENER, WAKER};
 use crate::auth::Auth;
 use crate::backend::openai::{OpenAiBackend, UpstreamConfig};
 use crate::backend::sim::SimPoolBackend;

@@ -14,7 +14,9 @@
 //!
 //! The stream does no I/O and keeps no clock: the engine passes `now` and
 //! the buffer the encoded bytes go to (the subscriber connection's output,
-//! or a scratch buffer while detached). States and who moves them:
+//! or a scratch buffer while detached). Its times are nanoseconds since the
+//! loop's epoch ([`StreamCx::now_ns`]): the paced path compares and adds
+//! integers instead of doing `Instant` arithmetic. States and who moves them:
 //! `LIFECYCLE.md` beside this file.
 
 mod relay;
@@ -28,7 +30,7 @@ pub use stage::Stage;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use slab::Slab;
 
@@ -54,7 +56,11 @@ pub enum Producer {
 }
 
 enum Prod {
-    Sim { text: SimText, next_due: Instant },
+    /// `next_due`: nanoseconds since the loop's epoch.
+    Sim {
+        text: SimText,
+        next_due: u64,
+    },
     Pool(Arc<TokenSink>),
     Relay(Arc<TokenSink>),
 }
@@ -107,8 +113,9 @@ pub enum End {
 pub enum Detach {
     /// The generation is cancelled: end the stream as disconnected.
     Cancel,
-    /// The stream goes on into its replay log until this moment.
-    Keep(Instant),
+    /// The stream goes on into its replay log until this moment
+    /// (nanoseconds since the loop's epoch).
+    Keep(u64),
 }
 
 /// What a stream did in one call, for the engine.
@@ -116,15 +123,18 @@ pub enum Detach {
 pub struct Progress {
     /// The first token event was just encoded.
     pub first_token: bool,
-    /// The stream has ended this way; call [`Stream::finish`].
-    pub end: Option<End>,
+    /// The stream has ended this way; call [`Stream::finish`]. (Boxed: a
+    /// paced token's `Progress` stays two words, returned in registers.)
+    pub end: Option<Box<End>>,
     /// Detached, its replay log is full: the engine cancels it.
     pub log_full: bool,
 }
 
 /// What a stream is given besides its input.
 pub struct StreamCx<'a> {
-    pub now: Instant,
+    /// Now, in nanoseconds since the loop's epoch (the clock every time
+    /// a stream keeps is counted on).
+    pub now_ns: u64,
     pub cfg: &'a Config,
     pub metrics: &'a Metrics,
 }
@@ -155,11 +165,13 @@ pub struct Stream {
     max_tokens: u32,
     prod: Prod,
     prompt_tokens: Option<u32>,
-    parsed_at: Instant,
-    last_event_at: Instant,
-    first_token_at: Option<Instant>,
-    last_token_at: Option<Instant>,
-    ttft: Option<Duration>,
+    // Times in nanoseconds since the loop's epoch; `NEVER` for none.
+    parsed_at: u64,
+    last_event_at: u64,
+    first_token_at: u64,
+    last_token_at: u64,
+    /// Request parsed → first token's bytes accepted by the socket.
+    ttft_ns: u64,
     /// Pieces of text taken from the producer (what `max_tokens` limits).
     produced: u32,
     /// Token events encoded (what `seq` counts).
@@ -170,8 +182,9 @@ pub struct Stream {
     sub: Option<(usize, u32)>,
     /// The events so far, for a client that resumes (resumable streams only).
     log: Option<Box<ReplayLog>>,
-    /// Detached: kept until then; ended and resumable: kept until then.
-    keep_until: Option<Instant>,
+    /// Detached: kept until then; ended and resumable: kept until then
+    /// (`NEVER`: not kept).
+    keep_until: u64,
     peer: Option<SocketAddr>,
     /// Who started the stream: only they may resume or stop it.
     principal: Option<Box<str>>,
@@ -207,7 +220,7 @@ impl Stream {
             Producer::Sim => (
                 Prod::Sim {
                     text: SimText::new(&gen.messages, gen.max_tokens, cx.cfg.sim_tokens),
-                    next_due: cx.now + cx.cfg.sim_ttft(),
+                    next_due: cx.now_ns.saturating_add(ms_ns(cx.cfg.sim_ttft_ms)),
                 },
                 Some(sim::prompt_tokens(&gen.messages)),
             ),
@@ -223,18 +236,18 @@ impl Stream {
             max_tokens: gen.max_tokens,
             prod,
             prompt_tokens,
-            parsed_at: cx.now,
-            last_event_at: cx.now,
-            first_token_at: None,
-            last_token_at: None,
-            ttft: None,
+            parsed_at: cx.now_ns,
+            last_event_at: cx.now_ns,
+            first_token_at: NEVER,
+            last_token_at: NEVER,
+            ttft_ns: NEVER,
             produced: 0,
             tokens: 0,
             stages: Vec::new(),
             encoder: a.encoder,
             sub: Some(a.conn),
             log: a.replay.map(|limit| Box::new(ReplayLog::new(limit))),
-            keep_until: None,
+            keep_until: NEVER,
             peer: None,
             principal: None,
             ended: false,
@@ -297,9 +310,10 @@ impl Stream {
         self.log.as_ref().map_or(0, |l| l.len())
     }
 
-    /// When a detached stream's window, or an ended one's retention, ends.
-    pub fn keep_until(&self) -> Option<Instant> {
-        self.keep_until
+    /// When a detached stream's window, or an ended one's retention, ends
+    /// (nanoseconds since the loop's epoch).
+    pub fn keep_until(&self) -> Option<u64> {
+        (self.keep_until != NEVER).then_some(self.keep_until)
     }
 
     /// The bytes that open a streaming body: OpenAI's role chunk, and for a
@@ -311,8 +325,9 @@ impl Stream {
         self.encoder.open(buf);
     }
 
-    /// When the request was parsed (TTFT counts from here).
-    pub fn parsed_at(&self) -> Instant {
+    /// When the request was parsed (TTFT counts from here), in
+    /// nanoseconds since the loop's epoch.
+    pub fn parsed_at(&self) -> u64 {
         self.parsed_at
     }
 
@@ -334,14 +349,22 @@ impl Stream {
         self.principal.as_deref()
     }
 
-    /// The first token's bytes were accepted by the client's socket.
-    pub fn set_ttft(&mut self, ttft: Duration) {
-        self.ttft = Some(ttft);
+    /// The first token's bytes were accepted by the client's socket
+    /// (`ns` after the request was parsed).
+    pub fn set_ttft(&mut self, ns: u64) {
+        self.ttft_ns = ns;
     }
 
     fn ttft_estimate(&self) -> Option<Duration> {
-        self.ttft
-            .or_else(|| self.first_token_at.map(|t| t - self.parsed_at))
+        if self.ttft_ns != NEVER {
+            Some(Duration::from_nanos(self.ttft_ns))
+        } else if self.first_token_at != NEVER {
+            Some(Duration::from_nanos(
+                self.first_token_at.saturating_sub(self.parsed_at),
+            ))
+        } else {
+            None
+        }
     }
 
     /// When the stream's timer has something to do (tokens due, a
@@ -349,26 +372,31 @@ impl Stream {
     /// retention). `room`: the subscriber can take more bytes (a simulated
     /// token due while it cannot waits for [`Stream::pump`], not for a
     /// deadline).
-    pub fn next_deadline(&self, cfg: &Config, room: bool) -> Option<Instant> {
+    pub fn next_deadline(&self, cfg: &Config, room: bool) -> Option<u64> {
         if self.ended {
-            return self.keep_until;
+            return self.keep_until();
         }
-        let limit = self.parsed_at + cfg.max_stream();
-        Some(self.next_wake(cfg, room).map_or(limit, |w| w.min(limit)))
+        let limit = self.time_limit(cfg);
+        Some(self.next_wake(cfg, room).min(limit))
+    }
+
+    /// When the stream's time limit (`--max-stream-ms`) runs out.
+    pub fn time_limit(&self, cfg: &Config) -> u64 {
+        self.parsed_at.saturating_add(ms_ns(cfg.max_stream_ms))
     }
 
     /// [`Stream::next_deadline`] of a stream not ended, without its time
-    /// limit (which never moves: the engine keeps it). `None`: only the
+    /// limit (which never moves: the engine keeps it). `NEVER`: only the
     /// time limit.
-    pub fn next_wake(&self, cfg: &Config, room: bool) -> Option<Instant> {
+    #[inline]
+    pub fn next_wake(&self, cfg: &Config, room: bool) -> u64 {
         let mut d = self.keep_until;
-        let mut sooner = |t: Instant| d = Some(d.map_or(t, |d| d.min(t)));
         if self.streaming && self.sub.is_some() {
-            sooner(self.last_event_at + cfg.heartbeat());
+            d = d.min(self.last_event_at.saturating_add(ms_ns(cfg.heartbeat_ms)));
         }
         if let Prod::Sim { text, next_due } = &self.prod {
             if self.produced <= text.total && room {
-                sooner(*next_due);
+                d = d.min(*next_due);
             }
         }
         d
@@ -382,10 +410,15 @@ impl Stream {
         if self.ended || (self.sub.is_none() && self.log.is_none()) {
             return progress;
         }
+        if self.sub.is_some() && self.log.is_none() && self.stages.is_empty() {
+            if let Prod::Sim { .. } = self.prod {
+                return self.pump_sim(cx, buf, budget);
+            }
+        }
         let start = buf.len();
         let first_before = self.tokens == 0;
-        let now = cx.now;
-        let itl = cx.cfg.sim_itl();
+        let now = cx.now_ns;
+        let itl = ms_ns(cx.cfg.sim_itl_ms);
         let detached = self.sub.is_none() && !self.remote_sub;
         let Stream {
             prod,
@@ -422,12 +455,14 @@ impl Stream {
                 if let Some(log) = log.as_mut() {
                     log.push(seq, &b[at..]);
                 }
-                if let Some(prev) = *last_token_at {
-                    cx.metrics.inter_token.observe(now - prev);
+                if *last_token_at != NEVER {
+                    cx.metrics
+                        .inter_token
+                        .observe_ns(now.saturating_sub(*last_token_at));
                 } else {
-                    *first_token_at = Some(now);
+                    *first_token_at = now;
                 }
-                *last_token_at = Some(now);
+                *last_token_at = now;
                 *last_event_at = now;
             };
         // Without stages, text goes straight to the encoder (no dynamic
@@ -455,7 +490,7 @@ impl Stream {
                 while *produced < text.total && *next_due <= now && !full(buf, log) {
                     emit(buf, log, text.token(*produced), false);
                     *produced += 1;
-                    *next_due += itl;
+                    *next_due = next_due.saturating_add(itl);
                 }
                 if *produced == text.total && (*produced > 0 || *next_due <= now) {
                     end = Some(End::Done(Finish {
@@ -526,7 +561,54 @@ impl Stream {
         progress.log_full = detached && end.is_none() && full(buf, &self.log);
         progress.first_token =
             first_before && self.tokens > 0 && self.is_streaming() && !detached && !self.is_relay();
-        progress.end = end;
+        progress.end = end.map(Box::new);
+        progress
+    }
+
+    /// [`Stream::pump`] of the paced path: the simulated model, attached,
+    /// with no stage and no replay log. Each due token goes straight to the
+    /// encoder (the general loop's closures for stages and logs cost more
+    /// than the token itself).
+    fn pump_sim(&mut self, cx: &StreamCx, buf: &mut Vec<u8>, budget: usize) -> Progress {
+        let Prod::Sim { text, next_due } = &mut self.prod else {
+            return Progress::default();
+        };
+        let now = cx.now_ns;
+        let first_before = self.tokens == 0;
+        let start = buf.len();
+        if *next_due <= now {
+            let itl = ms_ns(cx.cfg.sim_itl_ms);
+            while self.produced < text.total && *next_due <= now && buf.len() - start < budget {
+                let t = text.token(self.produced);
+                self.produced += 1;
+                *next_due = next_due.saturating_add(itl);
+                if t.is_empty() {
+                    continue;
+                }
+                self.tokens += 1;
+                self.encoder.token(buf, None, t);
+                if self.last_token_at != NEVER {
+                    cx.metrics
+                        .inter_token
+                        .observe_ns(now.saturating_sub(self.last_token_at));
+                } else {
+                    self.first_token_at = now;
+                }
+                self.last_token_at = now;
+                self.last_event_at = now;
+            }
+        }
+        let mut progress = Progress {
+            first_token: first_before && self.tokens > 0 && self.streaming,
+            ..Progress::default()
+        };
+        if self.produced == text.total && (self.produced > 0 || *next_due <= now) {
+            progress.end = Some(Box::new(End::Done(Finish {
+                finish_reason: text.finish_reason().into(),
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: None,
+            })));
+        }
         progress
     }
 
@@ -536,10 +618,10 @@ impl Stream {
         if self.ended {
             return None;
         }
-        if self.sub.is_none() && self.keep_until.is_some_and(|k| cx.now >= k) {
+        if self.sub.is_none() && cx.now_ns >= self.keep_until {
             return Some(End::Disconnected);
         }
-        if cx.now < self.parsed_at + cx.cfg.max_stream() {
+        if cx.now_ns < self.time_limit(cx.cfg) {
             return None;
         }
         let msg = format!("the stream ran longer than {} ms", cx.cfg.max_stream_ms);
@@ -550,22 +632,25 @@ impl Stream {
     }
 
     /// An ended stream's retention is over: take it out of the table.
-    pub fn retention_over(&self, now: Instant) -> bool {
-        self.ended && self.keep_until.is_none_or(|k| now >= k)
+    pub fn retention_over(&self, now_ns: u64) -> bool {
+        self.ended && (self.keep_until == NEVER || now_ns >= self.keep_until)
     }
 
     /// Whether nothing else was sent for `--heartbeat-ms`.
     pub fn heartbeat_due(&self, cx: &StreamCx) -> bool {
         // An event just went out (the usual case after a pump): not due,
         // without the time arithmetic.
-        if self.last_event_at == cx.now && cx.cfg.heartbeat_ms > 0 {
+        if self.last_event_at == cx.now_ns && cx.cfg.heartbeat_ms > 0 {
             return false;
         }
         !self.ended
             && self.sub.is_some()
             && !self.awaiting
             && self.is_streaming()
-            && cx.now >= self.last_event_at + cx.cfg.heartbeat()
+            && cx.now_ns
+                >= self
+                    .last_event_at
+                    .saturating_add(ms_ns(cx.cfg.heartbeat_ms))
     }
 
     /// A heartbeat, when nothing else was sent for `--heartbeat-ms`.
@@ -577,7 +662,7 @@ impl Stream {
             Prod::Pool(s) if s.started_at().is_none() => "queued",
             _ => "generating",
         };
-        self.last_event_at = cx.now;
+        self.last_event_at = cx.now_ns;
         self.encoder.heartbeat(buf, phase);
         cx.metrics.heartbeats_sent.fetch_add(1, Relaxed);
     }
@@ -585,15 +670,15 @@ impl Stream {
     /// The subscriber left. The policy lives here: a resumable stream
     /// keeps going into its log for `window` (an ended one stays until its
     /// retention ends); any other is cancelled at once.
-    pub fn handle_detach(&mut self, now: Instant, window: Duration) -> Detach {
+    pub fn handle_detach(&mut self, now_ns: u64, window: Duration) -> Detach {
         self.sub = None;
         if self.log.is_none() || window.is_zero() {
             return Detach::Cancel;
         }
         if !self.ended && !self.remote_sub {
-            self.keep_until = Some(now + window);
+            self.keep_until = now_ns.saturating_add(duration_ns(window));
         }
-        Detach::Keep(self.keep_until.unwrap_or(now))
+        Detach::Keep(self.keep_until().unwrap_or(now_ns))
     }
 
     /// Whether a client may resume after event `after`: every later event
@@ -608,7 +693,7 @@ impl Stream {
     pub fn attach(&mut self, conn: (usize, u32), after: u64, buf: &mut Vec<u8>) -> u64 {
         if !self.ended {
             self.sub = Some(conn);
-            self.keep_until = None;
+            self.keep_until = NEVER;
             // A client following it from another instance is superseded.
             self.remote_sub = false;
         }
@@ -651,7 +736,7 @@ impl Stream {
             return None;
         }
         self.ended = true;
-        let now = cx.now;
+        let now = cx.now_ns;
         if !from_producer {
             if let Prod::Pool(sink) | Prod::Relay(sink) = &self.prod {
                 sink.cancel();
@@ -681,7 +766,7 @@ impl Stream {
                 }
             });
         }
-        let duration = now - self.parsed_at;
+        let duration = Duration::from_nanos(now.saturating_sub(self.parsed_at));
         let ttft = self.ttft_estimate();
         // A relay's own error (not its owner's end) names the last event
         // it delivered: a client reconnecting with that id misses nothing.
@@ -722,11 +807,11 @@ impl Stream {
         match self.log.as_mut() {
             Some(log) if terminal && !retain.is_zero() => {
                 log.push(seq, &buf[at..]);
-                self.keep_until = Some(now + retain);
+                self.keep_until = now.saturating_add(duration_ns(retain));
             }
             _ => {
                 self.log = None;
-                self.keep_until = None;
+                self.keep_until = NEVER;
             }
         }
         // The engine took the subscriber before; an ended stream has none
@@ -748,6 +833,20 @@ impl Stream {
             principal: self.principal.clone(),
         })
     }
+}
+
+/// A time that never comes (no such moment: no first token yet, not kept).
+pub const NEVER: u64 = u64::MAX;
+
+/// Milliseconds (a flag's value) in nanoseconds.
+#[inline]
+pub fn ms_ns(ms: u64) -> u64 {
+    ms.saturating_mul(1_000_000)
+}
+
+/// A duration in nanoseconds (saturating).
+pub fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The characters of a stream id, base64url's.
@@ -924,7 +1023,7 @@ mod tests {
         let cfg = Config::for_tests(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
         let metrics = Metrics::default();
         let cx = StreamCx {
-            now: Instant::now(),
+            now_ns: 1_000_000_000,
             cfg: &cfg,
             metrics: &metrics,
         };
@@ -945,7 +1044,7 @@ mod tests {
         assert!(!p.first_token);
         let end = p.end.expect("the sim answer is complete");
         let summary = s
-            .finish(&cx, end, true, Duration::ZERO, &mut b)
+            .finish(&cx, *end, true, Duration::ZERO, &mut b)
             .expect("the first end counts");
         assert_eq!(texts(&b), vec![plain.to_uppercase()]);
         // seq counts token events sent: one (the flushed text), so done is 2.
@@ -989,13 +1088,13 @@ mod tests {
         let cfg = Config::for_tests(&[]);
         let metrics = Metrics::default();
         let cx = StreamCx {
-            now: Instant::now(),
+            now_ns: 1_000_000_000,
             cfg: &cfg,
             metrics: &metrics,
         };
         let mut s = sim_stream(&cx, 5);
         assert_eq!(
-            s.handle_detach(cx.now, Duration::from_secs(5)),
+            s.handle_detach(cx.now_ns, Duration::from_secs(5)),
             Detach::Cancel,
             "not resumable"
         );

@@ -4,7 +4,7 @@
 //! resumed here.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Admission, Prod, Producer, Stored, Stream, StreamCx};
 use crate::backend::GenRequest;
@@ -142,13 +142,13 @@ impl Stream {
         self.remote_sub = true;
         self.sub = None;
         if !self.ended {
-            self.keep_until = None;
+            self.keep_until = super::NEVER;
         }
     }
 
     /// That client left: with nobody here either, the resume window
     /// starts. Whether the stream is now detached.
-    pub fn remote_detach(&mut self, now: Instant, window: Duration) -> bool {
+    pub fn remote_detach(&mut self, now_ns: u64, window: Duration) -> bool {
         if !self.remote_sub {
             return false;
         }
@@ -156,7 +156,7 @@ impl Stream {
         if self.sub.is_some() || self.ended {
             return false;
         }
-        self.keep_until = Some(now + window);
+        self.keep_until = now_ns.saturating_add(super::duration_ns(window));
         true
     }
 }
