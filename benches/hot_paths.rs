@@ -86,13 +86,13 @@ fn wheel(c: &mut Criterion) {
     let mut expired = Vec::new();
     c.bench_function("timer/insert_cancel", |b| {
         b.iter(|| {
-            let id = w.insert(black_box(now + 15_000), 7);
-            black_box(w.cancel(id));
+            w.arm(7, black_box(now + 15_000));
+            black_box(w.disarm(7));
         })
     });
     c.bench_function("timer/insert_fire", |b| {
         b.iter(|| {
-            w.insert(now + 20, 7);
+            w.arm(7, now + 20);
             now += 20;
             expired.clear();
             w.poll(now, &mut expired);
@@ -105,7 +105,7 @@ fn wheel(c: &mut Criterion) {
     g.bench_function("fire_40_in_one_tick", |b| {
         b.iter(|| {
             for k in 0..40 {
-                w.insert(now + 5, k);
+                w.arm(k, now + 5);
             }
             now += 5;
             expired.clear();

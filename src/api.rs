@@ -1,6 +1,9 @@
 //! The native endpoint's request: JSON body or query string in, a validated
 //! [`GenRequest`] out, or a 400 message a user can act on.
 
+use std::borrow::Cow;
+
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::backend::{GenRequest, Message};
@@ -23,12 +26,75 @@ pub fn parse_body(body: &[u8], max_tokens_limit: u32) -> Result<NativeRequest, S
             "the request body is empty: send a JSON object such as {\"prompt\":\"hi\"}".into(),
         );
     }
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
-    let Value::Object(obj) = v else {
-        return Err("the body must be a JSON object".into());
-    };
-    from_object(obj, max_tokens_limit)
+    // The object's fields as they come, keys borrowed from the body (no
+    // map, no key allocations); checked once the whole body parsed.
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match Fields::deserialize(&mut de).and_then(|f| de.end().map(|()| f)) {
+        Ok(Fields(mut fields)) => {
+            // As a JSON map has them: by name, the last of a repeated name.
+            fields.sort_by(|a, b| a.0 .0.cmp(&b.0 .0));
+            fields.reverse();
+            fields.dedup_by(|a, b| a.0 .0 == b.0 .0);
+            fields.reverse();
+            from_object(fields, max_tokens_limit)
+        }
+        // Not an object: valid JSON of another kind, or not JSON at all.
+        Err(e) if e.is_data() => match serde_json::from_slice::<IgnoredAny>(body) {
+            Ok(_) => Err("the body must be a JSON object".into()),
+            Err(e) => Err(format!("the body is not valid JSON: {e}")),
+        },
+        Err(e) => Err(format!("the body is not valid JSON: {e}")),
+    }
+}
+
+/// A JSON object's fields in order, each key borrowed when it has no escape.
+struct Fields<'a>(Vec<(Key<'a>, Value)>);
+
+struct Key<'a>(Cow<'a, str>);
+
+impl AsRef<str> for Key<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Vec::with_capacity(4);
+                while let Some(k) = m.next_key::<Key<'de>>()? {
+                    fields.push((k, m.next_value::<Value>()?));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Parses a `GET` query string (`prompt`, `max_tokens`, `temperature`, `model`, `stop`, `stream`).
@@ -65,7 +131,12 @@ pub fn parse_query_request(
     from_object(obj, max_tokens_limit)
 }
 
-fn from_object(obj: Map<String, Value>, max_tokens_limit: u32) -> Result<NativeRequest, String> {
+/// The request from an object's fields. A field given twice counts once,
+/// its last value.
+fn from_object<K: AsRef<str>>(
+    obj: impl IntoIterator<Item = (K, Value)>,
+    max_tokens_limit: u32,
+) -> Result<NativeRequest, String> {
     let mut gen = GenRequest {
         max_tokens: max_tokens_limit,
         ..GenRequest::default()
@@ -74,14 +145,15 @@ fn from_object(obj: Map<String, Value>, max_tokens_limit: u32) -> Result<NativeR
     let mut prompt = None;
     let mut messages = None;
     for (k, v) in obj {
-        match k.as_str() {
+        let k = k.as_ref();
+        match k {
             "messages" => messages = Some(parse_messages(v)?),
             "prompt" => match v {
                 Value::String(s) => prompt = Some(s),
                 _ => return Err("prompt must be a string".into()),
             },
             "max_tokens" => {
-                gen.max_tokens = max_tokens(&k, &v, max_tokens_limit)?;
+                gen.max_tokens = max_tokens(k, &v, max_tokens_limit)?;
                 gen.max_tokens_field = Some("max_tokens");
             }
             "temperature" => gen.temperature = Some(temperature(&v)?),
@@ -197,6 +269,35 @@ mod tests {
         assert_eq!(r.gen.messages.len(), 2);
         assert_eq!(r.gen.max_tokens, 100);
         assert!(r.stream);
+    }
+
+    #[test]
+    fn a_repeated_field_counts_once_with_its_last_value() {
+        let r = parse_body(
+            br#"{"prompt":1,"max_tokens":3,"prompt":"b","max_tokens":2}"#,
+            10,
+        )
+        .unwrap();
+        assert_eq!(r.gen.messages[0].content, "b");
+        assert_eq!(r.gen.max_tokens, 2);
+        let e = parse_body(br#"{"prompt":"a","prompt":1}"#, 10).unwrap_err();
+        assert!(e.contains("prompt must be a string"), "{e}");
+        // Escaped names are names all the same.
+        let r = parse_body(br#"{"pr\u006fmpt":"c"}"#, 10).unwrap();
+        assert_eq!(r.gen.messages[0].content, "c");
+        // Which error is reported when several fields are bad: the first by name.
+        let e = parse_body(br#"{"zzz":1,"prompt":2}"#, 10).unwrap_err();
+        assert!(e.contains("prompt must be a string"), "{e}");
+        for (body, want) in [
+            (&b"[1]"[..], "must be a JSON object"),
+            (b"[1", "not valid JSON"),
+            (b"\"x\"", "must be a JSON object"),
+            (b"{\"prompt\":\"a\"} x", "not valid JSON"),
+            (b"{\"prompt\":\"a\",}", "not valid JSON"),
+        ] {
+            let e = parse_body(body, 10).unwrap_err();
+            assert!(e.contains(want), "{:?}: {e}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]

@@ -131,33 +131,44 @@ impl OutBuf {
         }
         self.ensure(pool);
         let start = self.buf.len();
-        self.buf.resize(start + CHUNK_HEAD_ROOM, 0);
+        self.buf.extend_from_slice(&[0; CHUNK_HEAD_ROOM]);
         f(&mut self.buf);
-        let body = self.buf.len() - start - CHUNK_HEAD_ROOM;
+        let room_end = start + CHUNK_HEAD_ROOM;
+        let end = self.buf.len();
+        let body = end - room_end;
         if body == 0 {
             self.buf.truncate(start);
             self.release_if_empty(pool);
             return;
         }
-        let mut head = [0u8; CHUNK_HEAD_ROOM];
-        let n = hex_line(body, &mut head);
+        // The size line, written backwards so it ends where the body starts.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let room = &mut self.buf[start..room_end];
+        room[CHUNK_HEAD_ROOM - 2] = b'\r';
+        room[CHUNK_HEAD_ROOM - 1] = b'\n';
+        let mut at = CHUNK_HEAD_ROOM - 2;
+        let mut m = body;
+        loop {
+            at -= 1;
+            room[at] = HEX[m & 0xf];
+            m >>= 4;
+            if m == 0 {
+                break;
+            }
+        }
+        let at = start + at;
         if start == self.pos {
-            // Nothing else waits (a paced stream's usual case): the size
-            // line goes at the end of the room, and the bytes before it
-            // count as written already.
-            let at = start + CHUNK_HEAD_ROOM - n;
-            self.buf[at..start + CHUNK_HEAD_ROOM].copy_from_slice(&head[..n]);
+            // Nothing else waits (a paced stream's usual case): the bytes
+            // of the room before the size line count as written already.
             self.pos = at;
             self.buf.extend_from_slice(b"\r\n");
             self.appended += (self.buf.len() - at) as u64;
             return;
         }
-        // Write the size line right before the body, then slide the body
-        // down over the unused room: one memmove of a few hundred bytes
-        // instead of a second buffer.
-        self.buf[start..start + n].copy_from_slice(&head[..n]);
-        self.buf.copy_within(start + CHUNK_HEAD_ROOM.., start + n);
-        self.buf.truncate(start + n + body);
+        // Slide the size line and the body down over the unused room: one
+        // memmove of a few hundred bytes instead of a second buffer.
+        self.buf.copy_within(at..end, start);
+        self.buf.truncate(start + (end - at));
         self.buf.extend_from_slice(b"\r\n");
         self.appended += (self.buf.len() - start) as u64;
     }
@@ -188,25 +199,6 @@ impl OutBuf {
             self.pos = 0;
         }
     }
-}
-
-/// `{n:x}\r\n` into `out`; returns its length.
-fn hex_line(n: usize, out: &mut [u8; CHUNK_HEAD_ROOM]) -> usize {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let len = match n {
-        0..0x10 => 1,
-        0x10..0x100 => 2,
-        0x100..0x1000 => 3,
-        _ => (usize::BITS - n.leading_zeros()).div_ceil(4) as usize,
-    };
-    let mut m = n;
-    for d in out[..len].iter_mut().rev() {
-        *d = HEX[m & 0xf];
-        m >>= 4;
-    }
-    out[len] = b'\r';
-    out[len + 1] = b'\n';
-    len + 2
 }
 
 #[cfg(test)]
@@ -278,18 +270,24 @@ mod tests {
     }
 
     #[test]
-    fn hex_lines() {
-        for (n, want) in [
-            (1usize, "1\r\n"),
-            (15, "f\r\n"),
-            (16, "10\r\n"),
-            (65535, "ffff\r\n"),
-            (0x10000, "10000\r\n"),
-            (usize::MAX, "ffffffffffffffff\r\n"),
-        ] {
-            let mut b = [0u8; CHUNK_HEAD_ROOM];
-            let len = hex_line(n, &mut b);
-            assert_eq!(&b[..len], want.as_bytes());
+    fn chunk_size_lines() {
+        // Into an empty buffer (framed in place) and behind waiting bytes
+        // (slid down), every size-line length.
+        for n in [1usize, 15, 16, 255, 256, 4095, 4096, 65535, 0x10000] {
+            for behind in [false, true] {
+                let mut pool = BufPool::default();
+                let mut out = OutBuf::default();
+                if behind {
+                    out.append(&mut pool, |b| b.extend_from_slice(b"head"));
+                }
+                out.append_chunk(&mut pool, true, |b| b.resize(b.len() + n, b'x'));
+                let mut want = if behind { b"head".to_vec() } else { Vec::new() };
+                want.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                want.resize(want.len() + n, b'x');
+                want.extend_from_slice(b"\r\n");
+                assert_eq!(out.pending(), &want[..], "{n} behind {behind}");
+                assert_eq!(out.appended_total(), want.len() as u64);
+            }
         }
     }
 }

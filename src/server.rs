@@ -28,7 +28,7 @@
 //! fast it sends, keeps the timers (the next token of every stream) waiting
 //! for long.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::Receiver;
@@ -927,7 +927,7 @@ impl Loop {
             if io.blocked || pending.is_empty() {
                 break;
             }
-            match io.sock.write(pending) {
+            match sock::send(&io.sock, pending) {
                 Ok(0) => self.engine.handle_reset(sh, key, now),
                 Ok(n) => self.engine.handle_written(sh, key, n, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -938,18 +938,16 @@ impl Loop {
                 Err(_) => self.engine.handle_reset(sh, key, now),
             }
         }
-        let Some(mut after) = self.engine.after_write(key) else {
+        let Some((mut after, io)) = self.engine.after_write(key) else {
             return;
         };
+        let paused = io.read_paused;
         if after.half_close {
-            if let Some(io) = self.engine.io_mut(key) {
-                let _ = io.sock.shutdown(Shutdown::Write);
-            }
+            let _ = io.sock.shutdown(Shutdown::Write);
             self.engine.half_closed(key, now);
             after.closed = self.engine.conn(key).is_none_or(|c| c.is_closed());
         }
         let closed = after.closed;
-        let paused = self.engine.io_mut(key).is_some_and(|io| io.read_paused);
         // Input held back (a stream ran, or answers piled up) may be read now.
         if paused && !closed && self.engine.wants_read(key) {
             if let Some(io) = self.engine.io_mut(key) {

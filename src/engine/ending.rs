@@ -172,8 +172,6 @@ impl<S> Engine<S> {
         if self.by_sid.get(&h) == Some(&r) {
             self.by_sid.remove(&h);
         }
-        if let Some(Some((id, _))) = self.stream_timers.try_remove(r.key).map(|t| t.armed) {
-            self.wheel.cancel(id);
-        }
+        self.wheel.disarm(super::timers::stream_slot(r.key));
     }
 }

@@ -7,7 +7,8 @@
 
 use std::time::Instant;
 
-use super::{tick_of, Engine, Services, StreamTimer};
+use super::timers::{stream_slot, tick_of_ns};
+use super::{Engine, Services};
 use crate::backend::GenRequest;
 use crate::encode::Encoder;
 use crate::router::{self, Meta};
@@ -80,14 +81,8 @@ impl<S> Engine<S> {
         }
         let inserted = self.streams.insert(stream);
         debug_assert_eq!(inserted, r);
-        let h = std::hash::BuildHasher::hash_one(&self.sid_hasher, &*sid);
+        let h = self.sid_hasher.hash(sid.as_bytes());
         self.by_sid.insert(h, r);
-        let limit = tick_of(self.epoch, now + self.cfg.max_stream());
-        let slot = self.stream_timers.insert(StreamTimer {
-            limit,
-            ..StreamTimer::default()
-        });
-        debug_assert_eq!(slot, r.key);
         link.sub = Some(r);
         // Only a whole answer needs the request's meta at the end (its
         // head is written then); a stream's head went out already.
@@ -161,8 +156,10 @@ impl<S> Engine<S> {
                 // and its room at hand (no look-ups again).
                 if !logging && progress.end.is_none() && !progress.log_full {
                     let room = pending < hwm;
+                    stream.set_timer_roomless(!room);
                     let want = stream.next_wake(&self.cfg, room);
-                    self.arm_stream(r, Some(want), room, true);
+                    let tick = tick_of_ns(want.min(stream.time_limit(&self.cfg)));
+                    self.wheel.arm_by(stream_slot(r.key), tick);
                     if !self.over_budget.is_empty() {
                         self.shed_over_budget(svc, now);
                     }
@@ -211,7 +208,7 @@ impl<S> Engine<S> {
         }
         // Nothing can have expired before the time limit's tick for a
         // stream with a subscriber (`now_ms` is rounded down, the tick up).
-        let limit = self.stream_timers.get(r.key).map_or(0, |t| t.limit);
+        let limit = tick_of_ns(stream.time_limit(&self.cfg));
         let may_expire = stream.subscriber().is_none() || now_ms + 1 >= limit;
         if let Some(end) = may_expire.then(|| stream.expired(&scx)).flatten() {
             if end == End::Disconnected {

@@ -21,6 +21,7 @@
 //! producers, and assert on exact bytes.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -38,8 +39,8 @@ use crate::outbuf::BufPool;
 use crate::redact::Redactor;
 use crate::router::{self, Answer, Meta, Reply};
 use crate::sse::{ErrorCode, StreamError};
-use crate::stream::{Detach, End, StreamCx, StreamRef, StreamTable};
-use crate::timer::{TimerId, TimerWheel};
+use crate::stream::{Detach, End, Stream, StreamCx, StreamRef, StreamTable};
+use crate::timer::TimerWheel;
 
 pub use loops::Handoff;
 pub use services::{Access, Ended, Services};
@@ -58,7 +59,6 @@ struct Link<S> {
     /// `(appended mark, parse time, stream)` of a first token not yet
     /// written (the time in nanoseconds since the loop's epoch).
     ttft_mark: Option<(u64, u64, StreamRef)>,
-    timer: Option<(TimerId, u64)>,
     dirty: bool,
     /// A write that makes room pumps the stream again: its producer is a
     /// worker (pieces may wait in its queue), or the last pump left the
@@ -78,12 +78,61 @@ pub struct AfterWrite {
     pub serial: u32,
 }
 
-/// The wheel key of a stream entry has this bit set.
-const STREAM_TIMER: u64 = 1 << 63;
 /// Timer entries handled per call of [`Engine::handle_timeouts`]; the rest
 /// wait for the next call, after the server has polled its sockets again,
 /// so a tick due for thousands of streams does not hold back new requests.
 const TIMER_SLICE: usize = 256;
+
+/// A keyed hash of stream ids for [`Engine::by_sid`]: ids are random
+/// already, so a few multiplications mix them enough (SipHash cost more
+/// than the rest of a stream's admission); the key, random per loop,
+/// keeps ids a client makes up (a resume of a foreign stream) from being
+/// chosen to collide.
+struct SidHasher([u64; 4]);
+
+impl SidHasher {
+    fn new() -> SidHasher {
+        use std::hash::BuildHasher;
+        let r = std::collections::hash_map::RandomState::new();
+        SidHasher([0u64, 1, 2, 3].map(|i| r.hash_one(i) | 1))
+    }
+
+    /// wyhash's folded multiply over 8-byte words.
+    fn hash(&self, bytes: &[u8]) -> u64 {
+        let mum = |a: u64, b: u64| {
+            let m = u128::from(a).wrapping_mul(u128::from(b));
+            (m as u64) ^ ((m >> 64) as u64)
+        };
+        let k = &self.0;
+        let mut h = k[0] ^ bytes.len() as u64;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().unwrap_or_default());
+            h = mum(h ^ w, k[1]);
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        mum(h ^ u64::from_le_bytes(tail) ^ k[2], k[3])
+    }
+}
+
+/// The `Hasher` of a map whose keys are hashes already.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// One loop's connections, streams and timers.
 pub struct Engine<S> {
@@ -92,24 +141,22 @@ pub struct Engine<S> {
     bufs: BufPool,
     conns: Slab<Link<S>>,
     streams: StreamTable,
-    /// The wheel entry of each stream, by stream key.
-    stream_timers: Slab<StreamTimer>,
     wheel: TimerWheel,
     epoch: Instant,
     /// The last `Instant` turned into the streams' clock, and what it
     /// gave: one loop turn asks for the same moment many times.
     clock: std::cell::Cell<(Instant, u64)>,
-    /// Wheel entries taken out of the wheel; those from `expired_next` on
-    /// are still to be handled (the next slice).
-    expired: Vec<u64>,
+    /// Wheel slots that fired; those from `expired_next` on are still to
+    /// be handled (the next slice).
+    expired: Vec<usize>,
     expired_next: usize,
     next_serial: u32,
     dirty: Vec<usize>,
     auth: Auth,
     /// Streams by a hash of the id clients see, for cancel and resume (the
     /// stream's own id is compared on lookup; no second copy of it is kept).
-    by_sid: HashMap<u64, StreamRef>,
-    sid_hasher: std::collections::hash_map::RandomState,
+    by_sid: HashMap<u64, StreamRef, BuildHasherDefault<PassThrough>>,
+    sid_hasher: SidHasher,
     /// Bytes in this loop's replay logs (the process's are in `limits`).
     log_bytes: usize,
     /// Detached streams over the replay budget, to cancel.
@@ -142,7 +189,6 @@ impl<S> Engine<S> {
             bufs: BufPool::default(),
             conns: Slab::new(),
             streams: StreamTable::default(),
-            stream_timers: Slab::new(),
             wheel: TimerWheel::new(0),
             epoch: now,
             clock: std::cell::Cell::new((now, 0)),
@@ -151,8 +197,8 @@ impl<S> Engine<S> {
             next_serial: 0,
             dirty: Vec::new(),
             auth: Auth::default(),
-            by_sid: HashMap::new(),
-            sid_hasher: Default::default(),
+            by_sid: HashMap::default(),
+            sid_hasher: SidHasher::new(),
             log_bytes: 0,
             over_budget: Vec::new(),
             scratch: Vec::new(),
@@ -203,7 +249,6 @@ impl<S> Engine<S> {
             sub: None,
             meta: None,
             ttft_mark: None,
-            timer: None,
             dirty: false,
             held: false,
             mark: intake::Mark::default(),
@@ -220,9 +265,7 @@ impl<S> Engine<S> {
         self.unpark(key);
         self.forget_moving(key);
         let link = self.conns.try_remove(key)?;
-        if let Some((id, _)) = link.timer {
-            self.wheel.cancel(id);
-        }
+        self.wheel.disarm(conn_slot(key));
         self.metrics.connections_open.fetch_sub(1, Relaxed);
         Some(link.io)
     }
@@ -245,15 +288,16 @@ impl<S> Engine<S> {
         self.conns.get(key).is_some_and(|l| l.ttft_mark.is_some())
     }
 
-    /// What the server does with `key` after writing: half-close it,
-    /// close it, and its serial (`None`: gone).
-    pub fn after_write(&self, key: usize) -> Option<AfterWrite> {
-        let l = self.conns.get(key)?;
-        Some(AfterWrite {
+    /// What the server does with `key` after writing — half-close it,
+    /// close it; its serial — and its io (`None`: gone).
+    pub fn after_write(&mut self, key: usize) -> Option<(AfterWrite, &mut S)> {
+        let l = self.conns.get_mut(key)?;
+        let after = AfterWrite {
             half_close: l.conn.wants_half_close(),
             closed: l.conn.is_closed(),
             serial: l.serial,
-        })
+        };
+        Some((after, &mut l.io))
     }
 
     pub fn conn(&self, key: usize) -> Option<&Conn> {
@@ -291,7 +335,7 @@ impl<S> Engine<S> {
     }
 
     fn sid_hash(&self, sid: &str) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.sid_hasher, sid)
+        self.sid_hasher.hash(sid.as_bytes())
     }
 
     /// The stream clients know as `sid`, if it is in the table.
@@ -384,6 +428,18 @@ impl<S> Engine<S> {
                 }
             }
         }
+        // The usual paced write: a stream's body leaving as it should, its
+        // producer holding nothing back. Only the stream may want its timer
+        // again (room came back after it was armed without).
+        if quiet && !link.held {
+            if let Some(r) = link.sub {
+                let armed = self.wheel.deadline(timers::stream_slot(r.key)).is_some();
+                if !armed || self.streams.get(r).is_some_and(Stream::timer_roomless) {
+                    self.touch_stream(r);
+                }
+                return;
+            }
+        }
         // Room again: take what the producer has been holding back, or
         // answer pipelined requests that waited for the answers before.
         if link.conn.pending_len() < self.cfg.high_water() / 2 {
@@ -439,38 +495,34 @@ impl<S> Engine<S> {
             expired.clear();
             self.expired_next = 0;
             self.wheel.poll(now_ms, &mut expired);
-            // Connections first: a client that stopped reading ends its
-            // stream as a slow consumer before the stream's own timers run.
-            // (Streams alone, the usual tick, need no order.)
-            if expired.iter().any(|k| k & STREAM_TIMER == 0) {
-                expired.sort_unstable();
+            // Connections first (in the order they came), so a client that
+            // stopped reading ends its stream as a slow consumer before the
+            // stream's own timers run. (Streams alone, the usual tick, need
+            // no order.)
+            if expired.iter().any(|&s| s & 1 == 0) {
+                let conns = &self.conns;
+                expired.sort_unstable_by_key(|&s| {
+                    let serial = conns.get(s / 2).map_or(u32::MAX, |l| l.serial);
+                    (s & 1, if s & 1 == 0 { serial } else { 0 }, s)
+                });
             }
         }
-        // One slice; an entry made stale meanwhile is skipped below.
+        // One slice. A slot armed again meanwhile, or whose connection or
+        // stream is gone, is skipped (its new deadline stands).
         let end = expired.len().min(self.expired_next + TIMER_SLICE);
         let slice = self.expired_next..end;
         self.expired_next = end;
-        for &k in &expired[slice] {
-            if k & STREAM_TIMER == 0 {
-                let (key, serial) = ((k & 0xffff_ffff) as usize, (k >> 32) as u32);
-                match self.conns.get_mut(key) {
-                    Some(l) if l.serial == serial => l.timer = None,
-                    _ => continue,
+        for &slot in &expired[slice] {
+            if self.wheel.deadline(slot).is_some() {
+                continue;
+            }
+            let key = slot / 2;
+            if slot & 1 == 0 {
+                if self.conns.contains(key) {
+                    self.conn_timeout(svc, key, now);
                 }
-                self.conn_timeout(svc, key, now);
-            } else {
-                let key = (k & 0xffff_ffff) as usize;
-                let id32 = ((k >> 32) & 0x7fff_ffff) as u32;
-                let Some(s) = self.streams.by_key(key) else {
-                    continue;
-                };
-                if (s.id() & 0x7fff_ffff) as u32 != id32 {
-                    continue;
-                }
+            } else if let Some(s) = self.streams.by_key(key) {
                 let r = StreamRef { key, id: s.id() };
-                if let Some(t) = self.stream_timers.get_mut(key) {
-                    t.armed = None;
-                }
                 self.stream_timeout(svc, r, now, now_ms);
             }
         }
@@ -804,7 +856,7 @@ mod services;
 mod sim_services;
 mod timers;
 
-use timers::{ns_since, tick_of, StreamTimer};
+use timers::{conn_slot, ns_since};
 
 pub use intake::ROUTE_BUDGET;
 

@@ -124,12 +124,6 @@ impl<S> Engine<S> {
         link.meta = Some(Box::new(meta));
         let inserted = self.streams.insert(stream);
         debug_assert_eq!(inserted, r);
-        let limit = super::tick_of(self.epoch, now + self.cfg.max_stream());
-        let slot = self.stream_timers.insert(super::timers::StreamTimer {
-            limit,
-            ..Default::default()
-        });
-        debug_assert_eq!(slot, r.key);
         self.relays.insert(r, quiet_miss);
         self.touch_stream(r);
         Ok(())

@@ -8,22 +8,20 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Engine, STREAM_TIMER};
+use super::Engine;
 use crate::stream::{duration_ns, StreamRef};
-use crate::timer::TimerId;
 
-/// A stream's wheel entry, and how its deadline was last computed.
-#[derive(Debug, Default, Clone, Copy)]
-pub(super) struct StreamTimer {
-    pub armed: Option<(TimerId, u64)>,
-    /// The deadline was computed while its subscriber had no room (so it
-    /// left out the next simulated token): room coming back must re-arm.
-    /// Otherwise nothing a connection does can make the deadline earlier,
-    /// and touching the connection need not touch the stream.
-    pub roomless: bool,
-    /// The tick of the stream's time limit (`--max-stream-ms`), which
-    /// never moves.
-    pub limit: u64,
+/// The wheel slot of connection `key` (connections and streams share the
+/// wheel: even slots are connections, odd ones streams).
+#[inline]
+pub(super) fn conn_slot(key: usize) -> usize {
+    key * 2
+}
+
+/// The wheel slot of the stream in table slot `key`.
+#[inline]
+pub(super) fn stream_slot(key: usize) -> usize {
+    key * 2 + 1
 }
 
 impl<S> Engine<S> {
@@ -36,15 +34,19 @@ impl<S> Engine<S> {
     }
 
     /// Re-arms `key`'s stream if the connection may have made its
+    /// deadline earlier: its entry is not armed, or its deadline was
+    /// computed while its subscriber had no room (so it left out the next
+    /// simulated token). Otherwise nothing a connection does can make the
     /// deadline earlier.
     pub(super) fn touch_sub(&mut self, key: usize) {
         let Some(r) = self.conns.get(key).and_then(|l| l.sub) else {
             return;
         };
+        let armed = self.wheel.deadline(stream_slot(r.key)).is_some();
         if self
-            .stream_timers
-            .get(r.key)
-            .is_some_and(|t| t.armed.is_none() || t.roomless)
+            .streams
+            .get(r)
+            .is_some_and(|s| !armed || s.timer_roomless())
         {
             self.touch_stream(r);
         }
@@ -78,20 +80,19 @@ impl<S> Engine<S> {
             .conn
             .next_deadline(&self.cfg)
             .map(|d| tick_of(self.epoch, d));
-        let wheel_key = (u64::from(link.serial) << 32) | key as u64;
-        match (want, link.timer) {
-            (None, Some((id, _))) => {
-                self.wheel.cancel(id);
-                link.timer = None;
+        self.rearm(conn_slot(key), want);
+    }
+
+    /// Arms `slot` for tick `want` unless it is armed at or before it (it
+    /// fires, finds the real deadline later, and re-arms then: lazy
+    /// re-arming); `None` disarms it.
+    #[inline]
+    pub(super) fn rearm(&mut self, slot: usize, want: Option<u64>) {
+        match want {
+            Some(at) => self.wheel.arm_by(slot, at),
+            None => {
+                self.wheel.disarm(slot);
             }
-            (Some(at), Some((id, armed))) if at < armed => {
-                self.wheel.cancel(id);
-                link.timer = Some((self.wheel.insert(at, wheel_key), at));
-            }
-            (Some(at), None) => link.timer = Some((self.wheel.insert(at, wheel_key), at)),
-            // Armed at or before the deadline: it fires, finds the real
-            // deadline later, and re-arms then (lazy re-arming).
-            _ => {}
         }
     }
 
@@ -142,31 +143,18 @@ impl<S> Engine<S> {
         room: bool,
         limited: bool,
     ) {
-        let Some(slot) = self.stream_timers.get_mut(r.key) else {
+        let Some(stream) = self.streams.get_mut(r) else {
             return;
         };
+        stream.set_timer_roomless(!room);
         let want = want.map(|w| {
-            let t = tick_of_ns(w);
             if limited {
-                t.min(slot.limit)
+                tick_of_ns(w.min(stream.time_limit(&self.cfg)))
             } else {
-                t
+                tick_of_ns(w)
             }
         });
-        slot.roomless = !room;
-        let wheel_key = STREAM_TIMER | ((r.id & 0x7fff_ffff) << 32) | r.key as u64;
-        match (want, slot.armed) {
-            (None, Some((id, _))) => {
-                self.wheel.cancel(id);
-                slot.armed = None;
-            }
-            (Some(at), Some((id, armed))) if at < armed => {
-                self.wheel.cancel(id);
-                slot.armed = Some((self.wheel.insert(at, wheel_key), at));
-            }
-            (Some(at), None) => slot.armed = Some((self.wheel.insert(at, wheel_key), at)),
-            _ => {}
-        }
+        self.rearm(stream_slot(r.key), want);
     }
 }
 

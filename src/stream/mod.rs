@@ -197,6 +197,9 @@ pub struct Stream {
     remote_sub: bool,
     /// A relay waiting for the store to say whether the stream exists.
     awaiting: bool,
+    /// The engine's note: its timer was armed while its subscriber had no
+    /// room (so without the next simulated token).
+    timer_roomless: bool,
 }
 
 /// A stream's place in the shared resume store.
@@ -255,7 +258,17 @@ impl Stream {
             stored: Stored::No,
             remote_sub: false,
             awaiting: false,
+            timer_roomless: false,
         }
+    }
+
+    /// Whether its timer was armed while its subscriber had no room.
+    pub fn timer_roomless(&self) -> bool {
+        self.timer_roomless
+    }
+
+    pub fn set_timer_roomless(&mut self, roomless: bool) {
+        self.timer_roomless = roomless;
     }
 
     /// Adds a stage at the end of the chain (closest to the encoder).
@@ -860,10 +873,15 @@ pub const MAX_LOOPS: usize = 64;
 /// or a stop by id arriving on another loop finds its owner
 /// ([`loop_of_sid`]); 122 random bits remain.
 pub fn sid_for_loop(index: usize) -> Box<str> {
-    let mut sid = random_sid().into_string().into_bytes();
+    let mut sid = random_sid_bytes();
     sid[0] = SID_ALPHABET[index % MAX_LOOPS];
-    // Only characters of the alphabet: still UTF-8.
-    String::from_utf8(sid).unwrap_or_default().into()
+    sid_str(&sid)
+}
+
+/// 22 characters of the alphabet as a string (one allocation).
+fn sid_str(sid: &[u8; 22]) -> Box<str> {
+    // Only characters of the alphabet: always UTF-8.
+    std::str::from_utf8(sid).unwrap_or_default().into()
 }
 
 /// The event loop a stream id names (its first character), if any.
@@ -877,6 +895,10 @@ pub fn loop_of_sid(sid: &str) -> Option<usize> {
 /// are read 4 KiB at a time per thread: one `getrandom` call serves 256
 /// ids.
 pub fn random_sid() -> Box<str> {
+    sid_str(&random_sid_bytes())
+}
+
+fn random_sid_bytes() -> [u8; 22] {
     const ALPHABET: &[u8; 64] = SID_ALPHABET;
     thread_local! {
         static POOL: std::cell::RefCell<([u8; 4096], usize)> =
@@ -896,10 +918,7 @@ pub fn random_sid() -> Box<str> {
         *used += 16;
         u128::from_le_bytes(bytes)
     });
-    (0..22)
-        .map(|i| ALPHABET[((v >> (6 * i)) & 63) as usize] as char)
-        .collect::<String>()
-        .into()
+    std::array::from_fn(|i| ALPHABET[((v >> (6 * i)) & 63) as usize])
 }
 
 /// Fills `buf` from the kernel's random source.
