@@ -47,14 +47,27 @@ pub fn classify(format: Format, ev: &Event) -> Kind {
 fn native(ev: &Event) -> Kind {
     match ev.name.as_str() {
         "token" => {
-            let chars = serde_json::from_str::<Value>(&ev.data)
-                .ok()
-                .and_then(|v| {
-                    v.get("t")
-                        .and_then(Value::as_str)
-                        .map(|t| t.chars().count())
-                })
-                .unwrap_or(0);
+            // `{"t": …}` into a borrowed field (no tree, no allocation
+            // unless the text has escapes): the harness reads millions.
+            #[derive(serde::Deserialize)]
+            struct Token<'a> {
+                #[serde(borrow)]
+                t: Option<std::borrow::Cow<'a, str>>,
+            }
+            // The usual frame, `{"t":"text"}` with nothing escaped, is
+            // counted without a parser.
+            let plain = ev
+                .data
+                .strip_prefix("{\"t\":\"")
+                .and_then(|d| d.strip_suffix("\"}"))
+                .filter(|t| !t.contains(['"', '\\']));
+            let chars = match plain {
+                Some(t) => t.chars().count(),
+                None => serde_json::from_str::<Token>(&ev.data)
+                    .ok()
+                    .and_then(|v| v.t.map(|t| t.chars().count()))
+                    .unwrap_or(0),
+            };
             if chars > 0 {
                 Kind::Token { chars }
             } else {
@@ -153,6 +166,23 @@ mod tests {
             classify(n, &ev("token", r#"{"t":""}"#)),
             Kind::Other { finish: false }
         );
+        // Escapes, other fields and other layouts go through the parser.
+        for (data, chars) in [
+            (r#"{"t":"a\"b"}"#, 3),
+            (r#"{"t":"\u00e9"}"#, 1),
+            (r#"{ "t": "ab" }"#, 2),
+            (r#"{"x":1,"t":"abc"}"#, 3),
+            (r#"{"t":"a","x":"b"}"#, 1),
+            (r#"{"t":1}"#, 0),
+            ("not json", 0),
+        ] {
+            let want = if chars > 0 {
+                Kind::Token { chars }
+            } else {
+                Kind::Other { finish: false }
+            };
+            assert_eq!(classify(n, &ev("token", data)), want, "{data}");
+        }
         assert_eq!(
             classify(n, &ev("heartbeat", r#"{"phase":"queued"}"#)),
             Kind::Heartbeat

@@ -123,7 +123,6 @@ pub struct Exchange {
     payload: Vec<u8>,
     error_body: Vec<u8>,
     sse: Parser,
-    events: Vec<Event>,
     finish_seen: bool,
     terminal: bool,
     last_token: Option<Instant>,
@@ -145,7 +144,6 @@ impl Exchange {
             payload: Vec::new(),
             error_body: Vec::new(),
             sse: Parser::new(),
-            events: Vec::new(),
             finish_seen: false,
             terminal: false,
             last_token: None,
@@ -204,9 +202,10 @@ impl Exchange {
             self.rec.first_byte.get_or_insert(now);
             if self.rec.status == Some(200) {
                 let payload = std::mem::take(&mut self.payload);
-                self.sse.feed(&payload, &mut self.events);
+                let mut sse = std::mem::take(&mut self.sse);
+                sse.feed_with(&payload, &mut |ev| self.on_event(ev, now));
+                self.sse = sse;
                 self.payload = payload;
-                self.take_events(now);
             } else if self.error_body.len() < 4096 {
                 self.error_body.extend_from_slice(&self.payload);
             }
@@ -271,10 +270,10 @@ impl Exchange {
         Step::Finished { keep_alive }
     }
 
-    fn take_events(&mut self, now: Instant) {
-        for ev in self.events.drain(..) {
+    fn on_event(&mut self, ev: &Event, now: Instant) {
+        {
             if self.terminal {
-                break;
+                return;
             }
             let kind = classify(self.format, &ev);
             if self.token_limit.is_some_and(|k| self.rec.tokens >= k)
@@ -282,7 +281,7 @@ impl Exchange {
             {
                 // The client is leaving; only an end that already arrived
                 // in the same read still counts (the server saw it finish).
-                continue;
+                return;
             }
             if self.rec.first_event.is_none() {
                 self.rec.first_event = Some(now);
@@ -324,7 +323,6 @@ impl Exchange {
                 }
             }
         }
-        self.events.clear();
     }
 }
 

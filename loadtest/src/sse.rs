@@ -22,10 +22,10 @@ pub struct Parser {
     line: Vec<u8>,
     /// The previous byte was a CR that ended a line.
     after_cr: bool,
-    name: String,
-    data: String,
+    /// The event being read (its strings reused from event to event, so a
+    /// steady stream allocates nothing per event).
+    ev: Event,
     has_data: bool,
-    id: Option<String>,
     /// Comment lines seen (`: keep-alive` heartbeats of OpenAI-style servers).
     pub comments: u64,
 }
@@ -35,8 +35,14 @@ impl Parser {
         Self::default()
     }
 
-    /// Feeds bytes; complete events are appended to `out`.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<Event>) {
+    /// Feeds bytes; complete events are appended to `out` (for tests).
+    #[cfg(test)]
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<Event>) {
+        self.feed_with(input, &mut |e| out.push(e.clone()));
+    }
+
+    /// Feeds bytes; `on_event` sees each complete event as it ends.
+    pub fn feed_with(&mut self, mut input: &[u8], on_event: &mut dyn FnMut(&Event)) {
         if self.after_cr && !input.is_empty() {
             self.after_cr = false;
             if input.first() == Some(&b'\n') {
@@ -44,7 +50,7 @@ impl Parser {
             }
         }
         while !input.is_empty() {
-            match input.iter().position(|&b| b == b'\n' || b == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', input) {
                 None => {
                     self.push_line_bytes(input);
                     return;
@@ -60,7 +66,7 @@ impl Parser {
                             input = &input[1..];
                         }
                     }
-                    self.end_line(out);
+                    self.end_line(on_event);
                 }
             }
         }
@@ -71,19 +77,15 @@ impl Parser {
         self.line.extend_from_slice(&b[..b.len().min(room)]);
     }
 
-    fn end_line(&mut self, out: &mut Vec<Event>) {
+    fn end_line(&mut self, on_event: &mut dyn FnMut(&Event)) {
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
             if self.has_data {
-                out.push(Event {
-                    name: std::mem::take(&mut self.name),
-                    data: std::mem::take(&mut self.data),
-                    id: self.id.take(),
-                });
-            } else {
-                self.name.clear();
-                self.id = None;
+                on_event(&self.ev);
+                self.ev.data.clear();
             }
+            self.ev.name.clear();
+            self.ev.id = None;
             self.has_data = false;
         } else if line[0] == b':' {
             self.comments += 1;
@@ -95,17 +97,28 @@ impl Parser {
                 }
                 None => (&line[..], &b""[..]),
             };
-            let value = String::from_utf8_lossy(value);
+            // Valid UTF-8 (the usual case) is borrowed, not copied.
+            // ASCII (the usual case) is borrowed as it is, without UTF-8
+            // validation's per-character work.
+            let value = if value.is_ascii() {
+                // SAFETY: ASCII bytes are valid UTF-8.
+                std::borrow::Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(value) })
+            } else {
+                String::from_utf8_lossy(value)
+            };
             match field {
                 b"data" => {
                     if self.has_data {
-                        self.data.push('\n');
+                        self.ev.data.push('\n');
                     }
-                    self.data.push_str(&value);
+                    self.ev.data.push_str(&value);
                     self.has_data = true;
                 }
-                b"event" => self.name = value.into_owned(),
-                b"id" if !value.contains('\0') => self.id = Some(value.into_owned()),
+                b"event" => {
+                    self.ev.name.clear();
+                    self.ev.name.push_str(&value);
+                }
+                b"id" if !value.contains('\0') => self.ev.id = Some(value.into_owned()),
                 _ => {}
             }
         }
