@@ -275,7 +275,7 @@ impl Exchange {
             if self.terminal {
                 return;
             }
-            let kind = classify(self.format, &ev);
+            let kind = classify(self.format, ev);
             if self.token_limit.is_some_and(|k| self.rec.tokens >= k)
                 && !matches!(kind, Kind::Done { .. } | Kind::Error { .. })
             {
