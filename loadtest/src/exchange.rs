@@ -271,56 +271,54 @@ impl Exchange {
     }
 
     fn on_event(&mut self, ev: &Event, now: Instant) {
+        if self.terminal {
+            return;
+        }
+        let kind = classify(self.format, ev);
+        if self.token_limit.is_some_and(|k| self.rec.tokens >= k)
+            && !matches!(kind, Kind::Done { .. } | Kind::Error { .. })
         {
-            if self.terminal {
-                return;
+            // The client is leaving; only an end that already arrived
+            // in the same read still counts (the server saw it finish).
+            return;
+        }
+        if self.rec.first_event.is_none() {
+            self.rec.first_event = Some(now);
+        }
+        if let Some(id) = &ev.id {
+            if let Some((stream, seq)) = id.rsplit_once(':') {
+                if let Ok(seq) = seq.parse() {
+                    self.rec.seqs.push(seq);
+                }
+                let _ = stream;
             }
-            let kind = classify(self.format, ev);
-            if self.token_limit.is_some_and(|k| self.rec.tokens >= k)
-                && !matches!(kind, Kind::Done { .. } | Kind::Error { .. })
-            {
-                // The client is leaving; only an end that already arrived
-                // in the same read still counts (the server saw it finish).
-                return;
-            }
-            if self.rec.first_event.is_none() {
-                self.rec.first_event = Some(now);
-            }
-            if let Some(id) = &ev.id {
-                if let Some((stream, seq)) = id.rsplit_once(':') {
-                    if let Ok(seq) = seq.parse() {
-                        self.rec.seqs.push(seq);
+            self.rec.last_event_id = Some(id.clone());
+        }
+        match kind {
+            Kind::Token { .. } => {
+                self.rec.tokens += 1;
+                self.rec.first_token.get_or_insert(now);
+                match self.last_token {
+                    None => {}
+                    Some(prev) => {
+                        let gap = now.saturating_duration_since(prev).as_micros();
+                        self.rec.gaps_us.push(gap.min(u32::MAX as u128) as u32);
                     }
-                    let _ = stream;
                 }
-                self.rec.last_event_id = Some(id.clone());
+                self.last_token = Some(now);
             }
-            match kind {
-                Kind::Token { .. } => {
-                    self.rec.tokens += 1;
-                    self.rec.first_token.get_or_insert(now);
-                    match self.last_token {
-                        None => {}
-                        Some(prev) => {
-                            let gap = now.saturating_duration_since(prev).as_micros();
-                            self.rec.gaps_us.push(gap.min(u32::MAX as u128) as u32);
-                        }
-                    }
-                    self.last_token = Some(now);
-                }
-                Kind::Other { finish } => self.finish_seen |= finish,
-                Kind::Heartbeat => {}
-                Kind::Done { server_ttft_ms } => {
-                    self.rec.server_ttft_ms = server_ttft_ms;
-                    self.rec.outcome = Outcome::Done;
-                    self.rec.end = Some(now);
-                    self.terminal = true;
-                }
-                Kind::Error { code } => {
-                    self.rec.outcome = Outcome::Error(code);
-                    self.rec.end = Some(now);
-                    self.terminal = true;
-                }
+            Kind::Other { finish } => self.finish_seen |= finish,
+            Kind::Heartbeat => {}
+            Kind::Done { server_ttft_ms } => {
+                self.rec.server_ttft_ms = server_ttft_ms;
+                self.rec.outcome = Outcome::Done;
+                self.rec.end = Some(now);
+                self.terminal = true;
+            }
+            Kind::Error { code } => {
+                self.rec.outcome = Outcome::Error(code);
+                self.rec.end = Some(now);
+                self.terminal = true;
             }
         }
     }
