@@ -43,8 +43,29 @@ const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(1);
 /// string (it may carry a prompt) and no header values.
 #[derive(Debug, Clone, Default)]
 pub struct ReqLine {
-    pub method: String,
-    pub path: String,
+    /// The method then the path, in one allocation.
+    text: Box<str>,
+    method_len: u32,
+}
+
+impl ReqLine {
+    pub fn new(method: &str, path: &str) -> ReqLine {
+        let mut text = String::with_capacity(method.len() + path.len());
+        text.push_str(method);
+        text.push_str(path);
+        ReqLine {
+            text: text.into(),
+            method_len: method.len() as u32,
+        }
+    }
+
+    pub fn method(&self) -> &str {
+        &self.text[..self.method_len as usize]
+    }
+
+    pub fn path(&self) -> &str {
+        &self.text[self.method_len as usize..]
+    }
 }
 
 /// What [`Conn::parse`] found at the start of the unread input.
@@ -370,10 +391,7 @@ impl Conn {
                 }
                 if let Some(h) = self.reader.head() {
                     self.answering_head = h.method == Method::Head;
-                    let line = ReqLine {
-                        method: h.method_str.clone(),
-                        path: h.path.clone(),
-                    };
+                    let line = ReqLine::new(h.method_str(), h.path());
                     let origin = h.header("origin").map(str::to_string);
                     self.body_of = Some(Box::new((line, origin)));
                 }
@@ -391,10 +409,7 @@ impl Conn {
                 self.body_of = None;
                 self.answering_head = request.method == Method::Head;
                 self.current = Some(Box::new((
-                    ReqLine {
-                        method: request.method_str.clone(),
-                        path: request.path.clone(),
-                    },
+                    ReqLine::new(request.method_str(), request.path()),
                     since,
                 )));
                 Some(Parsed::Request(request))
@@ -411,7 +426,7 @@ impl Conn {
                 // The access log's duration runs from the first byte.
                 let since = self.head_started.unwrap_or(now);
                 self.drop_request();
-                self.answering_head = line.as_ref().is_some_and(|l| l.method == "HEAD");
+                self.answering_head = line.as_ref().is_some_and(|l| l.method() == "HEAD");
                 if let Some(l) = &line {
                     self.current = Some(Box::new((l.clone(), since)));
                 }
@@ -578,10 +593,7 @@ impl Conn {
                             let since = self.head_started.unwrap_or(self.read_since);
                             let line = match &self.body_of {
                                 Some(b) => b.0.clone(),
-                                None => ReqLine {
-                                    method: "-".into(),
-                                    path: "-".into(),
-                                },
+                                None => ReqLine::new("-", "-"),
                             };
                             self.current = Some(Box::new((line, since)));
                             Expired::RequestTimeout
@@ -763,12 +775,12 @@ fn peek_head(input: &[u8]) -> Option<(ReqLine, Option<String>)> {
         _ if req.path.is_some() => {}
         _ => return None,
     }
-    let path = req.path?.split('?').next().unwrap_or_default().to_string();
+    let path = req.path?.split('?').next().unwrap_or_default();
     let origin = req
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("origin"))
         .map(|h| String::from_utf8_lossy(h.value).into_owned());
-    let method = req.method.unwrap_or("-").to_string();
-    Some((ReqLine { method, path }, origin))
+    let method = req.method.unwrap_or("-");
+    Some((ReqLine::new(method, path), origin))
 }

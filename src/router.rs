@@ -103,7 +103,7 @@ pub fn route(cfg: &Config, auth: &Auth, sid: &str, req: &Request) -> (Meta, Answ
         },
         version: req.version,
         keep_alive: req.keep_alive,
-        shape: Shape::for_path(&req.path),
+        shape: Shape::for_path(req.path()),
         cors: cors_headers(cfg, req.header("origin")),
         principal: None,
     };
@@ -127,7 +127,7 @@ pub fn route(cfg: &Config, auth: &Auth, sid: &str, req: &Request) -> (Meta, Answ
 /// `/v1/…` needs an API key when keys are set; `/metrics` needs
 /// `--metrics-key` when it is set; the rest is open.
 fn authorize(auth: &Auth, req: &Request) -> Result<Option<Box<str>>, &'static str> {
-    let path = req.path.as_str();
+    let path = req.path();
     let keys = if path.starts_with("/v1/") && !auth.keys.is_empty() {
         &*auth.keys
     } else if path == "/metrics" {
@@ -142,7 +142,7 @@ fn authorize(auth: &Auth, req: &Request) -> Result<Option<Box<str>>, &'static st
     // EventSource cannot set headers.
     let query_token = (req.method == Method::Get && is_stream_get(path))
         .then(|| {
-            crate::http::parse_query(req.query.as_deref().unwrap_or(""))
+            crate::http::parse_query(req.query().unwrap_or(""))
                 .into_iter()
                 .find(|(k, _)| k == "access_token")
                 .map(|(_, v)| v)
@@ -170,7 +170,7 @@ fn is_stream_get(path: &str) -> bool {
 }
 
 fn answer(cfg: &Config, sid: &str, req: &Request, meta: &Meta) -> Answer {
-    let path = req.path.as_str();
+    let path = req.path();
     if req.method == Method::Options && !cfg.cors_origin.is_empty() {
         return preflight(req, meta);
     }
@@ -303,7 +303,8 @@ fn preflight(req: &Request, meta: &Meta) -> Answer {
 fn method_not_allowed(req: &Request, meta: &Meta, allow: &'static str) -> Answer {
     let msg = format!(
         "{} is not allowed on {}; use {allow}",
-        req.method_str, req.path
+        req.method_str(),
+        req.path()
     );
     let mut reply = error_reply(meta.shape, 405, "method_not_allowed", &msg);
     reply.headers.push(("Allow", allow.into()));
@@ -324,7 +325,7 @@ fn parse_last_event_id(v: &str) -> (String, u64) {
 /// `GET /v1/chat/stream/<id>?after=<seq>` (`after` defaults to 0).
 fn resume_by_path(req: &Request, meta: &Meta, sid: &str) -> Answer {
     let mut after = 0;
-    for (k, v) in crate::http::parse_query(req.query.as_deref().unwrap_or("")) {
+    for (k, v) in crate::http::parse_query(req.query().unwrap_or("")) {
         match (k.as_str(), v.parse()) {
             ("after", Ok(n)) => after = n,
             ("after", Err(_)) => {
@@ -354,7 +355,7 @@ fn stream_request(cfg: &Config, req: &Request, meta: &Meta) -> Answer {
     let parsed = if req.method == Method::Post {
         api::parse_body(&req.body, cfg.max_tokens_limit)
     } else {
-        api::parse_query_request(req.query.as_deref(), cfg.max_tokens_limit)
+        api::parse_query_request(req.query(), cfg.max_tokens_limit)
     };
     match parsed {
         Ok(NativeRequest { mut gen, stream }) => {

@@ -239,9 +239,7 @@ impl Services for Shared {
 
     fn responded(&mut self, a: &Access) {
         let peer = a.peer.map(|p| p.to_string()).unwrap_or_default();
-        let (method, path) = a
-            .line
-            .map_or(("-", "-"), |l| (l.method.as_str(), l.path.as_str()));
+        let (method, path) = a.line.map_or(("-", "-"), |l| (l.method(), l.path()));
         log::info!(
             target: crate::logging::ACCESS,
             "{method} {path} {} request_id={} peer={peer} principal={} duration_ms={:.3}",
@@ -277,8 +275,8 @@ impl Services for Shared {
         log::info!(
             target: crate::logging::ACCESS,
             "{} {} {} request_id={} peer={peer} principal={} stream={} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
-            s.line.method,
-            s.line.path,
+            s.line.method(),
+            s.line.path(),
             e.status,
             s.request_id,
             s.principal.as_deref().unwrap_or("-"),

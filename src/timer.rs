@@ -122,7 +122,7 @@ impl TimerWheel {
     /// Arms `slot` for `deadline_ms` unless it is armed already for that
     /// moment or earlier (lazy re-arming: an early entry fires, finds
     /// nothing due, and is armed again then).
-    #[inline]
+    #[inline(always)]
     pub fn arm_by(&mut self, slot: usize, deadline_ms: u64) {
         match self.nodes.get(slot) {
             Some(n) if n.list != NIL && n.deadline <= deadline_ms => {}

@@ -95,7 +95,8 @@ impl Services for Fake {
     }
 
     fn stream_ended(&mut self, e: &Ended) {
-        self.access.push((e.status, e.summary.line.path.clone()));
+        self.access
+            .push((e.status, e.summary.line.path().to_string()));
         self.ended.push(e.summary.clone());
     }
 
@@ -121,8 +122,10 @@ impl Services for Fake {
 
     fn responded(&mut self, a: &Access) {
         self.durations.push(a.duration);
-        self.access
-            .push((a.status, a.line.map(|l| l.path.clone()).unwrap_or_default()));
+        self.access.push((
+            a.status,
+            a.line.map(|l| l.path().to_string()).unwrap_or_default(),
+        ));
     }
 }
 

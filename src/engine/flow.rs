@@ -99,21 +99,20 @@ impl<S> Engine<S> {
     /// resumable stream goes on into its replay log.
     pub(super) fn pump(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
         let now_ns = self.ns(now);
-        let awaiting = match self.streams.get(r) {
-            Some(s) => s.is_awaiting(),
-            None => return,
-        };
-        if awaiting && !self.relay_ready(svc, r, now) {
+        let Some(stream) = self.streams.get_mut(r) else {
             return;
+        };
+        if stream.is_awaiting() {
+            if !self.relay_ready(svc, r, now) {
+                return;
+            }
+            return self.pump(svc, r, now);
         }
         let hwm = self.cfg.high_water();
         let scx = StreamCx {
             now_ns,
             cfg: &self.cfg,
             metrics: &self.metrics,
-        };
-        let Some(stream) = self.streams.get_mut(r) else {
-            return;
         };
         let logged = stream.log_bytes();
         let logging = logged != 0 || stream.is_resumable();
@@ -199,11 +198,16 @@ impl<S> Engine<S> {
         now: Instant,
         now_ms: u64,
     ) {
-        let scx = self.stream_scx(now);
+        let now_ns = self.ns(now);
+        let scx = StreamCx {
+            now_ns,
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+        };
         let Some(stream) = self.streams.get(r) else {
             return;
         };
-        if stream.retention_over(self.ns(now)) {
+        if stream.retention_over(now_ns) {
             return self.remove_stream(r);
         }
         // Nothing can have expired before the time limit's tick for a
@@ -219,7 +223,7 @@ impl<S> Engine<S> {
         // The pump re-arms the stream's timer (or ends it).
         self.pump(svc, r, now);
         let scx = StreamCx {
-            now_ns: self.ns(now),
+            now_ns,
             cfg: &self.cfg,
             metrics: &self.metrics,
         };

@@ -160,10 +160,10 @@ impl<S> Engine<S> {
 /// and body framing (resume and cancel do not read a body).
 fn request_bytes(req: &Request) -> Vec<u8> {
     let mut b = Vec::with_capacity(256);
-    b.extend_from_slice(req.method_str.as_bytes());
+    b.extend_from_slice(req.method_str().as_bytes());
     b.push(b' ');
-    b.extend_from_slice(req.path.as_bytes());
-    if let Some(q) = &req.query {
+    b.extend_from_slice(req.path().as_bytes());
+    if let Some(q) = req.query() {
         b.push(b'?');
         b.extend_from_slice(q.as_bytes());
     }
@@ -171,11 +171,8 @@ fn request_bytes(req: &Request) -> Vec<u8> {
         Version::Http10 => b" HTTP/1.0\r\n",
         Version::Http11 => b" HTTP/1.1\r\n",
     });
-    for (name, value) in &req.headers {
-        if matches!(
-            name.as_str(),
-            "content-length" | "transfer-encoding" | "expect"
-        ) {
+    for (name, value) in req.headers() {
+        if matches!(name, "content-length" | "transfer-encoding" | "expect") {
             continue;
         }
         b.extend_from_slice(name.as_bytes());

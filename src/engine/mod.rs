@@ -39,7 +39,7 @@ use crate::outbuf::BufPool;
 use crate::redact::Redactor;
 use crate::router::{self, Answer, Meta, Reply};
 use crate::sse::{ErrorCode, StreamError};
-use crate::stream::{Detach, End, Stream, StreamCx, StreamRef, StreamTable};
+use crate::stream::{Detach, End, Stream, StreamRef, StreamTable};
 use crate::timer::TimerWheel;
 
 pub use loops::Handoff;
@@ -586,14 +586,6 @@ impl<S> Engine<S> {
         t.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    fn stream_scx(&self, now: Instant) -> StreamCx<'_> {
-        StreamCx {
-            now_ns: self.ns(now),
-            cfg: &self.cfg,
-            metrics: &self.metrics,
-        }
-    }
-
     /// After a connection's state changed: a closed one's stream is detached.
     fn after_conn_change(&mut self, svc: &mut dyn Services, key: usize, now: Instant) {
         if let Some(link) = self.conns.get_mut(key) {
@@ -651,7 +643,7 @@ impl<S> Engine<S> {
                 Some(Parsed::Bad { err, line, origin }) => {
                     self.metrics.requests.fetch_add(1, Relaxed);
                     let rid = format!("{:x}", svc.next_id());
-                    let path = line.as_ref().map(|l| l.path.as_str());
+                    let path = line.as_ref().map(|l| l.path());
                     let limits = self.cfg.limits();
                     let (meta, reply) =
                         router::bad_request(&self.cfg, rid, &err, path, origin.as_deref(), &limits);

@@ -168,8 +168,8 @@ impl<S> Engine<S> {
         log::info!(
             target: crate::logging::ACCESS,
             "{} {} 200 request_id={} resume stream={} from=store",
-            line.method,
-            line.path,
+            line.method(),
+            line.path(),
             meta.request_id,
             stream.sid()
         );

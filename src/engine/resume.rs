@@ -128,8 +128,8 @@ impl<S> Engine<S> {
         log::info!(
             target: crate::logging::ACCESS,
             "{} {} 200 request_id={} resume stream={sid} after={after}",
-            line.method,
-            line.path,
+            line.method(),
+            line.path(),
             meta.request_id
         );
         let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", sid))

@@ -96,28 +96,99 @@ pub enum Version {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub method: Method,
-    /// The method as sent, for logs and 405 messages.
-    pub method_str: String,
-    /// The request target up to the first `?`, not percent-decoded.
-    pub path: String,
-    /// The raw request target after the first `?`, not percent-decoded.
-    pub query: Option<String>,
     pub version: Version,
     /// HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`.
     pub keep_alive: bool,
-    /// Lowercased names, values as lossy UTF-8, in order (all headers, for later features).
-    pub headers: Vec<(String, String)>,
+    /// The head's text in one allocation: the method as sent, the target,
+    /// then each header's lowercased name and its value (lossy UTF-8).
+    text: String,
+    /// Where the method ends and the path, the query (after `?`, if any)
+    /// and the target end in `text`.
+    method_end: u32,
+    path_end: u32,
+    target_end: u32,
+    /// Per header, in order: where its name starts, where its value
+    /// starts (the name's end) and where the value ends, in `text`.
+    fields: Vec<[u32; 3]>,
     /// The body, de-chunked if it was chunked; empty without body framing.
     pub body: Vec<u8>,
 }
 
 impl Request {
+    /// A request from its parts (`headers`: names as given, lowercased
+    /// here). For tests and the connection hand-over; the reader builds
+    /// its requests the same way.
+    pub fn new<'a>(
+        method_str: &str,
+        target: &str,
+        version: Version,
+        keep_alive: bool,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        body: Vec<u8>,
+    ) -> Request {
+        let mut text = String::with_capacity(method_str.len() + target.len() + 64);
+        text.push_str(method_str);
+        let method_end = text.len() as u32;
+        text.push_str(target);
+        let target_end = text.len() as u32;
+        let path_end = target
+            .find('?')
+            .map_or(target_end, |q| method_end + q as u32);
+        let fields = headers
+            .into_iter()
+            .map(|(name, value)| {
+                let start = text.len() as u32;
+                text.push_str(name);
+                text[start as usize..].make_ascii_lowercase();
+                let at = text.len() as u32;
+                text.push_str(&String::from_utf8_lossy(value));
+                [start, at, text.len() as u32]
+            })
+            .collect();
+        Request {
+            method: Method::from_token(method_str),
+            version,
+            keep_alive,
+            text,
+            method_end,
+            path_end,
+            target_end,
+            fields,
+            body,
+        }
+    }
+
+    /// The method as sent, for logs and 405 messages.
+    pub fn method_str(&self) -> &str {
+        &self.text[..self.method_end as usize]
+    }
+
+    /// The request target up to the first `?`, not percent-decoded.
+    pub fn path(&self) -> &str {
+        &self.text[self.method_end as usize..self.path_end as usize]
+    }
+
+    /// The raw request target after the first `?`, not percent-decoded.
+    pub fn query(&self) -> Option<&str> {
+        (self.path_end < self.target_end)
+            .then(|| &self.text[self.path_end as usize + 1..self.target_end as usize])
+    }
+
+    /// Every header (lowercased name, value), in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.fields.iter().map(|&[n, v, e]| {
+            (
+                &self.text[n as usize..v as usize],
+                &self.text[v as usize..e as usize],
+            )
+        })
+    }
+
     /// First header with that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
+        self.headers()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 
     /// The X-Request-Id value if sane: 1..=64 visible ASCII chars (0x21..=0x7E); else None.
@@ -441,14 +512,15 @@ impl RequestReader {
             1 => Version::Http11,
             _ => return Err(HttpError::VersionNotSupported),
         };
-        let headers: Vec<(String, String)> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                let value = String::from_utf8_lossy(h.value).into_owned();
-                (h.name.to_ascii_lowercase(), value)
-            })
-            .collect();
+        let target = origin_form(target);
+        let request = Request::new(
+            method_str,
+            &target,
+            version,
+            true,
+            parsed.headers.iter().map(|h| (h.name, h.value)),
+            Vec::new(),
+        );
 
         let mut content_length: Option<u64> = None;
         let mut transfer_encodings = 0usize;
@@ -457,9 +529,9 @@ impl RequestReader {
         let mut keep_alive_token = false;
         let mut expect_continue = false;
         let mut hosts = 0usize;
-        for (name, value) in &headers {
+        for (name, value) in request.headers() {
             let value = trim_ows(value);
-            match name.as_str() {
+            match name {
                 "content-length" => {
                     let len = parse_content_length(value)?;
                     if content_length.is_some_and(|prev| prev != len) {
@@ -528,25 +600,14 @@ impl RequestReader {
             Framing::Length { total, left: total }
         };
 
-        let target = origin_form(target);
-        let (path, query) = match target.split_once('?') {
-            Some((path, query)) => (path.to_string(), Some(query.to_string())),
-            None => (target.to_string(), None),
-        };
         let keep_alive = match version {
             Version::Http11 => !close,
             Version::Http10 => keep_alive_token && !close,
         };
         let state = BodyState {
             request: Request {
-                method: Method::from_token(method_str),
-                method_str: method_str.to_string(),
-                path,
-                query,
-                version,
                 keep_alive,
-                headers,
-                body: Vec::new(),
+                ..request
             },
             framing,
         };
@@ -777,14 +838,14 @@ mod tests {
         let (req, consumed) = complete(input);
         assert_eq!(consumed, input.len());
         assert_eq!(req.method, Method::Get);
-        assert_eq!(req.method_str, "GET");
-        assert_eq!(req.path, "/v1/stream");
-        assert_eq!(req.query.as_deref(), Some("model=tiny&n=3"));
+        assert_eq!(req.method_str(), "GET");
+        assert_eq!(req.path(), "/v1/stream");
+        assert_eq!(req.query(), Some("model=tiny&n=3"));
         assert_eq!(req.version, Version::Http11);
         assert!(req.keep_alive);
         assert_eq!(req.header("HOST"), Some("x"));
         assert_eq!(req.header("x-request-id"), Some("abc-123"));
-        assert_eq!(req.headers[0], ("host".to_string(), "x".to_string()));
+        assert_eq!(req.headers().next(), Some(("host", "x")));
         assert_eq!(req.client_request_id(), Some("abc-123"));
         assert!(req.body.is_empty());
     }
@@ -806,9 +867,9 @@ mod tests {
             let input = format!("{line}\r\nHost: x\r\n\r\n");
             let (req, _) = complete(input.as_bytes());
             assert_eq!(req.method, method, "{line}");
-            assert_eq!(req.method_str, line.split(' ').next().unwrap(), "{line}");
-            assert_eq!(req.path, path, "{line}");
-            assert_eq!(req.query.as_deref(), query, "{line}");
+            assert_eq!(req.method_str(), line.split(' ').next().unwrap(), "{line}");
+            assert_eq!(req.path(), path, "{line}");
+            assert_eq!(req.query(), query, "{line}");
         }
     }
 
@@ -829,7 +890,7 @@ mod tests {
     fn leading_empty_lines_are_skipped() {
         let input = b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n";
         let (req, consumed) = complete(input);
-        assert_eq!(req.path, "/");
+        assert_eq!(req.path(), "/");
         assert_eq!(consumed, input.len());
     }
 
@@ -984,18 +1045,15 @@ mod tests {
             Ok(ReadStatus::Complete { request, consumed }) => (request, consumed),
             other => panic!("{other:?}"),
         };
-        assert_eq!(
-            (first.path.as_str(), first.body.as_slice()),
-            ("/a", &b"abc"[..])
-        );
+        assert_eq!((first.path(), first.body.as_slice()), ("/a", &b"abc"[..]));
         assert!(input[consumed..].starts_with(b"GET /b"));
         match reader.poll(&input[consumed..], &LIMITS) {
             Ok(ReadStatus::Complete {
                 request,
                 consumed: second,
             }) => {
-                assert_eq!(request.path, "/b");
-                assert_eq!(request.query.as_deref(), Some("x=1"));
+                assert_eq!(request.path(), "/b");
+                assert_eq!(request.query(), Some("x=1"));
                 assert_eq!(consumed + second, input.len());
             }
             other => panic!("{other:?}"),
@@ -1065,7 +1123,7 @@ mod tests {
             }) => assert_eq!(consumed, head.len()),
             other => panic!("{other:?}"),
         }
-        assert_eq!(reader.head().map(|h| h.path.as_str()), Some("/x"));
+        assert_eq!(reader.head().map(|h| h.path()), Some("/x"));
         assert_eq!(reader.body_size(), Some(BodySize::Length(4)));
         assert!(matches!(
             reader.poll(b"", &LIMITS),
@@ -1179,11 +1237,7 @@ mod tests {
         for &(target, path, query) in cases {
             let input = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n");
             let (req, _) = complete(input.as_bytes());
-            assert_eq!(
-                (req.path.as_str(), req.query.as_deref()),
-                (path, query),
-                "{target}"
-            );
+            assert_eq!((req.path(), req.query()), (path, query), "{target}");
         }
     }
 
@@ -1454,7 +1508,7 @@ mod tests {
         assert!(reader.in_progress());
         reader.reset();
         assert!(!reader.in_progress());
-        assert_eq!(reader.head().map(|h| h.path.as_str()), None);
+        assert_eq!(reader.head().map(|h| h.path()), None);
         // A shorter head than last time: the reader starts over instead of misreading.
         let mut reader = RequestReader::new();
         assert!(matches!(

@@ -401,7 +401,7 @@ impl Stream {
     /// [`Stream::next_deadline`] of a stream not ended, without its time
     /// limit (which never moves: the engine keeps it). `NEVER`: only the
     /// time limit.
-    #[inline]
+    #[inline(always)]
     pub fn next_wake(&self, cfg: &Config, room: bool) -> u64 {
         let mut d = self.keep_until;
         if self.streaming && self.sub.is_some() {
