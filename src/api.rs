@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::backend::{GenRequest, Message};
@@ -39,7 +39,7 @@ pub fn parse_body(body: &[u8], max_tokens_limit: u32) -> Result<NativeRequest, S
             from_object(fields, max_tokens_limit)
         }
         // Not an object: valid JSON of another kind, or not JSON at all.
-        Err(e) if e.is_data() => match serde_json::from_slice::<IgnoredAny>(body) {
+        Err(e) if e.is_data() => match serde_json::from_slice::<Value>(body) {
             Ok(_) => Err("the body must be a JSON object".into()),
             Err(e) => Err(format!("the body is not valid JSON: {e}")),
         },

@@ -444,7 +444,8 @@ impl Loop {
             blocked: false,
             read_paused: false,
         };
-        let key = self.engine.adopt(&mut self.shared, io, h, Instant::now());
+        let now = self.clock();
+        let key = self.engine.adopt(&mut self.shared, io, h, now);
         self.service(key);
         self.service_dirty();
     }
@@ -568,7 +569,7 @@ impl Loop {
 
     /// The first call starts the drain; a second one ends it at once.
     fn begin_drain(&mut self) {
-        let now = Instant::now();
+        let now = self.clock();
         match &mut self.drain {
             None => {
                 log::info!(
@@ -696,7 +697,7 @@ impl Loop {
                         blocked: false,
                         read_paused: false,
                     };
-                    let now = Instant::now();
+                    let now = self.clock();
                     let key = self.engine.open(io, Some(peer), now);
                     self.engine.check_peer_limit(&mut self.shared, key, now);
                 }
@@ -727,6 +728,14 @@ impl Loop {
     }
 
     /// A phase of the turn begins: fresh budgets for reading and routing.
+    /// The time now, which is also the turn's time from now on: a write
+    /// is never stamped earlier than the engine call that queued it.
+    fn clock(&mut self) -> Instant {
+        let now = Instant::now();
+        self.now = now;
+        now
+    }
+
     fn new_phase(&mut self) {
         self.read_left = PHASE_READ_BUDGET;
         self.engine.new_phase();
@@ -792,8 +801,8 @@ impl Loop {
         let mut items = Vec::new();
         link.take_inbound(&mut items);
         for item in items {
-            self.engine
-                .handle_inbound(&mut self.shared, item, Instant::now());
+            let now = self.clock();
+            self.engine.handle_inbound(&mut self.shared, item, now);
         }
         self.service_dirty();
     }
@@ -801,7 +810,7 @@ impl Loop {
     fn drain_ready(&mut self) {
         let mut list = std::mem::take(&mut self.ready_list);
         self.shared.ready.take(&mut list);
-        let now = Instant::now();
+        let now = self.clock();
         for &(key, id) in &list {
             self.engine
                 .handle_ready(&mut self.shared, StreamRef { key, id }, now);
@@ -818,8 +827,8 @@ impl Loop {
             io.blocked = false;
         }
         if ev.is_error() {
-            self.engine
-                .handle_reset(&mut self.shared, key, Instant::now());
+            let now = self.clock();
+            self.engine.handle_reset(&mut self.shared, key, now);
         } else if ev.is_readable() || ev.is_read_closed() {
             self.read(key, ev.is_read_closed());
         }
@@ -845,7 +854,7 @@ impl Loop {
             if self.read_left == 0 {
                 break;
             }
-            let now = Instant::now();
+            let now = self.clock();
             let allowance = self.engine.reserve_read(key, SCRATCH);
             let wants = allowance > 0;
             let Some(io) = self.engine.io_mut(key) else {
@@ -909,16 +918,17 @@ impl Loop {
         if self.engine.is_moving(key) {
             return self.move_out(key);
         }
-        // The turn's time does for a write (its write timeout, its
-        // metrics), except where the write ends a time to first token.
-        let now = if self.engine.times_first_token(key) {
-            Instant::now()
-        } else {
-            self.now
-        };
         let sh = &mut self.shared;
+        let mut now = self.now;
         // Flush: one write carries every frame that is ready.
         loop {
+            // The turn's time does for a write (its write timeout, its
+            // metrics), except where the write ends a time to first token
+            // (a pump during the last write may have queued one).
+            if self.engine.times_first_token(key) {
+                now = Instant::now();
+                self.now = now;
+            }
             let Some((io, pending)) = self.engine.io_and_pending(key) else {
                 return;
             };

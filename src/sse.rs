@@ -6,7 +6,7 @@
 //! with a blank line, and JSON never contains a raw newline, so no token can
 //! break a frame.
 
-use crate::wire::{is_json_plain, push3, push_fixed, push_json_inner, push_json_str, push_u64};
+use crate::wire::{escape_slow, needs_escape, push3, push_fixed, push_json_str, push_u64};
 
 /// Why a stream failed; the `code` of an `error` event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,14 +109,18 @@ pub struct DoneInfo<'a> {
 pub fn token(buf: &mut Vec<u8>, text: &str) {
     const HEAD: &[u8] = b"event: token\ndata: {\"t\":\"";
     const TAIL: &[u8] = b"\"}\n\n";
-    if is_json_plain(text.as_bytes()) {
+    let bytes = text.as_bytes();
+    match bytes.iter().position(|&b| needs_escape(b)) {
         // The usual token: nothing to escape, one copy.
-        return push3(buf, HEAD, text.as_bytes(), TAIL);
+        None => push3(buf, HEAD, bytes, TAIL),
+        Some(i) => {
+            buf.reserve(text.len() + 48);
+            buf.extend_from_slice(HEAD);
+            buf.extend_from_slice(&bytes[..i]);
+            escape_slow(buf, &bytes[i..]);
+            buf.extend_from_slice(TAIL);
+        }
     }
-    buf.reserve(text.len() + 32);
-    buf.extend_from_slice(HEAD);
-    push_json_inner(buf, text);
-    buf.extend_from_slice(TAIL);
 }
 
 /// `event: heartbeat` with `{"phase": phase}`.

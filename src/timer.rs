@@ -137,7 +137,7 @@ impl TimerWheel {
             _ => return false,
         }
         self.unlink(slot as u32);
-        self.nodes[slot] = UNARMED;
+        self.nodes[slot].list = NIL;
         self.armed -= 1;
         true
     }
@@ -159,11 +159,12 @@ impl TimerWheel {
         // Everything on the overdue list was due at or before `current`.
         let mut idx = self.heads[OVERDUE as usize];
         while idx != NIL {
-            let next = self.nodes[idx as usize].next;
-            self.nodes[idx as usize] = UNARMED;
+            let n = &mut self.nodes[idx as usize];
+            // Unarmed: only `list` says so (the rest is rewritten on arming).
+            n.list = NIL;
             self.armed -= 1;
             expired.push(idx as usize);
-            idx = next;
+            idx = n.next;
         }
         self.heads[OVERDUE as usize] = NIL;
 
@@ -223,15 +224,30 @@ impl TimerWheel {
     /// Fires the due entries of one list, leaving later rotations in place.
     fn expire_list(&mut self, list: usize, now_ms: u64, expired: &mut Vec<usize>) {
         let mut idx = self.heads[list];
+        let mut prev = NIL;
         while idx != NIL {
-            let n = self.nodes[idx as usize];
+            let n = &mut self.nodes[idx as usize];
+            let next = n.next;
             if n.deadline <= now_ms {
-                self.unlink(idx);
-                self.nodes[idx as usize] = UNARMED;
+                // Unlinked here (the list and its predecessor are known).
+                n.list = NIL;
                 self.armed -= 1;
                 expired.push(idx as usize);
+                if prev == NIL {
+                    self.heads[list] = next;
+                } else {
+                    self.nodes[prev as usize].next = next;
+                }
+                if next != NIL {
+                    self.nodes[next as usize].prev = prev;
+                }
+            } else {
+                prev = idx;
             }
-            idx = n.next;
+            idx = next;
+        }
+        if self.heads[list] == NIL {
+            self.occupied[list / 64] &= !(1 << (list % 64));
         }
     }
 

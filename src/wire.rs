@@ -86,8 +86,9 @@ static ESCAPE: [bool; 256] = {
     t
 };
 
+/// Whether byte `b` must be escaped in a JSON string.
 #[inline]
-fn needs_escape(b: u8) -> bool {
+pub fn needs_escape(b: u8) -> bool {
     ESCAPE[usize::from(b)]
 }
 
@@ -111,6 +112,19 @@ pub fn push_json_inner(buf: &mut Vec<u8>, s: &str) {
         return;
     }
     escape_slow(buf, bytes);
+}
+
+/// `bytes` appended, copied without a call to `memcpy` when short.
+#[inline]
+fn push_small(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.reserve(bytes.len());
+    let len = buf.len();
+    // SAFETY: `reserve` made room for `bytes.len()` more bytes after `len`,
+    // which the copy fills; `bytes` cannot overlap the spare capacity.
+    unsafe {
+        small_copy(bytes.as_ptr(), buf.as_mut_ptr().add(len), bytes.len());
+        buf.set_len(len + bytes.len());
+    }
 }
 
 /// `head`, `body` and `tail` appended with one capacity check, `body`
@@ -169,15 +183,18 @@ pub fn push_json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
 }
 
+/// `bytes` escaped, whether or not they need it (callers that checked
+/// [`is_json_plain`] already skip the second scan).
 #[cold]
-fn escape_slow(buf: &mut Vec<u8>, bytes: &[u8]) {
+pub fn escape_slow(buf: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    buf.reserve(bytes.len() + 16);
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if !needs_escape(b) {
             continue;
         }
-        buf.extend_from_slice(&bytes[start..i]);
+        push_small(buf, &bytes[start..i]);
         start = i + 1;
         match b {
             b'"' => buf.extend_from_slice(b"\\\""),
@@ -197,7 +214,7 @@ fn escape_slow(buf: &mut Vec<u8>, bytes: &[u8]) {
             ]),
         }
     }
-    buf.extend_from_slice(&bytes[start..]);
+    push_small(buf, &bytes[start..]);
 }
 
 #[cfg(test)]

@@ -2695,6 +2695,34 @@ mod remote {
     }
 
     #[test]
+    fn a_relay_whose_store_never_answers_still_ends_at_its_time_limit() {
+        let flags = [
+            &RESUME[..],
+            &["--heartbeat-ms", "1000", "--max-stream-ms", "3000"],
+        ]
+        .concat();
+        let (mut h, ts) = with_store(&flags, 64);
+        resume_foreign(
+            &mut h,
+            &ts,
+            "GET /v1/chat/stream/elsewhere?after=2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        let mut out = String::new();
+        while h.e.streams() > 0 && h.step(60_000) {
+            out += &h.flush();
+        }
+        assert_eq!(h.e.streams(), 0, "the relay ended");
+        let at = h.now - h.t0;
+        assert!(
+            at >= ms(3_000) && at <= ms(3_010),
+            "at its time limit, not {at:?}"
+        );
+        // The client waiting for the relay's head gets the stream's error.
+        assert!(out.starts_with("HTTP/1.1 5"), "{out}");
+        assert!(out.contains("deadline_exceeded"), "{out}");
+    }
+
+    #[test]
     fn a_foreign_stream_is_relayed_from_the_store_as_it_was_encoded() {
         let (mut h, ts) = with_store(&RESUME, 64);
         let (sink, after) = resume_foreign(
@@ -2883,4 +2911,37 @@ mod remote {
         let ended: Vec<_> = h.svc.ended.iter().map(|s| (s.outcome, s.tokens)).collect();
         assert_eq!(ended, [(Outcome::Disconnected, 399)], "window ran out");
     }
+}
+
+/// The shell may stamp a write with its turn's time, older than the engine
+/// call that queued the bytes: the streams' clock never goes back, so a
+/// token cannot seem to leave before it was made and the next gap is not
+/// stretched by the difference.
+#[test]
+fn the_streams_clock_never_goes_back() {
+    let mut h = H::with(&[], Mode2::Sink { capacity: 8 });
+    h.read(post(r#"{"prompt":"x"}"#).as_bytes());
+    h.flush();
+    let sink = h.svc.sinks[0].clone();
+    sink.push_token("a").unwrap();
+    h.at(100);
+    h.ready(0x1000);
+    // Arrives before the write, which carries an older time.
+    sink.push_token("b").unwrap();
+    h.at(95);
+    assert!(h.flush().contains("\"t\":\"b\""));
+    sink.push_token("c").unwrap();
+    h.at(200);
+    h.ready(0x1000);
+    h.flush();
+    // Gaps a→b 0 ms (the same moment, not minus 5 ms) and b→c 100 ms.
+    assert_eq!(h.metrics.inter_token.count(), 2);
+    assert!(
+        h.metrics
+            .render(false)
+            .lines()
+            .any(|l| l.contains("inter_token") && l.contains("_sum") && l.ends_with(" 0.1")),
+        "{}",
+        h.metrics.render(false)
+    );
 }

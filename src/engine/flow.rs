@@ -104,7 +104,10 @@ impl<S> Engine<S> {
         };
         if stream.is_awaiting() {
             if !self.relay_ready(svc, r, now) {
-                return;
+                // Still waiting for the store: the timer stays armed (the
+                // time limit, heartbeats), or nothing would end a relay
+                // whose store never answers.
+                return self.touch_stream(r);
             }
             return self.pump(svc, r, now);
         }

@@ -83,6 +83,21 @@ pub struct AfterWrite {
 /// so a tick due for thousands of streams does not hold back new requests.
 const TIMER_SLICE: usize = 256;
 
+/// `t` on the streams' clock (nanoseconds since `epoch`), which never goes
+/// back: a time older than the last one converted counts as that one (the
+/// shell may stamp a write with its turn's time after an engine call took
+/// a later one; a token must not seem to leave before it was made).
+#[inline]
+fn clock_ns(clock: &std::cell::Cell<(Instant, u64)>, epoch: Instant, t: Instant) -> u64 {
+    let (at, ns) = clock.get();
+    if t <= at {
+        return ns;
+    }
+    let ns = ns_since(epoch, t);
+    clock.set((t, ns));
+    ns
+}
+
 /// A keyed hash of stream ids for [`Engine::by_sid`]: ids are random
 /// already, so a few multiplications mix them enough (SipHash cost more
 /// than the rest of a stream's admission); the key, random per loop,
@@ -417,11 +432,7 @@ impl<S> Engine<S> {
         if let Some((mark, t0, r)) = link.ttft_mark {
             if link.conn.written_total() >= mark {
                 link.ttft_mark = None;
-                let now_ns = match clock.get() {
-                    (at, ns) if at == now => ns,
-                    _ => ns_since(epoch, now),
-                };
-                let ttft = now_ns.saturating_sub(t0);
+                let ttft = clock_ns(clock, epoch, now).saturating_sub(t0);
                 self.metrics.ttft.observe_ns(ttft);
                 if let Some(s) = self.streams.get_mut(r) {
                     s.set_ttft(ttft);
@@ -573,13 +584,7 @@ impl<S> Engine<S> {
     /// `t` on the streams' clock: nanoseconds since the loop's epoch.
     #[inline]
     fn ns(&self, t: Instant) -> u64 {
-        let (at, ns) = self.clock.get();
-        if at == t {
-            return ns;
-        }
-        let ns = ns_since(self.epoch, t);
-        self.clock.set((t, ns));
-        ns
+        clock_ns(&self.clock, self.epoch, t)
     }
 
     fn now_ms(&self, t: Instant) -> u64 {

@@ -92,6 +92,9 @@ pub enum Version {
     Http11,
 }
 
+/// The most text a [`Request`] holds (its offsets are `u32`).
+const MAX_HEAD_TEXT: usize = u32::MAX as usize;
+
 /// One complete request, owned, with its body de-framed.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -116,8 +119,7 @@ pub struct Request {
 
 impl Request {
     /// A request from its parts (`headers`: names as given, lowercased
-    /// here). For tests and the connection hand-over; the reader builds
-    /// its requests the same way.
+    /// here), as the reader builds it.
     pub fn new<'a>(
         method_str: &str,
         target: &str,
@@ -126,6 +128,10 @@ impl Request {
         headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
         body: Vec<u8>,
     ) -> Request {
+        let offset = |n: usize| {
+            assert!(n <= MAX_HEAD_TEXT, "a request head of {n} bytes");
+            n as u32
+        };
         let mut text = String::with_capacity(method_str.len() + target.len() + 64);
         text.push_str(method_str);
         let method_end = text.len() as u32;
@@ -137,12 +143,12 @@ impl Request {
         let fields = headers
             .into_iter()
             .map(|(name, value)| {
-                let start = text.len() as u32;
+                let start = offset(text.len());
                 text.push_str(name);
                 text[start as usize..].make_ascii_lowercase();
-                let at = text.len() as u32;
+                let at = offset(text.len());
                 text.push_str(&String::from_utf8_lossy(value));
-                [start, at, text.len() as u32]
+                [start, at, offset(text.len())]
             })
             .collect();
         Request {
@@ -499,7 +505,9 @@ impl RequestReader {
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(err) => return Err(map_parse_error(err)),
         };
-        if head_len > limits.max_head_bytes {
+        // A head's text (invalid UTF-8 bytes turn into three each) must fit
+        // the `u32` offsets of `Request`, whatever `--max-head-bytes` says.
+        if head_len > limits.max_head_bytes || head_len > MAX_HEAD_TEXT / 3 {
             return Err(HttpError::HeadTooLarge);
         }
         let (Some(method_str), Some(target), Some(version)) =

@@ -56,14 +56,15 @@ pub(super) fn send(sock: &TcpStream, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: a valid fd, and a pointer and length of a live slice; the
     // kernel only reads from it.
     let n = unsafe {
+        // Every argument register-wide: the call is variadic.
         libc::syscall(
             libc::SYS_sendto,
-            sock.as_raw_fd(),
+            libc::c_long::from(sock.as_raw_fd()),
             buf.as_ptr(),
             buf.len(),
-            libc::MSG_NOSIGNAL,
+            libc::c_long::from(libc::MSG_NOSIGNAL),
             std::ptr::null::<libc::sockaddr>(),
-            0 as libc::socklen_t,
+            0 as libc::c_long,
         )
     };
     if n < 0 {

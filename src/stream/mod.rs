@@ -404,7 +404,9 @@ impl Stream {
     #[inline(always)]
     pub fn next_wake(&self, cfg: &Config, room: bool) -> u64 {
         let mut d = self.keep_until;
-        if self.streaming && self.sub.is_some() {
+        // No heartbeat while a relay waits for the store (its head is not
+        // out): only its time limit can wake it.
+        if self.streaming && self.sub.is_some() && !self.awaiting {
             d = d.min(self.last_event_at.saturating_add(ms_ns(cfg.heartbeat_ms)));
         }
         if let Prod::Sim { text, next_due } = &self.prod {
