@@ -922,18 +922,18 @@ impl Loop {
         let mut now = self.now;
         // Flush: one write carries every frame that is ready.
         loop {
-            // The turn's time does for a write (its write timeout, its
-            // metrics), except where the write ends a time to first token
-            // (a pump during the last write may have queued one).
-            if self.engine.times_first_token(key) {
-                now = Instant::now();
-                self.now = now;
-            }
-            let Some((io, pending)) = self.engine.io_and_pending(key) else {
+            let Some((io, pending, first_token)) = self.engine.io_and_pending(key) else {
                 return;
             };
             if io.blocked || pending.is_empty() {
                 break;
+            }
+            // The turn's time does for a write (its write timeout, its
+            // metrics), except where the write ends a time to first token
+            // (a pump during the last write may have queued one).
+            if first_token {
+                now = Instant::now();
+                self.now = now;
             }
             match sock::send(&io.sock, pending) {
                 Ok(0) => self.engine.handle_reset(sh, key, now),

@@ -114,19 +114,6 @@ pub fn push_json_inner(buf: &mut Vec<u8>, s: &str) {
     escape_slow(buf, bytes);
 }
 
-/// `bytes` appended, copied without a call to `memcpy` when short.
-#[inline]
-fn push_small(buf: &mut Vec<u8>, bytes: &[u8]) {
-    buf.reserve(bytes.len());
-    let len = buf.len();
-    // SAFETY: `reserve` made room for `bytes.len()` more bytes after `len`,
-    // which the copy fills; `bytes` cannot overlap the spare capacity.
-    unsafe {
-        small_copy(bytes.as_ptr(), buf.as_mut_ptr().add(len), bytes.len());
-        buf.set_len(len + bytes.len());
-    }
-}
-
 /// `head`, `body` and `tail` appended with one capacity check, `body`
 /// copied without a call for the short texts tokens are.
 #[inline]
@@ -183,38 +170,65 @@ pub fn push_json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
 }
 
+/// What an escaped byte becomes after its `\\`: the short escapes, `u`
+/// for the `\\u00XX` form, 0 for a byte copied as it is.
+static ESCAPE_AS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = b'u';
+        i += 1;
+    }
+    t[0x08] = b'b';
+    t[0x0c] = b'f';
+    t[b'\n' as usize] = b'n';
+    t[b'\r' as usize] = b'r';
+    t[b'\t' as usize] = b't';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
+
 /// `bytes` escaped, whether or not they need it (callers that checked
-/// [`is_json_plain`] already skip the second scan).
+/// [`is_json_plain`] already skip the second scan): one pass over the
+/// bytes into room reserved for the worst case, written without a
+/// capacity check per byte.
 #[cold]
 pub fn escape_slow(buf: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    buf.reserve(bytes.len() + 16);
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !needs_escape(b) {
-            continue;
-        }
-        push_small(buf, &bytes[start..i]);
-        start = i + 1;
-        match b {
-            b'"' => buf.extend_from_slice(b"\\\""),
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            0x08 => buf.extend_from_slice(b"\\b"),
-            0x0c => buf.extend_from_slice(b"\\f"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            _ => buf.extend_from_slice(&[
+    // At most six bytes out for one in.
+    buf.reserve(bytes.len() * 6);
+    let len = buf.len();
+    let spare = &mut buf.spare_capacity_mut()[..bytes.len() * 6];
+    let mut n = 0;
+    for &b in bytes {
+        let e = ESCAPE_AS[usize::from(b)];
+        if e == 0 {
+            spare[n].write(b);
+            n += 1;
+        } else if e != b'u' {
+            spare[n].write(b'\\');
+            spare[n + 1].write(e);
+            n += 2;
+        } else {
+            for (k, c) in [
                 b'\\',
                 b'u',
                 b'0',
                 b'0',
                 HEX[usize::from(b >> 4)],
                 HEX[usize::from(b & 0xf)],
-            ]),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                spare[n + k].write(c);
+            }
+            n += 6;
         }
     }
-    push_small(buf, &bytes[start..]);
+    // SAFETY: the first `n` bytes of the spare capacity were written above.
+    unsafe { buf.set_len(len + n) };
 }
 
 #[cfg(test)]

@@ -289,18 +289,14 @@ impl<S> Engine<S> {
         self.conns.get_mut(key).map(|l| &mut l.io)
     }
 
-    /// `key`'s io and the bytes waiting for it, to write them.
-    pub fn io_and_pending(&mut self, key: usize) -> Option<(&mut S, &[u8])> {
+    /// `key`'s io and the bytes waiting for it, to write them, and whether
+    /// writing them may complete a first token (whose time to first token
+    /// is measured at that write: the server reads the clock for it rather
+    /// than use its turn's time).
+    pub fn io_and_pending(&mut self, key: usize) -> Option<(&mut S, &[u8], bool)> {
         self.conns
             .get_mut(key)
-            .map(|l| (&mut l.io, l.conn.pending()))
-    }
-
-    /// Whether writing `key`'s bytes now completes a first token (whose
-    /// time to first token is measured at that write: the server reads
-    /// the clock for it rather than use its turn's time).
-    pub fn times_first_token(&self, key: usize) -> bool {
-        self.conns.get(key).is_some_and(|l| l.ttft_mark.is_some())
+            .map(|l| (&mut l.io, l.conn.pending(), l.ttft_mark.is_some()))
     }
 
     /// What the server does with `key` after writing — half-close it,
