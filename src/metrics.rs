@@ -28,6 +28,36 @@ const BUCKETS_NS: [u64; BUCKETS.len()] = {
     ns
 };
 
+/// For each power of two `2^k` (by `k`), the first bucket whose bound is at
+/// least `2^k`: a duration of `[2^k, 2^(k+1))` nanoseconds falls in that
+/// bucket or a later one, and bounds grow at least twofold, so at most one
+/// more step finds it (the paced path observes one per token).
+const FIRST_BUCKET: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut k = 0;
+    while k < 64 {
+        let low = 1u64 << k;
+        let mut i = 0;
+        while i < BUCKETS_NS.len() && BUCKETS_NS[i] < low {
+            i += 1;
+        }
+        t[k] = i as u8;
+        k += 1;
+    }
+    t
+};
+
+/// The bucket of a duration of `ns` nanoseconds (the first bound it does
+/// not exceed; `BUCKETS.len()` past the last).
+#[inline]
+fn bucket_of(ns: u64) -> usize {
+    let mut i = usize::from(FIRST_BUCKET[63 - (ns | 1).leading_zeros() as usize]);
+    while i < BUCKETS_NS.len() && ns > BUCKETS_NS[i] {
+        i += 1;
+    }
+    i
+}
+
 /// The statuses `sluice_requests_refused_total` has a label for.
 pub const REFUSAL_STATUSES: [u16; 12] =
     [400, 401, 404, 405, 408, 413, 417, 429, 431, 500, 503, 505];
@@ -54,11 +84,7 @@ impl Histogram {
         // In whole nanoseconds: the same bucket as comparing seconds as
         // f64 (every bound is a whole number of nanoseconds), without the
         // float conversion.
-        let i = BUCKETS_NS
-            .iter()
-            .position(|b| ns <= *b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[i].fetch_add(1, Relaxed);
+        self.counts[bucket_of(ns)].fetch_add(1, Relaxed);
         self.sum_ns.fetch_add(ns, Relaxed);
     }
 
@@ -441,6 +467,28 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_falls_in_the_first_bucket_it_does_not_exceed() {
+        let linear = |ns: u64| {
+            BUCKETS_NS
+                .iter()
+                .position(|b| ns <= *b)
+                .unwrap_or(BUCKETS.len())
+        };
+        let mut cases = vec![0, 1, 2, u64::MAX, u64::MAX - 1];
+        for &b in &BUCKETS_NS {
+            cases.extend([b - 1, b, b + 1, b / 2, b * 2, b * 3 / 2]);
+        }
+        for k in 0..64 {
+            cases.extend([1u64 << k, (1u64 << k).saturating_sub(1), (1u64 << k) | 1]);
+        }
+        for ns in cases {
+            assert_eq!(bucket_of(ns), linear(ns), "{ns} ns");
+        }
+        // Every bound at least twice the one before: one step is enough.
+        assert!(BUCKETS_NS.windows(2).all(|w| w[1] >= 2 * w[0]));
+    }
 
     #[test]
     fn buckets_in_nanoseconds_sort_as_the_seconds_did() {

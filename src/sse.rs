@@ -6,7 +6,9 @@
 //! with a blank line, and JSON never contains a raw newline, so no token can
 //! break a frame.
 
-use crate::wire::{escape_slow, needs_escape, push3, push_fixed, push_json_str, push_u64};
+use crate::wire::{
+    escape_slow, is_json_plain, needs_escape, push3, push_fixed, push_json_str, push_u64,
+};
 
 /// Why a stream failed; the `code` of an `error` event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,8 +112,11 @@ pub fn token(buf: &mut Vec<u8>, text: &str) {
     const HEAD: &[u8] = b"event: token\ndata: {\"t\":\"";
     const TAIL: &[u8] = b"\"}\n\n";
     let bytes = text.as_bytes();
-    match bytes.iter().position(|&b| needs_escape(b)) {
+    if is_json_plain(bytes) {
         // The usual token: nothing to escape, one copy.
+        return push3(buf, HEAD, bytes, TAIL);
+    }
+    match bytes.iter().position(|&b| needs_escape(b)) {
         None => push3(buf, HEAD, bytes, TAIL),
         Some(i) => {
             buf.reserve(text.len() + 48);

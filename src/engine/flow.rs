@@ -97,17 +97,21 @@ impl<S> Engine<S> {
     /// Moves what stream `r` has ready to its subscriber, up to the
     /// high-water mark, and ends it when its producer is done. A detached
     /// resumable stream goes on into its replay log.
-    pub(super) fn pump(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) {
+    ///
+    /// Whether an event just went out to the subscriber on the paced path
+    /// (then no heartbeat can be due).
+    pub(super) fn pump(&mut self, svc: &mut dyn Services, r: StreamRef, now: Instant) -> bool {
         let now_ns = self.ns(now);
         let Some(stream) = self.streams.get_mut(r) else {
-            return;
+            return false;
         };
         if stream.is_awaiting() {
             if !self.relay_ready(svc, r, now) {
-                // Still waiting for the store: the timer stays armed (the
-                // time limit, heartbeats), or nothing would end a relay
-                // whose store never answers.
-                return self.touch_stream(r);
+                // Still waiting for the store: the timer stays armed (its
+                // time limit), or nothing would end a relay whose store
+                // never answers.
+                self.touch_stream(r);
+                return false;
             }
             return self.pump(svc, r, now);
         }
@@ -131,7 +135,8 @@ impl<S> Engine<S> {
                 let pending = link.conn.pending_len();
                 if pending >= hwm {
                     link.held = true;
-                    return self.touch_stream(r);
+                    self.touch_stream(r);
+                    return false;
                 }
                 link.conn.append_body(&mut self.bufs, |b| {
                     progress = stream.pump(&scx, b, hwm - pending);
@@ -139,6 +144,7 @@ impl<S> Engine<S> {
                 // A worker's pieces left in its queue are taken on the
                 // next write; a simulated token waits only for its timer
                 // or for room.
+                let before = pending;
                 let pending = link.conn.pending_len();
                 link.held = !stream.is_simulated() || pending >= hwm / 2;
                 if progress.first_token {
@@ -165,7 +171,7 @@ impl<S> Engine<S> {
                     if !self.over_budget.is_empty() {
                         self.shed_over_budget(svc, now);
                     }
-                    return;
+                    return pending > before;
                 }
             }
             None if sub.is_none() => {
@@ -174,7 +180,10 @@ impl<S> Engine<S> {
                 scratch.clear();
                 self.scratch = scratch;
             }
-            None => return self.touch_stream(r),
+            None => {
+                self.touch_stream(r);
+                return false;
+            }
         }
         if logging {
             self.ship(svc, r);
@@ -191,6 +200,7 @@ impl<S> Engine<S> {
         if !self.over_budget.is_empty() {
             self.shed_over_budget(svc, now);
         }
+        false
     }
 
     /// `now_ms`: `now` as the wheel's tick (rounded down).
@@ -223,8 +233,11 @@ impl<S> Engine<S> {
             }
             return self.end_stream(svc, r, end, false, now);
         }
-        // The pump re-arms the stream's timer (or ends it).
-        self.pump(svc, r, now);
+        // The pump re-arms the stream's timer (or ends it). A token that
+        // just went out is an event: no heartbeat is due.
+        if self.pump(svc, r, now) {
+            return;
+        }
         let scx = StreamCx {
             now_ns,
             cfg: &self.cfg,

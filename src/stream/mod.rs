@@ -420,15 +420,26 @@ impl Stream {
     /// Moves every piece of text that is ready through the stages and the
     /// encoder into `buf`, up to `budget` bytes; notices the producer's end.
     /// Detached, `buf` is scratch: what counts is the replay log.
+    #[inline]
     pub fn pump(&mut self, cx: &StreamCx, buf: &mut Vec<u8>, budget: usize) -> Progress {
+        if !self.ended
+            && self.sub.is_some()
+            && self.log.is_none()
+            && self.stages.is_empty()
+            && matches!(self.prod, Prod::Sim { .. })
+        {
+            return self.pump_sim(cx, buf, budget);
+        }
+        self.pump_any(cx, buf, budget)
+    }
+
+    /// [`Stream::pump`] of every other case: stages, a replay log, detached,
+    /// a pool job or a relay.
+    #[inline(never)]
+    fn pump_any(&mut self, cx: &StreamCx, buf: &mut Vec<u8>, budget: usize) -> Progress {
         let mut progress = Progress::default();
         if self.ended || (self.sub.is_none() && self.log.is_none()) {
             return progress;
-        }
-        if self.sub.is_some() && self.log.is_none() && self.stages.is_empty() {
-            if let Prod::Sim { .. } = self.prod {
-                return self.pump_sim(cx, buf, budget);
-            }
         }
         let start = buf.len();
         let first_before = self.tokens == 0;
@@ -584,6 +595,7 @@ impl Stream {
     /// with no stage and no replay log. Each due token goes straight to the
     /// encoder (the general loop's closures for stages and logs cost more
     /// than the token itself).
+    #[inline]
     fn pump_sim(&mut self, cx: &StreamCx, buf: &mut Vec<u8>, budget: usize) -> Progress {
         let Prod::Sim { text, next_due } = &mut self.prod else {
             return Progress::default();
