@@ -44,8 +44,9 @@
 //! - [`auth`]: API keys and the principals they identify.
 //! - [`errors`]: the one map from an error to its HTTP status, OpenAI type
 //!   and body.
-//! - [`stream`]: one generation and the loop's stream table; its stages
-//!   and its replay log; `stream/LIFECYCLE.md` draws its states.
+//! - [`stream`]: one generation and the loop's stream table; its stages,
+//!   its replay log and its ids (`stream/sid.rs`); `stream/LIFECYCLE.md`
+//!   draws its states.
 //! - [`encode`]: one encoder per wire shape (native SSE, native JSON, OpenAI
 //!   chunks, OpenAI JSON, OpenAI all-at-once).
 //! - [`http`]: request parsing and limits (httparse), response heads.
