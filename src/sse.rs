@@ -6,9 +6,7 @@
 //! with a blank line, and JSON never contains a raw newline, so no token can
 //! break a frame.
 
-use crate::wire::{
-    escape_slow, is_json_plain, needs_escape, push3, push_fixed, push_json_str, push_u64,
-};
+use crate::wire::{escape_slow, is_json_plain, push3, push_fixed, push_json_str, push_u64};
 
 /// Why a stream failed; the `code` of an `error` event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,16 +114,10 @@ pub fn token(buf: &mut Vec<u8>, text: &str) {
         // The usual token: nothing to escape, one copy.
         return push3(buf, HEAD, bytes, TAIL);
     }
-    match bytes.iter().position(|&b| needs_escape(b)) {
-        None => push3(buf, HEAD, bytes, TAIL),
-        Some(i) => {
-            buf.reserve(text.len() + 48);
-            buf.extend_from_slice(HEAD);
-            buf.extend_from_slice(&bytes[..i]);
-            escape_slow(buf, &bytes[i..]);
-            buf.extend_from_slice(TAIL);
-        }
-    }
+    buf.reserve(text.len() + 48);
+    buf.extend_from_slice(HEAD);
+    escape_slow(buf, bytes);
+    buf.extend_from_slice(TAIL);
 }
 
 /// `event: heartbeat` with `{"phase": phase}`.

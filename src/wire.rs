@@ -333,6 +333,11 @@ mod tests {
         }
 
         #[test]
+        fn plain_means_nothing_to_escape(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            prop_assert_eq!(is_json_plain(&bytes), !bytes.iter().any(|&b| needs_escape(b)));
+        }
+
+        #[test]
         fn json_matches_serde_json(s in any::<String>()) {
             let mut b = Vec::new();
             push_json_str(&mut b, &s);
