@@ -44,6 +44,7 @@ use crate::config::Config;
 use crate::engine::{Access, Ended, Engine, Handoff, Services};
 use crate::http::Request;
 use crate::limits::Limits;
+use crate::logging::{Ms, Peer};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, ReadyList, TokenSink};
 use crate::router::{Ops, Refusal};
@@ -238,15 +239,15 @@ impl Services for Shared {
     }
 
     fn responded(&mut self, a: &Access) {
-        let peer = a.peer.map(|p| p.to_string()).unwrap_or_default();
         let (method, path) = a.line.map_or(("-", "-"), |l| (l.method(), l.path()));
         log::info!(
             target: crate::logging::ACCESS,
-            "{method} {path} {} request_id={} peer={peer} principal={} duration_ms={:.3}",
+            "{method} {path} {} request_id={} peer={} principal={} duration_ms={}",
             a.status,
             a.request_id,
+            Peer(a.peer),
             a.principal.unwrap_or("-"),
-            a.duration.as_secs_f64() * 1000.0
+            Ms(Some(a.duration), 3)
         );
     }
 
@@ -270,19 +271,19 @@ impl Services for Shared {
                 "disconnected"
             }
         };
-        let peer = e.peer.map(|p| p.to_string()).unwrap_or_default();
-        let ttft = s.ttft.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
         log::info!(
             target: crate::logging::ACCESS,
-            "{} {} {} request_id={} peer={peer} principal={} stream={} outcome={outcome} tokens={} ttft_ms={ttft:.3} duration_ms={:.1}",
+            "{} {} {} request_id={} peer={} principal={} stream={} outcome={outcome} tokens={} ttft_ms={} duration_ms={}",
             s.line.method(),
             s.line.path(),
             e.status,
             s.request_id,
+            Peer(e.peer),
             s.principal.as_deref().unwrap_or("-"),
             s.sid,
             s.tokens,
-            s.duration.as_secs_f64() * 1000.0
+            Ms(s.ttft, 3),
+            Ms(Some(s.duration), 1)
         );
     }
 }
