@@ -47,7 +47,11 @@ fn main() {
         Err(e) => exit_with(&format!("cannot start on {listen}: {e}")),
     };
     // Written directly, whatever the log level: scripts read the port from it.
-    eprintln!("sluice: listening on http://{}", server.local_addr());
+    // One `write` (stderr is unbuffered: formatting straight into it wrote
+    // the address piece by piece, and a script reading the line could see
+    // half of it).
+    let line = format!("sluice: listening on http://{}\n", server.local_addr());
+    eprint!("{line}");
     let result = server.run();
     // The lines the loop queued last (the shutdown's) are otherwise lost
     // when the process exits.
