@@ -1,16 +1,16 @@
 //! Logs to stderr that cost the event loop no syscall and never block it.
 //!
 //! A logger that writes synchronously (as `simple_logger` does) on a
-//! stderr that nobody reads (a full pipe) would stall every stream; even a hand-off that wakes a thread
-//! costs the loop a futex wake (~200 µs of client TTFT on a small VM) if it
-//! happens before the response is written. So the `log` facade is served by
-//! a small front that formats the line (escaped, see [`escape`]) on the
+//! stderr that nobody reads (a full pipe) would stall every stream; even a
+//! hand-off that wakes a thread costs the loop a futex wake (~200 µs of
+//! client TTFT on a small VM) if it happens before the response is written.
+//! So the `log` facade is served by a small front that formats the line (escaped, see [`escape`]) on the
 //! caller's thread and appends it to one bounded buffer; one thread,
 //! `sluice-log`, takes the buffer, renders its lines (text in
 //! `simple_logger`'s layout, [`text_line`], or JSON, [`json_line`]) into one
-//! buffer and writes that to stderr with one `write`. It runs at the least
-//! CPU weight (`nice` 19), so on a CPU it shares with an event loop the loop
-//! runs first.
+//! buffer and writes that to stderr with one `write`. It runs as
+//! `SCHED_IDLE` (`background_priority`), so on a CPU it shares with an
+//! event loop, the loop woken for a client preempts it at once.
 //!
 //! Who wakes that thread:
 //! - the event loop never does from a `log` call: it marks itself with
@@ -601,19 +601,22 @@ impl Queue {
                 continue;
             }
             let mut written = 0;
-            let mut ended = false;
-            let panicked = catch_unwind(AssertUnwindSafe(|| {
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
                 for (level, target, message) in batch.iter() {
                     sink.write(level, target, message);
                     written += 1;
                 }
-                ended = sink.end_batch();
-            }))
-            .is_err();
-            let failed = panicked || !ended;
-            if !panicked && !ended {
-                written = 0;
-            }
+                sink.end_batch()
+            }));
+            let failed = match outcome {
+                Ok(true) => false,
+                // Nothing of the batch got out.
+                Ok(false) => {
+                    written = 0;
+                    true
+                }
+                Err(_) => true,
+            };
             if self.finished(batch.len(), written, failed) {
                 return;
             }

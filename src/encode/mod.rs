@@ -71,6 +71,6 @@ pub trait Encoder: Send {
     fn done(&mut self, buf: &mut Vec<u8>, id: (&str, u64), s: &Summary);
 
     /// The failed end. For a whole-answer shape this writes the error
-    /// body; its HTTP status comes from [`crate::router::error_status`].
+    /// body; its HTTP status comes from [`crate::errors::stream_error_status`].
     fn error(&mut self, buf: &mut Vec<u8>, id: (&str, u64), e: &StreamError);
 }
