@@ -23,9 +23,11 @@
 //! Every thread reconnects with backoff; while Redis is unreachable
 //! streaming goes on, in-process resume keeps working, and resumes of
 //! foreign streams answer as for an unknown id. Keys and threads are in
-//! [`redis_io`].
+//! [`redis_conn`], [`redis_io`] and [`redis_read`].
 
+mod redis_conn;
 mod redis_io;
+mod redis_read;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -251,10 +253,10 @@ impl Store {
         let (writes, write_rx) = mpsc::sync_channel(WRITE_QUEUE);
         let (queries, query_rx) = mpsc::sync_channel(QUERY_QUEUE);
         let store = Store::with_queues(writes, queries, false);
-        let io = redis_io::Io {
+        let io = redis_conn::Io {
             url: url.clone(),
             shown: shown.clone(),
-            instance: redis_io::instance_id(),
+            instance: redis_conn::instance_id(),
             window_ms,
             max_events,
             metrics,
@@ -398,7 +400,7 @@ impl Link {
         if let Err(e) = self.store.inner.queries.try_send(q) {
             let (TrySendError::Full(q) | TrySendError::Disconnected(q)) = e;
             if let Query::Resume { sink, .. } = q {
-                sink.finish(Err(redis_io::not_found()));
+                sink.finish(Err(redis_conn::not_found()));
             }
         }
     }
