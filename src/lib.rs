@@ -70,6 +70,7 @@
 //! - [`wire`]: numbers and JSON strings written into an output buffer
 //!   without `core::fmt` (heads, frames, terminal events).
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod backend;

@@ -38,13 +38,13 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use crate::access::AccessLog;
 use crate::auth::Auth;
 use crate::backend::GenRequest;
 use crate::config::Config;
 use crate::engine::{Access, Ended, Engine, Handoff, Services};
 use crate::http::Request;
 use crate::limits::Limits;
-use crate::logging::{Ms, Peer};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, ReadyList, TokenSink};
 use crate::router::{Ops, Refusal};
@@ -105,6 +105,8 @@ struct Shared {
     draining: bool,
     /// This loop's link to the shared resume store (`--resume-store redis://…`).
     store: Option<crate::store::Link>,
+    /// Access lines of this turn, written once its bytes are.
+    access: AccessLog,
 }
 
 impl Services for Shared {
@@ -239,52 +241,20 @@ impl Services for Shared {
     }
 
     fn responded(&mut self, a: &Access) {
-        let (method, path) = a.line.map_or(("-", "-"), |l| (l.method(), l.path()));
-        log::info!(
-            target: crate::logging::ACCESS,
-            "{method} {path} {} request_id={} peer={} principal={} duration_ms={}",
-            a.status,
-            a.request_id,
-            Peer(a.peer),
-            a.principal.unwrap_or("-"),
-            Ms(Some(a.duration), 3)
-        );
+        self.access.responded(a);
     }
 
-    fn stream_ended(&mut self, e: &Ended) {
-        let s = e.summary;
+    fn stream_ended(&mut self, e: Ended) {
         self.streams_open = self.streams_open.saturating_sub(1);
         self.limits.stream_ended();
         let m = &self.metrics;
         m.streams_open.fetch_sub(1, Relaxed);
-        let outcome = match s.outcome {
-            Outcome::Completed => {
-                m.streams_completed.fetch_add(1, Relaxed);
-                "done"
-            }
-            Outcome::Errored(code) => {
-                m.streams_errored[code.index()].fetch_add(1, Relaxed);
-                code.as_str()
-            }
-            Outcome::Disconnected => {
-                m.streams_disconnected.fetch_add(1, Relaxed);
-                "disconnected"
-            }
+        match e.summary.outcome {
+            Outcome::Completed => m.streams_completed.fetch_add(1, Relaxed),
+            Outcome::Errored(code) => m.streams_errored[code.index()].fetch_add(1, Relaxed),
+            Outcome::Disconnected => m.streams_disconnected.fetch_add(1, Relaxed),
         };
-        log::info!(
-            target: crate::logging::ACCESS,
-            "{} {} {} request_id={} peer={} principal={} stream={} outcome={outcome} tokens={} ttft_ms={} duration_ms={}",
-            s.line.method(),
-            s.line.path(),
-            e.status,
-            s.request_id,
-            Peer(e.peer),
-            s.principal.as_deref().unwrap_or("-"),
-            s.sid,
-            s.tokens,
-            Ms(s.ttft, 3),
-            Ms(Some(s.duration), 1)
-        );
+        self.access.stream_ended(e);
     }
 }
 
@@ -379,6 +349,7 @@ impl Loop {
                 limits: c.limits.clone(),
                 max_streams: cfg.effective_max_streams(),
                 draining: false,
+                access: AccessLog::default(),
                 store: c.store.as_ref().map(|s| {
                     let w = peers[index].waker.clone();
                     s.link(move || {
@@ -481,6 +452,7 @@ impl Loop {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
+                self.shared.access.write();
                 return Err(e);
             }
             self.now = Instant::now();
@@ -539,6 +511,7 @@ impl Loop {
                 }
             }
             // The turn's writes are done: now the log lines may go.
+            self.shared.access.write();
             crate::logging::end_of_turn();
             if self.drain.is_some() && self.drained(Instant::now()) {
                 if let Some(link) = self.shared.store.as_mut() {
@@ -546,6 +519,7 @@ impl Loop {
                     link.flush();
                     link.store().wait_written(Duration::from_secs(1));
                 }
+                self.shared.access.write();
                 log::info!("shutdown complete");
                 crate::logging::end_of_turn();
                 return Ok(());

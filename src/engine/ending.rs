@@ -114,8 +114,8 @@ impl<S> Engine<S> {
         }
         let peer = stream.peer();
         let retained = !stream.retention_over(scx.now_ns);
-        if let Some(summary) = &summary {
-            svc.stream_ended(&Ended {
+        if let Some(summary) = summary {
+            svc.stream_ended(Ended {
                 summary,
                 status,
                 peer,

@@ -94,10 +94,10 @@ impl Services for Fake {
         (200, "text/plain", b"ok".to_vec())
     }
 
-    fn stream_ended(&mut self, e: &Ended) {
+    fn stream_ended(&mut self, e: Ended) {
         self.access
             .push((e.status, e.summary.line.path().to_string()));
-        self.ended.push(e.summary.clone());
+        self.ended.push(e.summary);
     }
 
     fn store(&mut self) -> Option<&mut crate::store::Link> {

@@ -27,8 +27,8 @@ pub struct Access<'a> {
 
 /// One ended stream, for metrics and the access log.
 #[derive(Debug, Clone)]
-pub struct Ended<'a> {
-    pub summary: &'a StreamSummary,
+pub struct Ended {
+    pub summary: StreamSummary,
     /// The response's status (200 for a streamed answer).
     pub status: u16,
     pub peer: Option<SocketAddr>,
@@ -46,7 +46,7 @@ pub trait Services {
     /// Status, content type and body of an operational endpoint.
     fn ops(&mut self, which: Ops, req: &Request) -> (u16, &'static str, Vec<u8>);
     /// A stream ended; `streams_open` goes down here.
-    fn stream_ended(&mut self, ended: &Ended);
+    fn stream_ended(&mut self, ended: Ended);
     /// A request was answered without a stream.
     fn responded(&mut self, _access: &Access) {}
     /// This loop's link to the shared resume store (`--resume-store`),

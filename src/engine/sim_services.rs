@@ -32,5 +32,5 @@ impl Services for SimServices {
         (200, "text/plain", b"ok".to_vec())
     }
 
-    fn stream_ended(&mut self, _: &Ended) {}
+    fn stream_ended(&mut self, _: Ended) {}
 }
