@@ -12,7 +12,10 @@
 //! process-wide in [`Limits`]; metrics are one set for the process.
 //!
 //! Rules it keeps (edge-triggered epoll): accept, read and write are drained
-//! until `WouldBlock`; a write is tried as soon as there is something to
+//! until `WouldBlock` — a read is also done when it returned less than it
+//! had room for and the peer has not closed (the socket held no more then,
+//! and anything arriving later raises a new edge; nginx reads so with
+//! `EPOLLRDHUP` too) —; a write is tried as soon as there is something to
 //! write, and WRITABLE is only awaited after a `WouldBlock`; spurious events
 //! are harmless; the poll timeout comes from the engine's timer wheel, so an
 //! idle server sleeps. Log lines are handed to the log thread once per turn,
@@ -859,7 +862,12 @@ impl Loop {
                 Ok(n) => {
                     self.read_left = self.read_left.saturating_sub(n);
                     self.engine
-                        .handle_read(&mut self.shared, key, &self.scratch[..n], now)
+                        .handle_read(&mut self.shared, key, &self.scratch[..n], now);
+                    // Short of its room: the socket is drained (no EAGAIN
+                    // read needed), unless the peer's FIN is still to read.
+                    if n < allowance && !read_closed {
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

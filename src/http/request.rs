@@ -125,14 +125,21 @@ impl Request {
         target: &str,
         version: Version,
         keep_alive: bool,
-        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8]), IntoIter: Clone>,
         body: Vec<u8>,
     ) -> Request {
         let offset = |n: usize| {
             assert!(n <= MAX_HEAD_TEXT, "a request head of {n} bytes");
             n as u32
         };
-        let mut text = String::with_capacity(method_str.len() + target.len() + 64);
+        // Sized once (a head's text grown piece by piece reallocated
+        // several times; invalid UTF-8 may still grow it).
+        let headers = headers.into_iter();
+        let (count, bytes) = headers
+            .clone()
+            .fold((0, 0), |(c, b), (n, v)| (c + 1, b + n.len() + v.len()));
+        let mut text = String::with_capacity(method_str.len() + target.len() + bytes);
+        let mut fields = Vec::with_capacity(count);
         text.push_str(method_str);
         let method_end = text.len() as u32;
         text.push_str(target);
@@ -140,17 +147,17 @@ impl Request {
         let path_end = target
             .find('?')
             .map_or(target_end, |q| method_end + q as u32);
-        let fields = headers
-            .into_iter()
-            .map(|(name, value)| {
-                let start = offset(text.len());
-                text.push_str(name);
-                text[start as usize..].make_ascii_lowercase();
-                let at = offset(text.len());
-                text.push_str(&String::from_utf8_lossy(value));
-                [start, at, offset(text.len())]
-            })
-            .collect();
+        for (name, value) in headers {
+            let start = offset(text.len());
+            text.push_str(name);
+            text[start as usize..].make_ascii_lowercase();
+            let at = offset(text.len());
+            match std::str::from_utf8(value) {
+                Ok(v) => text.push_str(v),
+                Err(_) => text.push_str(&String::from_utf8_lossy(value)),
+            }
+            fields.push([start, at, offset(text.len())]);
+        }
         Request {
             method: Method::from_token(method_str),
             version,
@@ -495,9 +502,12 @@ impl RequestReader {
         }
         self.parsed_len = window.len();
 
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut fields);
-        let head_len = match parsed.parse(window) {
+        // Uninitialised room: only the slots a head uses are written (64
+        // empty headers are 2 KiB to clear on every request).
+        let mut fields =
+            [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut []);
+        let head_len = match parsed.parse_with_uninit_headers(window, &mut fields) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if window.len() > limits.max_head_bytes => {
                 return Err(HttpError::HeadTooLarge)
