@@ -4,7 +4,9 @@
 //! lines once the turn's bytes are written ([`AccessLog::write`]):
 //! formatting a line costs more than answering a small request, and the
 //! client's bytes go first. Nothing is recorded when the log level hides
-//! access lines.
+//! access lines. (A resume's `… 200 … resume` line is still logged by the
+//! engine when the resume starts, so it can come out before lines of the
+//! same turn recorded here.)
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -86,7 +88,7 @@ impl AccessLog {
         self.pending.is_empty()
     }
 
-    /// Logs the recorded lines, in the order they happened.
+    /// Logs the recorded lines, in the order they were recorded.
     pub fn write(&mut self) {
         for l in self.pending.drain(..) {
             match l {

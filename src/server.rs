@@ -12,10 +12,10 @@
 //! process-wide in [`Limits`]; metrics are one set for the process.
 //!
 //! Rules it keeps (edge-triggered epoll): accept, read and write are drained
-//! until `WouldBlock` — a read is also done when it returned less than it
-//! had room for and the peer has not closed (the socket held no more then,
-//! and anything arriving later raises a new edge; nginx reads so with
-//! `EPOLLRDHUP` too) —; a write is tried as soon as there is something to
+//! until `WouldBlock`, except that reading also stops after a read that
+//! returned less than it had room for while no event has said the peer
+//! closed (the socket held no more then, and anything arriving later
+//! raises a new edge; nginx reads so with `EPOLLRDHUP` too); a write is tried as soon as there is something to
 //! write, and WRITABLE is only awaited after a `WouldBlock`; spurious events
 //! are harmless; the poll timeout comes from the engine's timer wheel, so an
 //! idle server sleeps. Log lines are handed to the log thread once per turn,
@@ -87,6 +87,9 @@ struct Sock {
     blocked: bool,
     /// Reading stopped because the connection would not take more input.
     read_paused: bool,
+    /// An event said the peer closed its side (`EPOLLRDHUP`): reads go on
+    /// until they see the end, whichever later turn does them.
+    peer_closed: bool,
 }
 
 /// What the engine needs from the server (see [`Services`]).
@@ -418,6 +421,7 @@ impl Loop {
             sock,
             blocked: false,
             read_paused: false,
+            peer_closed: false,
         };
         let now = self.clock();
         let key = self.engine.adopt(&mut self.shared, io, h, now);
@@ -674,6 +678,7 @@ impl Loop {
                         sock,
                         blocked: false,
                         read_paused: false,
+                        peer_closed: false,
                     };
                     let now = self.clock();
                     let key = self.engine.open(io, Some(peer), now);
@@ -839,6 +844,8 @@ impl Loop {
                 return;
             };
             io.read_paused = false;
+            io.peer_closed |= read_closed;
+            let peer_closed = io.peer_closed;
             if self.engine.conn(key).is_none_or(|c| c.is_closed()) {
                 return;
             }
@@ -865,7 +872,7 @@ impl Loop {
                         .handle_read(&mut self.shared, key, &self.scratch[..n], now);
                     // Short of its room: the socket is drained (no EAGAIN
                     // read needed), unless the peer's FIN is still to read.
-                    if n < allowance && !read_closed {
+                    if n < allowance && !peer_closed {
                         return;
                     }
                 }

@@ -165,10 +165,16 @@ fn boolean_env_vars_take_one() {
     assert!(r.json()["text"].is_string(), "{}", r.text());
 }
 
-/// Everything until the server closes (or the read times out).
+/// Everything until the server closes; a read timeout (the server kept
+/// the connection open) fails the test.
 fn read_all(c: &mut TcpStream) -> Vec<u8> {
     let mut all = Vec::new();
-    let _ = c.read_to_end(&mut all);
+    if let Err(e) = c.read_to_end(&mut all) {
+        panic!(
+            "the server did not close the connection ({e}) after {} bytes",
+            all.len()
+        );
+    }
     all
 }
 

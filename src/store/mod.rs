@@ -22,7 +22,8 @@
 //!
 //! Every thread reconnects with backoff; while Redis is unreachable
 //! streaming goes on, in-process resume keeps working, and resumes of
-//! foreign streams answer as for an unknown id. Keys and threads are in
+//! foreign streams answer at once as for an unknown id (404 / 204; with
+//! Redis up, an id it has no record of waits up to 500 ms for one). Keys and threads are in
 //! [`redis_conn`], [`redis_io`] and [`redis_read`].
 
 mod redis_conn;

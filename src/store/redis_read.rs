@@ -59,8 +59,10 @@ const BEHIND_WAIT: Duration = Duration::from_secs(2);
 const UNKNOWN_WAIT: Duration = Duration::from_millis(500);
 /// How often they look again.
 const BEHIND_RETRY: Duration = Duration::from_millis(20);
-/// Resumes waiting at most; more are answered at once.
-const MAX_BEHIND: usize = 1024;
+/// Resumes waiting at most; more are answered at once. Each costs this
+/// thread a few round trips a retry, and stops and new resumes queue
+/// behind a pass: 64 keep a pass to a few milliseconds.
+const MAX_BEHIND: usize = 64;
 
 pub(super) fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tails: &Sender<Tail>) {
     let mut conn = Conn::new(io, "queries");
@@ -87,6 +89,10 @@ pub(super) fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tail
                     since: Instant::now(),
                 };
                 let may_wait = behind.len() < MAX_BEHIND;
+                if behind.is_empty() {
+                    // Its first look again comes a whole retry later.
+                    next_retry = Instant::now() + BEHIND_RETRY;
+                }
                 behind.extend(resume(&mut conn, tails, b, may_wait));
             }
             Ok(Query::Cancel {
