@@ -134,8 +134,12 @@ fn engine(c: &mut Criterion) {
             e.handle_read(&mut svc, key, req, now);
             let n = e.pending(key).len();
             e.handle_written(&mut svc, key, n, now);
+            // The stream's end, held behind its first token's write.
+            e.finish_written(&mut svc, now);
+            let m = e.pending(key).len();
+            e.handle_written(&mut svc, key, m, now);
             e.take_dirty(&mut dirty);
-            black_box(n);
+            black_box(n + m);
         })
     });
     // One token event at 5 ms pacing, as the loop sees it: the stream's

@@ -74,6 +74,9 @@ fn main() {
         loop {
             e.take_dirty(&mut dirty);
             if dirty.is_empty() {
+                if e.finish_written(&mut svc, now) {
+                    continue;
+                }
                 break;
             }
             for &key in &dirty {

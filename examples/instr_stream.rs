@@ -33,6 +33,11 @@ fn main() {
         let k = e.pending(key).len();
         bytes += k;
         e.handle_written(&mut svc, key, k, now);
+        // The stream's end, held behind its first token's write.
+        e.finish_written(&mut svc, now);
+        let k = e.pending(key).len();
+        bytes += k;
+        e.handle_written(&mut svc, key, k, now);
         e.take_dirty(&mut dirty);
     }
     println!("{n} streams, {bytes} bytes");

@@ -449,6 +449,10 @@ impl Loop {
         crate::logging::mark_loop_thread();
         let mut events = Events::with_capacity(1024);
         loop {
+            if self.engine.has_ends_due() {
+                // Every path services its connections; this is a backstop.
+                self.service_dirty();
+            }
             let timeout = if self.reread.is_empty() && !self.engine.has_deferred() {
                 self.poll_timeout()
             } else {
@@ -893,6 +897,11 @@ impl Loop {
             self.engine.take_dirty(&mut dirty);
             if dirty.is_empty() {
                 self.dirty = dirty;
+                // Streams that ended with their first token: that token
+                // is written now, their ends may follow.
+                if self.engine.finish_written(&mut self.shared, self.now) {
+                    continue;
+                }
                 return;
             }
             for &key in &dirty {

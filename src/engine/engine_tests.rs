@@ -179,21 +179,32 @@ impl H {
 
     fn read(&mut self, data: &[u8]) {
         self.e.handle_read(&mut self.svc, K, data, self.now);
+        self.settle();
     }
 
     /// Runs every timer due by now.
     fn timeout(&mut self) {
         self.e.handle_timeouts(&mut self.svc, self.now);
+        self.settle();
     }
 
     fn eof(&mut self) {
         self.e.handle_eof(&mut self.svc, K, self.now);
+        self.settle();
     }
 
     fn ready(&mut self, id: u64) {
         let key = self.e.attached(K).map_or(0, |r| r.key);
         self.e
             .handle_ready(&mut self.svc, StreamRef { key, id }, self.now);
+        self.settle();
+    }
+
+    /// What the server does once it has written a turn's first tokens:
+    /// the streams that ended with them end (the bytes stay pending here;
+    /// `first_token_is_written_before_its_streams_end` shows the order).
+    fn settle(&mut self) {
+        while self.e.finish_written(&mut self.svc, self.now) {}
     }
 
     fn write_blocked(&mut self) {
@@ -446,36 +457,57 @@ fn sim_stream_is_paced_by_the_clock() {
 }
 
 #[test]
-fn zero_delay_sim_sends_every_event_in_one_write() {
+fn zero_delay_sim_writes_its_tokens_then_its_end() {
     let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
     let words = sim_words("hi", 8, 64);
-    h.read(post(r#"{"prompt":"hi","max_tokens":8}"#).as_bytes());
-    // One call: the stream is over already.
-    assert!(!h.is_streaming());
-    let all = h.pending();
-    let body = all.strip_prefix(&sse_head("1000")).expect("the SSE head");
-    let (chunks, after) = dechunk(body);
-    assert_eq!(after, "");
-    assert_eq!(
-        chunks.len(),
-        2,
-        "a tokens chunk and a done chunk: {chunks:?}"
-    );
+    // The server's read, without the harness's `settle`.
+    let req = post(r#"{"prompt":"hi","max_tokens":8}"#);
+    h.e.handle_read(&mut h.svc, K, req.as_bytes(), h.now);
+    // The first write: the head and every token, in one chunk. The end
+    // waits behind it (nothing is summed up or logged yet).
+    let first = h.pending();
     let want: String = words.iter().map(|w| tok(w)).collect();
-    assert_eq!(chunks[0], want);
+    assert_eq!(
+        first,
+        format!("{}{:x}\r\n{want}\r\n", sse_head("1000"), want.len())
+    );
+    assert!(h.e.has_ends_due());
+    assert!(h.svc.ended.is_empty() && h.svc.access.is_empty());
+    h.write(first.len());
+    // Once written, the stream ends: its done event and the last chunk.
+    assert!(h.e.finish_written(&mut h.svc, h.now));
+    assert!(!h.e.has_ends_due() && !h.is_streaming());
+    let rest = h.pending();
+    let (chunks, after) = dechunk(&rest);
+    assert_eq!(after, "");
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
     assert!(
-        chunks[1].starts_with(
+        chunks[0].starts_with(
             "id: 1000:9\nevent: done\ndata: {\"finish_reason\":\"length\",\"usage\":\
              {\"prompt_tokens\":1,\"completion_tokens\":8}"
         ),
         "{:?}",
-        chunks[1]
+        chunks[0]
     );
-    // One write takes it all.
-    h.write(all.len());
-    assert_eq!(h.pending(), "");
+    h.write(rest.len());
+    assert!(!h.e.finish_written(&mut h.svc, h.now));
     assert_eq!(h.summary().outcome, Outcome::Completed);
     assert_eq!(h.summary().tokens, 8);
+    assert_eq!(h.svc.access.len(), 1);
+}
+
+#[test]
+fn a_stream_whose_client_resets_before_its_end_ends_once() {
+    let mut h = H::new(&["--sim-ttft-ms", "0", "--sim-itl-ms", "0"]);
+    let req = post(r#"{"prompt":"hi","max_tokens":3}"#);
+    h.e.handle_read(&mut h.svc, K, req.as_bytes(), h.now);
+    assert!(h.e.has_ends_due());
+    // The first write fails: the client is gone.
+    h.e.handle_reset(&mut h.svc, K, h.now);
+    h.settle();
+    assert!(!h.e.has_ends_due());
+    assert_eq!(h.svc.ended.len(), 1, "one summary");
+    assert_eq!(h.e.streams(), 0);
 }
 
 #[test]
@@ -2357,7 +2389,8 @@ fn bodies_wait_for_room_in_the_budget_first_come_first_served() {
     h.e.handle_read(&mut h.svc, b, &[b'{'; 10], h.now);
     assert!(!h.e.wants_read(b));
     assert_eq!(h.e.buffered_bytes(), 710);
-    // c's small request came whole: it is served although it waits too.
+    // c's small request came whole with its head: it needs no room (its
+    // bytes are read already) and is served without waiting.
     let small = post(r#"{"prompt":"x","max_tokens":1}"#);
     h.e.handle_read(&mut h.svc, c, small.as_bytes(), h.now);
     assert!(h.e.is_attached(c));
@@ -2368,7 +2401,8 @@ fn bodies_wait_for_room_in_the_budget_first_come_first_served() {
     h.e.fund_waiting();
     assert!(h.e.wants_read(b));
     assert_eq!(h.e.buffered_bytes(), 400);
-    assert_eq!(h.metrics.budget_waits.load(Relaxed), 2);
+    // b waited; c did not.
+    assert_eq!(h.metrics.budget_waits.load(Relaxed), 1);
 }
 
 #[test]

@@ -124,6 +124,7 @@ impl<S> Engine<S> {
         let logged = stream.log_bytes();
         let logging = logged != 0 || stream.is_resumable();
         let mut progress = Default::default();
+        let mut hold_end = false;
         let sub = stream.subscriber();
         match sub.and_then(|(key, serial)| {
             self.conns
@@ -155,6 +156,9 @@ impl<S> Engine<S> {
                         self.metrics.ttft.observe_ns(now_ns.saturating_sub(t0));
                     }
                     link.ttft_mark = Some((link.conn.appended_total(), stream.parsed_at(), r));
+                    // The first token goes out before the stream's end is
+                    // done with (its terminal event, summary, removal).
+                    hold_end = stream.is_streaming();
                 }
                 if !link.dirty {
                     link.dirty = true;
@@ -190,7 +194,11 @@ impl<S> Engine<S> {
             self.account_log(r, logged);
         }
         if let Some(end) = progress.end {
-            self.end_stream(svc, r, *end, true, now);
+            if hold_end {
+                self.ends_due.push((r, end));
+            } else {
+                self.end_stream(svc, r, *end, true, now);
+            }
         } else if progress.log_full {
             log::debug!("stream {:x}: detached and its replay log is full", r.id);
             self.end_stream(svc, r, End::Disconnected, false, now);

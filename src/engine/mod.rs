@@ -194,6 +194,11 @@ pub struct Engine<S> {
     loops: (usize, usize),
     /// Connections being handed to another loop (usually none).
     moving: Vec<loops::Moving>,
+    /// Streams whose end came in the same pump as their first token: ended
+    /// once the server has written that token ([`Engine::finish_written`]),
+    /// so a stream's summary, metrics and removal wait behind its client's
+    /// first bytes.
+    ends_due: Vec<(StreamRef, Box<crate::stream::End>)>,
 }
 
 impl<S> Engine<S> {
@@ -224,6 +229,7 @@ impl<S> Engine<S> {
             limits: Arc::default(),
             loops: (0, 1),
             moving: Vec::new(),
+            ends_due: Vec::new(),
         }
     }
 
@@ -363,6 +369,27 @@ impl<S> Engine<S> {
     /// The stream attached to `key`.
     pub fn attached(&self, key: usize) -> Option<StreamRef> {
         self.conns.get(key).and_then(|l| l.sub)
+    }
+
+    /// Ends the streams whose end was held behind their first token
+    /// (call once the connections [`Engine::take_dirty`] named have been
+    /// written). Whether there were any: their connections are dirty now.
+    pub fn finish_written(&mut self, svc: &mut dyn Services, now: Instant) -> bool {
+        if self.ends_due.is_empty() {
+            return false;
+        }
+        for (r, end) in std::mem::take(&mut self.ends_due) {
+            // Ended meanwhile (its client reset, the server drains): done.
+            if self.streams.get(r).is_some_and(|s| !s.is_ended()) {
+                self.end_stream(svc, r, *end, true, now);
+            }
+        }
+        true
+    }
+
+    /// Whether a stream's end waits for [`Engine::finish_written`].
+    pub fn has_ends_due(&self) -> bool {
+        !self.ends_due.is_empty()
     }
 
     /// Connections with new output or a new state since the last call.

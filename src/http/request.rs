@@ -16,7 +16,9 @@
 //! they arrive (the caller drops them), so what a connection keeps of a body
 //! in progress is the decoded body and at most one unfinished framing line,
 //! never the raw upload. Between head and body the reader stops
-//! ([`ReadStatus::Head`]) so the caller can decide whether to read it now.
+//! ([`ReadStatus::Head`]) so the caller can decide whether to read it now,
+//! unless a `Content-Length` body came whole with its head (the usual small
+//! POST): that request is complete at once.
 //!
 //! Every limit a client controls is enforced here, as early as it is known:
 //! the head size and header count ([`HttpError::HeadTooLarge`], checked on
@@ -430,12 +432,17 @@ impl RequestReader {
             let Some((mut body, head_len, expect)) = self.parse_head(input, limits)? else {
                 return Ok(ReadStatus::Partial { consumed: 0 });
             };
-            if matches!(body.framing, Framing::Length { total: 0, .. }) {
-                body.request.body = Vec::new();
-                return Ok(ReadStatus::Complete {
-                    request: body.request,
-                    consumed: head_len,
-                });
+            if let Framing::Length { total, .. } = body.framing {
+                // The whole body came with its head (a small POST, or no
+                // body): complete at once, with no body state between.
+                let end = head_len.saturating_add(total);
+                if let Some(bytes) = input.get(head_len..end) {
+                    body.request.body = bytes.to_vec();
+                    return Ok(ReadStatus::Complete {
+                        request: body.request,
+                        consumed: end,
+                    });
+                }
             }
             self.state = State::Body(Box::new(body));
             return Ok(ReadStatus::Head {
@@ -1192,6 +1199,39 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_body_that_came_with_its_head_completes_at_once() {
+        let head = "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n";
+        let chunked = "POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n";
+        // (input, Some(body) when complete at once, bytes taken)
+        let cases: &[(String, Option<&[u8]>, usize)] = &[
+            (format!("{head}abcd"), Some(b"abcd"), head.len() + 4),
+            (
+                format!("{head}abcdGET / HTTP/1.1\r\n"),
+                Some(b"abcd"),
+                head.len() + 4,
+            ),
+            (format!("{head}abc"), None, head.len()),
+            (head.to_string(), None, head.len()),
+            (head.replace(": 4", ": 0"), Some(b""), head.len()),
+            (chunked.to_string(), None, chunked.len() - 14),
+        ];
+        for (input, body, taken) in cases {
+            let mut r = RequestReader::new();
+            match (r.poll(input.as_bytes(), &LIMITS), body) {
+                (Ok(ReadStatus::Complete { request, consumed }), Some(body)) => {
+                    assert_eq!(&request.body, body, "{input:?}");
+                    assert_eq!(consumed, *taken, "{input:?}");
+                    assert!(!r.in_progress(), "{input:?}");
+                }
+                (Ok(ReadStatus::Head { consumed, .. }), None) => {
+                    assert_eq!(consumed, *taken, "{input:?}")
+                }
+                (other, _) => panic!("{input:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]
