@@ -202,7 +202,7 @@ impl H {
 
     /// What the server does once it has written a turn's first tokens:
     /// the streams that ended with them end (the bytes stay pending here;
-    /// `first_token_is_written_before_its_streams_end` shows the order).
+    /// `zero_delay_sim_writes_its_tokens_then_its_end` shows the order).
     fn settle(&mut self) {
         while self.e.finish_written(&mut self.svc, self.now) {}
     }
