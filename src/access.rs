@@ -4,15 +4,16 @@
 //! lines once the turn's bytes are written ([`AccessLog::write`]):
 //! formatting a line costs more than answering a small request, and the
 //! client's bytes go first. Nothing is recorded when the log level hides
-//! access lines. (A resume's `… 200 … resume` line is still logged by the
-//! engine when the resume starts, so it can come out before lines of the
-//! same turn recorded here.)
+//! access lines. A resume answered with a stream has a line of its own
+//! ([`AccessLog::resumed`]: `… 200 … resume stream=… after=…`, or
+//! `from=store` for a stream of another instance), recorded like the
+//! others; the stream's end has its usual line later.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::conn::ReqLine;
-use crate::engine::{Access, Ended};
+use crate::engine::{Access, Ended, Resumed};
 use crate::logging::{Ms, Peer, ACCESS};
 use crate::stream::{Outcome, StreamSummary};
 
@@ -33,6 +34,12 @@ enum Line {
         summary: StreamSummary,
         status: u16,
         peer: Option<SocketAddr>,
+    },
+    Resume {
+        line: ReqLine,
+        request_id: String,
+        sid: Box<str>,
+        after: Option<u64>,
     },
 }
 
@@ -83,6 +90,19 @@ impl AccessLog {
         });
     }
 
+    /// A resume was answered with a stream.
+    pub fn resumed(&mut self, r: &Resumed) {
+        if !enabled() {
+            return;
+        }
+        self.pending.push(Line::Resume {
+            line: r.line.clone(),
+            request_id: r.request_id.to_string(),
+            sid: r.sid.into(),
+            after: r.after,
+        });
+    }
+
     /// Whether lines wait.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
@@ -128,6 +148,32 @@ impl AccessLog {
                         s.tokens,
                         Ms(s.ttft, 3),
                         Ms(Some(s.duration), 1)
+                    );
+                }
+                Line::Resume {
+                    line,
+                    request_id,
+                    sid,
+                    after: Some(after),
+                } => {
+                    log::info!(
+                        target: ACCESS,
+                        "{} {} 200 request_id={request_id} resume stream={sid} after={after}",
+                        line.method(),
+                        line.path(),
+                    );
+                }
+                Line::Resume {
+                    line,
+                    request_id,
+                    sid,
+                    after: None,
+                } => {
+                    log::info!(
+                        target: ACCESS,
+                        "{} {} 200 request_id={request_id} resume stream={sid} from=store",
+                        line.method(),
+                        line.path(),
                     );
                 }
             }

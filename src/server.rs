@@ -45,7 +45,7 @@ use crate::access::AccessLog;
 use crate::auth::Auth;
 use crate::backend::GenRequest;
 use crate::config::Config;
-use crate::engine::{Access, Ended, Engine, Handoff, Services};
+use crate::engine::{Access, Ended, Engine, Handoff, Resumed, Services};
 use crate::http::Request;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -248,6 +248,10 @@ impl Services for Shared {
 
     fn responded(&mut self, a: &Access) {
         self.access.responded(a);
+    }
+
+    fn resumed(&mut self, r: &Resumed) {
+        self.access.resumed(r);
     }
 
     fn stream_ended(&mut self, e: Ended) {

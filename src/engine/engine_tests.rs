@@ -37,6 +37,8 @@ struct Fake {
     access: Vec<(u16, String)>,
     /// Their durations, for answers without a stream.
     durations: Vec<Duration>,
+    /// Resumes answered with a stream: (path, stream id, after).
+    resumed: Vec<(String, String, Option<u64>)>,
     /// A shared resume store played by the test (see `remote` tests).
     store: Option<crate::store::Link>,
     relays: Vec<Arc<TokenSink>>,
@@ -55,6 +57,7 @@ impl Fake {
             ops_calls: Vec::new(),
             access: Vec::new(),
             durations: Vec::new(),
+            resumed: Vec::new(),
             store: None,
             relays: Vec::new(),
             relays_dropped: 0,
@@ -118,6 +121,11 @@ impl Services for Fake {
 
     fn relay_dropped(&mut self) {
         self.relays_dropped += 1;
+    }
+
+    fn resumed(&mut self, r: &Resumed) {
+        self.resumed
+            .push((r.line.path().to_string(), r.sid.to_string(), r.after));
     }
 
     fn responded(&mut self, a: &Access) {
@@ -2212,6 +2220,15 @@ fn resume_belongs_to_the_principal_that_started_the_stream() {
         b"GET /v1/chat/stream/1000?access_token=alice-key-123 HTTP/1.1\r\nHost: x\r\n\r\n",
     );
     assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    assert_eq!(
+        h.svc.resumed,
+        [(
+            "/v1/chat/stream/1000".to_string(),
+            "1000".to_string(),
+            Some(0)
+        )],
+        "one access line, for the resume that was answered with the stream"
+    );
 }
 
 // --------------------------------------------------------------- redaction
@@ -2799,6 +2816,15 @@ mod remote {
         );
         assert_eq!(h.summary().outcome, Outcome::Completed);
         assert_eq!(h.metrics.remote_resumes.load(Relaxed), 1);
+        assert_eq!(
+            h.svc.resumed,
+            [(
+                "/v1/chat/stream/elsewhere".to_string(),
+                "elsewhere".to_string(),
+                None
+            )],
+            "logged once, as from the store"
+        );
     }
 
     #[test]
@@ -2852,6 +2878,7 @@ mod remote {
             assert!(!h.is_streaming());
             assert_eq!(h.svc.relays_dropped, 1);
             assert!(h.svc.ended.is_empty(), "no stream was counted");
+            assert!(h.svc.resumed.is_empty(), "no resume line for a miss");
         }
     }
 

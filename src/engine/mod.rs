@@ -43,7 +43,7 @@ use crate::stream::{Detach, End, Stream, StreamRef, StreamTable};
 use crate::timer::TimerWheel;
 
 pub use loops::Handoff;
-pub use services::{Access, Ended, Services};
+pub use services::{Access, Ended, Resumed, Services};
 pub use sim_services::SimServices;
 
 /// A connection and what the engine knows about it.

@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use super::{Engine, Services};
+use super::{Engine, Resumed, Services};
 use crate::conn::ReqLine;
 use crate::encode::NativeSse;
 use crate::errors;
@@ -165,14 +165,12 @@ impl<S> Engine<S> {
             return false;
         }
         let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
-        log::info!(
-            target: crate::logging::ACCESS,
-            "{} {} 200 request_id={} resume stream={} from=store",
-            line.method(),
-            line.path(),
-            meta.request_id,
-            stream.sid()
-        );
+        svc.resumed(&Resumed {
+            line: &line,
+            request_id: &meta.request_id,
+            sid: stream.sid(),
+            after: None,
+        });
         let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", stream.sid()))
             .chain(meta.cors.iter().map(|(k, v)| (*k, v.as_str())))
             .collect();

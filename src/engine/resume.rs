@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use super::{Engine, Services};
+use super::{Engine, Resumed, Services};
 use crate::router::{self, Meta};
 use crate::sse::{ErrorCode, StreamError};
 use crate::stream::{End, Stream, StreamRef};
@@ -125,13 +125,12 @@ impl<S> Engine<S> {
             return;
         };
         let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
-        log::info!(
-            target: crate::logging::ACCESS,
-            "{} {} 200 request_id={} resume stream={sid} after={after}",
-            line.method(),
-            line.path(),
-            meta.request_id
-        );
+        svc.resumed(&Resumed {
+            line: &line,
+            request_id: &meta.request_id,
+            sid,
+            after: Some(after),
+        });
         let headers: Vec<(&str, &str)> = std::iter::once(("X-Stream-Id", sid))
             .chain(meta.cors.iter().map(|(k, v)| (*k, v.as_str())))
             .collect();

@@ -1,6 +1,7 @@
 //! What the engine needs from the server around it ([`Services`]), and
-//! what it reports to it: answered requests ([`Access`]) and ended streams
-//! ([`Ended`]), for metrics and the access log.
+//! what it reports to it: answered requests ([`Access`]), resumed streams
+//! ([`Resumed`]) and ended streams ([`Ended`]), for metrics and the access
+//! log.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +24,18 @@ pub struct Access<'a> {
     pub request_id: &'a str,
     pub duration: Duration,
     pub peer: Option<SocketAddr>,
+}
+
+/// One resume answered with a stream, for the access log.
+#[derive(Debug, Clone)]
+pub struct Resumed<'a> {
+    pub line: &'a ReqLine,
+    pub request_id: &'a str,
+    /// The stream's id.
+    pub sid: &'a str,
+    /// The last event the client had, for a stream of this instance;
+    /// `None` for one relayed from the shared store.
+    pub after: Option<u64>,
 }
 
 /// One ended stream, for metrics and the access log.
@@ -49,6 +62,8 @@ pub trait Services {
     fn stream_ended(&mut self, ended: Ended);
     /// A request was answered without a stream.
     fn responded(&mut self, _access: &Access) {}
+    /// A resume was answered with a stream.
+    fn resumed(&mut self, _resumed: &Resumed) {}
     /// This loop's link to the shared resume store (`--resume-store`),
     /// when there is one.
     fn store(&mut self) -> Option<&mut crate::store::Link> {

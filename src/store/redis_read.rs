@@ -247,14 +247,38 @@ fn feed(sink: &TokenSink, e: &Entry) -> bool {
 }
 
 /// The owner record of `sid`, if it may be resumed by `principal` after
-/// `after`, with the stored events after `after`.
+/// `after`, with the stored events after `after`. One round trip (the
+/// record, the first and last stored events and those after `after`, in
+/// one pipeline); a second only when the client is ahead of the store (is
+/// the owner alive?). A resume waiting for an owner's writes looks again
+/// every [`BEHIND_RETRY`], so this is what each look costs.
 fn lookup(
     con: &mut redis::Connection,
     sid: &str,
     after: u64,
     principal: Option<&str>,
 ) -> redis::RedisResult<Lookup> {
-    let meta: HashMap<String, String> = redis::cmd("HGETALL").arg(meta_key(sid)).query(con)?;
+    let ek = events_key(sid);
+    let (meta, first, last, rest): (HashMap<String, String>, Value, Value, Value) = redis::pipe()
+        .cmd("HGETALL")
+        .arg(meta_key(sid))
+        .cmd("XRANGE")
+        .arg(&ek)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .cmd("XREVRANGE")
+        .arg(&ek)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .cmd("XRANGE")
+        .arg(&ek)
+        .arg(format!("0-{}", after.saturating_add(1)))
+        .arg("+")
+        .query(con)?;
     let Some(owner) = meta.get("owner") else {
         return Ok(Lookup::Unknown);
     };
@@ -263,25 +287,7 @@ fn lookup(
     {
         return Ok(Lookup::Missing);
     }
-    let ek = events_key(sid);
-    let first = entries(
-        redis::cmd("XRANGE")
-            .arg(&ek)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query(con)?,
-    );
-    let last = entries(
-        redis::cmd("XREVRANGE")
-            .arg(&ek)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query(con)?,
-    );
+    let (first, last) = (entries(first), entries(last));
     let covers = match (first.first(), last.first()) {
         (Some(f), Some(l)) => after.saturating_add(1) >= f.seq && after <= l.seq,
         _ => after == 0,
@@ -299,14 +305,8 @@ fn lookup(
     if !covers || (ended && last.is_empty()) {
         return Ok(Lookup::Missing);
     }
-    let rest = entries(
-        redis::cmd("XRANGE")
-            .arg(&ek)
-            .arg(format!("0-{}", after.saturating_add(1)))
-            .arg("+")
-            .query(con)?,
-    );
-    // Trimmed between the two reads: never hand out a gap.
+    let rest = entries(rest);
+    // Trimmed between the reads: never hand out a gap.
     if rest.first().is_some_and(|e| e.seq != after + 1) {
         return Ok(Lookup::Missing);
     }
