@@ -211,8 +211,11 @@ fn ev(openai: bool, kind: &str, text: &str) -> String {
     }
 }
 
+/// A path for a test file, in cargo's temporary directory for integration
+/// tests (under `target/`, not the system's /tmp).
 pub fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sluice-load-test-{}", std::process::id()));
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sluice-load-test-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
 }
@@ -237,6 +240,7 @@ pub fn run(args: &[&str]) -> (Value, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
     (v, stdout)
 }
 
