@@ -9,6 +9,7 @@
 //! `from=store` for a stream of another instance), recorded like the
 //! others; the stream's end has its usual line later.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -41,6 +42,32 @@ enum Line {
         sid: Box<str>,
         after: Option<u64>,
     },
+}
+
+/// A resume's line: `… 200 request_id=… resume stream=… after=N`, or
+/// `from=store` for a stream of another instance.
+struct ResumeText<'a> {
+    line: &'a ReqLine,
+    request_id: &'a str,
+    sid: &'a str,
+    after: Option<u64>,
+}
+
+impl fmt::Display for ResumeText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} 200 request_id={} resume stream={}",
+            self.line.method(),
+            self.line.path(),
+            self.request_id,
+            self.sid
+        )?;
+        match self.after {
+            Some(after) => write!(f, " after={after}"),
+            None => f.write_str(" from=store"),
+        }
+    }
 }
 
 /// A loop's access lines not yet written.
@@ -91,12 +118,12 @@ impl AccessLog {
     }
 
     /// A resume was answered with a stream.
-    pub fn resumed(&mut self, r: &Resumed) {
+    pub fn resumed(&mut self, r: Resumed) {
         if !enabled() {
             return;
         }
         self.pending.push(Line::Resume {
-            line: r.line.clone(),
+            line: r.line,
             request_id: r.request_id.to_string(),
             sid: r.sid.into(),
             after: r.after,
@@ -154,27 +181,15 @@ impl AccessLog {
                     line,
                     request_id,
                     sid,
-                    after: Some(after),
+                    after,
                 } => {
-                    log::info!(
-                        target: ACCESS,
-                        "{} {} 200 request_id={request_id} resume stream={sid} after={after}",
-                        line.method(),
-                        line.path(),
-                    );
-                }
-                Line::Resume {
-                    line,
-                    request_id,
-                    sid,
-                    after: None,
-                } => {
-                    log::info!(
-                        target: ACCESS,
-                        "{} {} 200 request_id={request_id} resume stream={sid} from=store",
-                        line.method(),
-                        line.path(),
-                    );
+                    let text = ResumeText {
+                        line: &line,
+                        request_id: &request_id,
+                        sid: &sid,
+                        after,
+                    };
+                    log::info!(target: ACCESS, "{text}");
                 }
             }
         }
@@ -188,6 +203,29 @@ impl AccessLog {
 mod tests {
     use super::*;
     use crate::sse::ErrorCode;
+
+    #[test]
+    fn a_resume_line_says_after_which_event_or_from_the_store() {
+        let line = ReqLine::new("GET", "/v1/chat/stream/abc");
+        for (after, want) in [
+            (
+                Some(7),
+                "GET /v1/chat/stream/abc 200 request_id=r1 resume stream=abc after=7",
+            ),
+            (
+                None,
+                "GET /v1/chat/stream/abc 200 request_id=r1 resume stream=abc from=store",
+            ),
+        ] {
+            let text = ResumeText {
+                line: &line,
+                request_id: "r1",
+                sid: "abc",
+                after,
+            };
+            assert_eq!(text.to_string(), want);
+        }
+    }
 
     #[test]
     fn names_each_outcome() {

@@ -250,7 +250,7 @@ impl Services for Shared {
         self.access.responded(a);
     }
 
-    fn resumed(&mut self, r: &Resumed) {
+    fn resumed(&mut self, r: Resumed) {
         self.access.resumed(r);
     }
 

@@ -123,7 +123,7 @@ impl Services for Fake {
         self.relays_dropped += 1;
     }
 
-    fn resumed(&mut self, r: &Resumed) {
+    fn resumed(&mut self, r: Resumed) {
         self.resumed
             .push((r.line.path().to_string(), r.sid.to_string(), r.after));
     }
@@ -2122,6 +2122,14 @@ fn a_new_subscriber_supersedes_the_old_one() {
         "the old connection is kept"
     );
     assert!(h.svc.ended.is_empty(), "the stream goes on");
+    assert_eq!(
+        h.svc.resumed,
+        [(
+            "/v1/chat/stream/1000".to_string(),
+            "1000".to_string(),
+            Some(1)
+        )]
+    );
 }
 
 #[test]
@@ -2771,6 +2779,7 @@ mod remote {
         // The client waiting for the relay's head gets the stream's error.
         assert!(out.starts_with("HTTP/1.1 5"), "{out}");
         assert!(out.contains("deadline_exceeded"), "{out}");
+        assert!(h.svc.resumed.is_empty(), "never answered with the stream");
     }
 
     #[test]

@@ -125,8 +125,8 @@ impl<S> Engine<S> {
             return;
         };
         let line = link.conn.take_current().map(|c| c.0).unwrap_or_default();
-        svc.resumed(&Resumed {
-            line: &line,
+        svc.resumed(Resumed {
+            line,
             request_id: &meta.request_id,
             sid,
             after: Some(after),

@@ -29,7 +29,7 @@ pub struct Access<'a> {
 /// One resume answered with a stream, for the access log.
 #[derive(Debug, Clone)]
 pub struct Resumed<'a> {
-    pub line: &'a ReqLine,
+    pub line: ReqLine,
     pub request_id: &'a str,
     /// The stream's id.
     pub sid: &'a str,
@@ -63,7 +63,7 @@ pub trait Services {
     /// A request was answered without a stream.
     fn responded(&mut self, _access: &Access) {}
     /// A resume was answered with a stream.
-    fn resumed(&mut self, _resumed: &Resumed) {}
+    fn resumed(&mut self, _resumed: Resumed) {}
     /// This loop's link to the shared resume store (`--resume-store`),
     /// when there is one.
     fn store(&mut self) -> Option<&mut crate::store::Link> {

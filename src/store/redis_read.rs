@@ -60,8 +60,8 @@ const UNKNOWN_WAIT: Duration = Duration::from_millis(500);
 /// How often they look again.
 const BEHIND_RETRY: Duration = Duration::from_millis(20);
 /// Resumes waiting at most; more are answered at once. Each costs this
-/// thread a few round trips a retry, and stops and new resumes queue
-/// behind a pass: 64 keep a pass to a few milliseconds.
+/// thread one or two round trips a retry ([`lookup`]), and stops and new
+/// resumes queue behind a pass: 64 keep a pass to a few milliseconds.
 const MAX_BEHIND: usize = 64;
 
 pub(super) fn query_loop(io: &Arc<Io>, store: &Store, rx: &Receiver<Query>, tails: &Sender<Tail>) {
@@ -247,11 +247,12 @@ fn feed(sink: &TokenSink, e: &Entry) -> bool {
 }
 
 /// The owner record of `sid`, if it may be resumed by `principal` after
-/// `after`, with the stored events after `after`. One round trip (the
-/// record, the first and last stored events and those after `after`, in
-/// one pipeline); a second only when the client is ahead of the store (is
-/// the owner alive?). A resume waiting for an owner's writes looks again
-/// every [`BEHIND_RETRY`], so this is what each look costs.
+/// `after`, with the stored events after `after`. The record and the
+/// first and last stored events come in one pipelined round trip; a
+/// second asks whether the owner is alive (a client ahead of the store)
+/// or reads the events (found). A resume waiting for an owner's writes
+/// looks again every [`BEHIND_RETRY`], so this is what each look costs:
+/// one round trip for an unknown id, two for a client ahead.
 fn lookup(
     con: &mut redis::Connection,
     sid: &str,
@@ -259,7 +260,7 @@ fn lookup(
     principal: Option<&str>,
 ) -> redis::RedisResult<Lookup> {
     let ek = events_key(sid);
-    let (meta, first, last, rest): (HashMap<String, String>, Value, Value, Value) = redis::pipe()
+    let (meta, first, last): (HashMap<String, String>, Value, Value) = redis::pipe()
         .cmd("HGETALL")
         .arg(meta_key(sid))
         .cmd("XRANGE")
@@ -274,10 +275,6 @@ fn lookup(
         .arg("-")
         .arg("COUNT")
         .arg(1)
-        .cmd("XRANGE")
-        .arg(&ek)
-        .arg(format!("0-{}", after.saturating_add(1)))
-        .arg("+")
         .query(con)?;
     let Some(owner) = meta.get("owner") else {
         return Ok(Lookup::Unknown);
@@ -305,7 +302,15 @@ fn lookup(
     if !covers || (ended && last.is_empty()) {
         return Ok(Lookup::Missing);
     }
-    let rest = entries(rest);
+    // Read only now: a resume refused above (another principal, a point
+    // already trimmed) must not cost a read of the whole stored stream.
+    let rest = entries(
+        redis::cmd("XRANGE")
+            .arg(&ek)
+            .arg(format!("0-{}", after.saturating_add(1)))
+            .arg("+")
+            .query(con)?,
+    );
     // Trimmed between the reads: never hand out a gap.
     if rest.first().is_some_and(|e| e.seq != after + 1) {
         return Ok(Lookup::Missing);
