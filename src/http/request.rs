@@ -199,11 +199,20 @@ impl Request {
         })
     }
 
-    /// First header with that name (case-insensitive).
+    /// First header with that name (case-insensitive). Out of line: a
+    /// request looks up several, and one copy of the loop is fewer cache
+    /// lines for a cold CPU to fetch than one inlined at every call.
+    #[inline(never)]
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        // Names compared as bytes, and only when the lengths match.
+        let text = self.text.as_bytes();
+        self.fields
+            .iter()
+            .find(|&&[n, v, _]| {
+                (v - n) as usize == name.len()
+                    && text[n as usize..v as usize].eq_ignore_ascii_case(name.as_bytes())
+            })
+            .map(|&[_, v, e]| &self.text[v as usize..e as usize])
     }
 
     /// The X-Request-Id value if sane: 1..=64 visible ASCII chars (0x21..=0x7E); else None.

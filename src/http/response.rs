@@ -86,7 +86,9 @@ pub fn write_head(buf: &mut Vec<u8>, head: &Head) {
     buf.extend_from_slice(b"\r\n");
 }
 
-/// `name: value` and its CRLF.
+/// `name: value` and its CRLF (out of line: one copy for every header of
+/// a head).
+#[inline(never)]
 fn header(buf: &mut Vec<u8>, name: &str, value: &str) {
     buf.reserve(name.len() + value.len() + 4);
     buf.extend_from_slice(name.as_bytes());

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use slab::Slab;
 
-use crate::backend::sim::{self, SimText};
+use crate::backend::sim::SimText;
 use crate::backend::{Finish, GenRequest};
 use crate::config::Config;
 use crate::conn::ReqLine;
@@ -222,13 +222,12 @@ impl Stream {
     /// connection that asked.
     pub fn new(cx: &StreamCx, a: Admission, gen: &GenRequest, producer: Producer) -> Stream {
         let (prod, prompt_tokens) = match producer {
-            Producer::Sim => (
-                Prod::Sim {
-                    text: SimText::new(&gen.messages, gen.max_tokens, cx.cfg.sim_tokens),
-                    next_due: cx.now_ns.saturating_add(ms_ns(cx.cfg.sim_ttft_ms)),
-                },
-                Some(sim::prompt_tokens(&gen.messages)),
-            ),
+            Producer::Sim => {
+                let (text, prompt_tokens) =
+                    SimText::answer(&gen.messages, gen.max_tokens, cx.cfg.sim_tokens);
+                let next_due = cx.now_ns.saturating_add(ms_ns(cx.cfg.sim_ttft_ms));
+                (Prod::Sim { text, next_due }, Some(prompt_tokens))
+            }
             Producer::Pool(sink) => (Prod::Pool(sink), None),
             Producer::Relay(sink) => (Prod::Relay(sink), None),
         };
