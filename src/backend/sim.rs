@@ -103,11 +103,11 @@ impl SimText {
         SimText::answer(messages, max_tokens, sim_tokens).0
     }
 
-    /// The answer to `messages` and the prompt's `prompt_tokens` (see
-    /// [`prompt_tokens`]), from one pass over the prompt's bytes: the hash
-    /// is serial, so the pass is a short scalar loop (a word count of its
-    /// own was vectorised into ~30 cache lines of code a cold request had
-    /// to fetch, for a prompt of a few words).
+    /// The answer to `messages` and the prompt's `prompt_tokens` (the
+    /// contract's whitespace-separated words), from one pass over the
+    /// prompt's bytes: the hash is serial, so the pass is a short scalar
+    /// loop (a word count of its own was vectorised into ~30 cache lines of
+    /// code a cold request had to fetch, for a prompt of a few words).
     pub fn answer(messages: &[Message], max_tokens: u32, sim_tokens: u32) -> (SimText, u32) {
         let mut h = 0xcbf2_9ce4_8422_2325;
         let mut words = 0;
