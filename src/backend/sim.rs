@@ -79,13 +79,19 @@ const WORDS: [&str; 64] = [
     " hope",
 ];
 
-/// 64-bit FNV-1a.
-pub fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
+/// 64-bit FNV-1a's starting value.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// One byte of 64-bit FNV-1a.
+#[inline]
+fn fnv1a_byte(h: u64, b: u8) -> u64 {
+    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+}
+
+/// 64-bit FNV-1a (the reference [`hash_and_words`] is tested against).
+#[cfg(test)]
+fn fnv1a(bytes: &[u8], h: u64) -> u64 {
+    bytes.iter().fold(h, |h, &b| fnv1a_byte(h, b))
 }
 
 /// The position in the word list and length of one simulated answer.
@@ -99,6 +105,7 @@ pub struct SimText {
 }
 
 impl SimText {
+    #[cfg(test)]
     pub fn new(messages: &[Message], max_tokens: u32, sim_tokens: u32) -> SimText {
         SimText::answer(messages, max_tokens, sim_tokens).0
     }
@@ -109,13 +116,13 @@ impl SimText {
     /// loop (a word count of its own was vectorised into ~30 cache lines of
     /// code a cold request had to fetch, for a prompt of a few words).
     pub fn answer(messages: &[Message], max_tokens: u32, sim_tokens: u32) -> (SimText, u32) {
-        let mut h = 0xcbf2_9ce4_8422_2325;
+        let mut h = FNV_OFFSET;
         let mut words = 0;
         for m in messages {
             let (hash, n) = hash_and_words(&m.content, h);
             words += n;
             // A separator, so ["ab"] and ["a","b"] differ.
-            h = fnv1a(&[0], hash);
+            h = fnv1a_byte(hash, 0);
         }
         let text = SimText {
             start: (h % WORDS.len() as u64) as usize,
@@ -150,7 +157,7 @@ fn prompt_tokens(messages: &[Message]) -> u32 {
     SimText::answer(messages, 1, 1).1
 }
 
-/// [`fnv1a`] of `s` from `h`, and `s.split_whitespace().count()`: counted
+/// 64-bit FNV-1a of `s` from `h`, and `s.split_whitespace().count()`: counted
 /// over the bytes (the ASCII White_Space characters `\t` `\n` VT FF `\r`
 /// and space) and, when `s` has a non-ASCII byte, counted again by
 /// `split_whitespace` (decoding every char costs ~800 instructions a
@@ -160,8 +167,7 @@ fn hash_and_words(s: &str, mut h: u64) -> (u64, u32) {
     let mut in_word = false;
     let mut high = 0u8;
     for &b in s.as_bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
+        h = fnv1a_byte(h, b);
         let word = !matches!(b, b' ' | b'\t'..=b'\r');
         n += u32::from(word && !in_word);
         in_word = word;
@@ -236,8 +242,8 @@ mod tests {
 
     #[test]
     fn fnv1a_known_values() {
-        assert_eq!(fnv1a(b"", 0xcbf2_9ce4_8422_2325), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a", 0xcbf2_9ce4_8422_2325), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"", FNV_OFFSET), FNV_OFFSET);
+        assert_eq!(fnv1a(b"a", FNV_OFFSET), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]
@@ -263,9 +269,9 @@ mod tests {
             "a\u{3000}b\u{a0}c",
             "\u{85}",
         ] {
-            let (h, n) = hash_and_words(s, 0xcbf2_9ce4_8422_2325);
+            let (h, n) = hash_and_words(s, FNV_OFFSET);
             assert_eq!(n, s.split_whitespace().count() as u32, "{s:?}");
-            assert_eq!(h, fnv1a(s.as_bytes(), 0xcbf2_9ce4_8422_2325), "{s:?}");
+            assert_eq!(h, fnv1a(s.as_bytes(), FNV_OFFSET), "{s:?}");
         }
     }
 
